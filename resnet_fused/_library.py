@@ -1,0 +1,248 @@
+"""Op schemas, fake kernels and autograd formulas, shared by every backend.
+
+Each backend registers the same five ops under its own namespace:
+
+    resnet_fused          pure-PyTorch reference (CPU and CUDA), this package
+    resnet_fused_triton   Triton kernels (torch.library.triton_op)
+    resnet_fused_cuda     CUDA C++ kernels from csrc/ (TORCH_LIBRARY_IMPL(..., CUDA))
+
+The dispatcher allows one kernel per (op, dispatch key), so backends that all run
+on CUDA tensors cannot share one op; they share the schema text below instead, and
+`register_fake_and_autograd(namespace)` gives each namespace the same fake kernels
+and the same autograd formulas. A test asserts the schemas agree across namespaces.
+
+Decomposition (one autograd node per fused unit, one op per direction):
+
+  conv_bn_eval(x, weight, scale, shift, residual?, ...) -> y
+      y = act(conv(x, weight) * scale + shift [+ residual]). scale/shift fold the
+      frozen BatchNorm (and a conv bias) and are computed by the caller with plain
+      differentiable torch ops, so gradients reach gamma/beta through them.
+      Saves x, weight, scale and, with ReLU, y (y is the next layer's input, which
+      that layer saves anyway, so the ReLU mask costs no memory).
+  conv_bn_eval_backward(grad_y, x, weight, scale, y?, ..., output_mask)
+      -> grad_x, grad_weight, grad_scale, grad_shift, grad_residual
+  conv_bn_train(x, weight, bias?, bn_weight, bn_bias, residual?, ..., eps, relu)
+      -> y, z, mean, var
+      z is the pre-BatchNorm conv output (kept for backward), mean/var the biased
+      batch statistics in float32 (float64 for float64 x). Kernel plan: implicit-GEMM
+      conv whose epilogue stores z and per-tile partial statistics, a finalize that
+      merges the partials, an apply pass act(z * scale + shift [+ residual]).
+      The running-statistics update is not part of the op (register_autograd needs a
+      functional schema); ops.conv_bn_relu does it from mean/var under no_grad.
+  conv_bn_train_backward(grad_y, x, weight, z, y?, mean, var, bn_weight, ..., eps, relu,
+                         output_mask)
+      -> grad_x, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual
+      ReLU mask + residual grad + BatchNorm backward reductions + dz, then conv
+      dgrad/wgrad. Saves x, weight, z, y: the same two activations per unit eager
+      PyTorch keeps (BN input, ReLU output), not three.
+  add_relu(x, residual) -> relu(x + residual); its backward is one torch.where.
+
+Gradients an op was not asked for (output_mask False) come back as empty tensors,
+because a custom-op schema cannot return None for a Tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+CONV_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
+
+SCHEMAS: dict[str, str] = {
+    "conv_bn_eval": (
+        f"(Tensor x, Tensor weight, Tensor scale, Tensor shift, Tensor? residual, {CONV_ARGS}, bool relu)"
+        " -> Tensor"
+    ),
+    "conv_bn_eval_backward": (
+        f"(Tensor grad_y, Tensor x, Tensor weight, Tensor scale, Tensor? y, {CONV_ARGS}, bool relu,"
+        " bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "conv_bn_train": (
+        "(Tensor x, Tensor weight, Tensor? bias, Tensor bn_weight, Tensor bn_bias, Tensor? residual,"
+        f" {CONV_ARGS}, float eps, bool relu) -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "conv_bn_train_backward": (
+        "(Tensor grad_y, Tensor x, Tensor weight, Tensor z, Tensor? y, Tensor mean, Tensor var,"
+        f" Tensor bn_weight, {CONV_ARGS}, float eps, bool relu, bool[6] output_mask)"
+        " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+    "add_relu": "(Tensor x, Tensor residual) -> Tensor",
+}
+
+OP_NAMES = tuple(SCHEMAS)
+
+# ---------------------------------------------------------------------------------------
+# Fake (meta) kernels: shapes, dtypes and memory formats exactly as the real kernels give.
+
+
+def _empty_like_format(size, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(
+        size, dtype=dtype or like.dtype, device=like.device, memory_format=reference.memory_format(like)
+    )
+
+
+def _fake_conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
+    return _empty_like_format(reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
+
+
+def _grad_or_empty(needed: bool, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    if not needed:
+        return like.new_empty(0)
+    if like.dim() == 4:
+        return _empty_like_format(like.shape, like, dtype)
+    return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _fake_conv_bn_eval_backward(grad_y, x, weight, scale, y, stride, padding, dilation, groups, relu, output_mask):
+    need_x, need_w, need_scale, need_shift, need_residual = output_mask
+    return (
+        _grad_or_empty(need_x, x),
+        _grad_or_empty(need_w, weight),
+        _grad_or_empty(need_scale, scale),
+        _grad_or_empty(need_shift, scale),
+        _empty_like_format(grad_y.shape, x) if need_residual else x.new_empty(0),
+    )
+
+
+def _fake_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu):
+    size = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    acc = reference.stat_dtype(x.dtype)
+    return (
+        _empty_like_format(size, x),
+        _empty_like_format(size, x),
+        x.new_empty(size[1], dtype=acc),
+        x.new_empty(size[1], dtype=acc),
+    )
+
+
+def _fake_conv_bn_train_backward(
+    grad_y, x, weight, z, y, mean, var, bn_weight, stride, padding, dilation, groups, eps, relu, output_mask
+):
+    need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual = output_mask
+    return (
+        _grad_or_empty(need_x, x),
+        _grad_or_empty(need_w, weight),
+        x.new_empty(weight.shape[0], dtype=weight.dtype) if need_bias else x.new_empty(0),
+        _grad_or_empty(need_bn_weight, bn_weight),
+        _grad_or_empty(need_bn_bias, bn_weight),
+        _empty_like_format(z.shape, x) if need_residual else x.new_empty(0),
+    )
+
+
+def _fake_add_relu(x, residual):
+    return _empty_like_format(x.shape, x)
+
+
+FAKES = {
+    "conv_bn_eval": _fake_conv_bn_eval,
+    "conv_bn_eval_backward": _fake_conv_bn_eval_backward,
+    "conv_bn_train": _fake_conv_bn_train,
+    "conv_bn_train_backward": _fake_conv_bn_train_backward,
+    "add_relu": _fake_add_relu,
+}
+
+# ---------------------------------------------------------------------------------------
+# Autograd formulas. Written once; `ops` is the namespace (torch.ops.<ns>) whose backward
+# op is called, so each backend's forward is paired with the same backend's backward.
+
+
+def _none_if_empty(grads, mask):
+    return [g if m else None for g, m in zip(grads, mask)]
+
+
+def _make_autograd(ops):
+    def setup_conv_bn_eval(ctx, inputs, output):
+        x, weight, scale, shift, residual, stride, padding, dilation, groups, relu = inputs
+        ctx.save_for_backward(x, weight, scale, output if relu else None)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.relu = relu
+        ctx.has_residual = residual is not None
+
+    def backward_conv_bn_eval(ctx, grad_y):
+        x, weight, scale, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], need[2], need[3], ctx.has_residual and need[4]]
+        if not any(mask):
+            return (None,) * 10
+        grads = ops.conv_bn_eval_backward(grad_y, x, weight, scale, y, *ctx.conv_args, ctx.relu, mask)
+        return (*_none_if_empty(grads, mask), None, None, None, None, None)
+
+    def setup_conv_bn_train(ctx, inputs, output):
+        x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu = inputs
+        y, z, mean, var = output
+        ctx.mark_non_differentiable(z, mean, var)
+        ctx.save_for_backward(x, weight, z, y if relu else None, mean, var, bn_weight)
+        ctx.conv_args = (stride, padding, dilation, groups)
+        ctx.eps = eps
+        ctx.relu = relu
+        ctx.has_bias = bias is not None
+        ctx.has_residual = residual is not None
+
+    def backward_conv_bn_train(ctx, grad_y, _grad_z, _grad_mean, _grad_var):
+        x, weight, z, y, mean, var, bn_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4], ctx.has_residual and need[5]]
+        if not any(mask):
+            return (None,) * 12
+        grads = ops.conv_bn_train_backward(
+            grad_y, x, weight, z, y, mean, var, bn_weight, *ctx.conv_args, ctx.eps, ctx.relu, mask
+        )
+        return (*_none_if_empty(grads, mask), None, None, None, None, None, None)
+
+    def setup_add_relu(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    def backward_add_relu(ctx, grad_y):
+        (y,) = ctx.saved_tensors
+        grad = torch.where(y > 0, grad_y, 0)
+        return grad, grad
+
+    return {
+        "conv_bn_eval": (backward_conv_bn_eval, setup_conv_bn_eval),
+        "conv_bn_train": (backward_conv_bn_train, setup_conv_bn_train),
+        "add_relu": (backward_add_relu, setup_add_relu),
+    }
+
+
+def _no_double_backward(name):
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"resnet_fused: double backward through {name} is not supported. Use torch.autograd.grad "
+            "without create_graph=True, or convert the model with resnet_fused.to_torchvision()."
+        )
+
+    return backward, setup
+
+
+def register_fake_and_autograd(namespace: str) -> None:
+    """Give every op of `namespace` the shared fake kernels and autograd formulas."""
+    ops = getattr(torch.ops, namespace)
+    formulas = _make_autograd(ops)
+    for name in OP_NAMES:
+        qualname = f"{namespace}::{name}"
+        torch.library.register_fake(qualname, FAKES[name])
+        backward, setup = formulas.get(name) or _no_double_backward(name)
+        torch.library.register_autograd(qualname, backward, setup_context=setup)
+
+
+def define_library(namespace: str, impls: dict, dispatch_keys=("CPU", "CUDA")) -> torch.library.Library:
+    """Define the schemas in `namespace`, register `impls` (name -> fn) for dispatch_keys,
+    then the shared fake kernels and autograd. `impls` may be empty when the kernels come
+    from C++ (the CUDA extension registers them with TORCH_LIBRARY_IMPL)."""
+    lib = torch.library.Library(namespace, "DEF")
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema)
+        if name in impls:
+            for key in dispatch_keys:
+                lib.impl(name, impls[name], key)
+    register_fake_and_autograd(namespace)
+    return lib
+
+
+REFERENCE_IMPLS = {name: getattr(reference, name) for name in OP_NAMES}
+_reference_lib = define_library("resnet_fused", REFERENCE_IMPLS)

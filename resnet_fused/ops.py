@@ -1,0 +1,163 @@
+"""Functional API: fused conv + BatchNorm (+ residual) (+ ReLU), and add + ReLU.
+
+These validate their arguments, pick the backend (`resnet_fused.backends`), fold the
+frozen statistics for eval, and update the running statistics for training; the
+arithmetic happens in the torch.library ops defined in `_library.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.modules.utils import _pair
+
+from . import _library  # noqa: F401  (defines torch.ops.resnet_fused.*)
+from .backends import select_ops
+from .reference import conv_output_size, stat_dtype
+
+__all__ = ["conv_bn_relu", "add_relu"]
+
+
+def _check_tensor(name: str, t: Tensor, like: Tensor, dims: int | None = None, same_dtype: bool = True) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {like.device}; expected the same device")
+    if same_dtype and t.dtype != like.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {like.dtype}; expected the same dtype")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+
+
+def _check_pair(name: str, value, minimum: int) -> list[int]:
+    pair = list(_pair(value))
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < minimum for v in pair):
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return pair
+
+
+def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor) -> None:
+    if t is None:
+        return
+    _check_tensor(name, t, x, dims=1, same_dtype=False)
+    if t.numel() != channels:
+        raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
+
+
+def _autocast(x: Tensor, *tensors: Tensor | None):
+    """Under torch.autocast, run the convolution in the autocast dtype, as nn.Conv2d does.
+    BatchNorm parameters and statistics stay in their own (float32) dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+
+
+def conv_bn_relu(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    *,
+    training: bool,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride=1,
+    padding=0,
+    dilation=1,
+    groups: int = 1,
+    bias: Tensor | None = None,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """act(batch_norm(conv2d(x, weight, bias)) [+ residual]), act = ReLU if `relu` else identity.
+
+    Same semantics as nn.Conv2d followed by nn.BatchNorm2d (F.batch_norm with these
+    arguments) and ReLU: with `training=True`, or with no running statistics, the
+    batch statistics normalize and the running statistics (if given, and training) are
+    updated in place with `momentum`; otherwise the running statistics normalize.
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    _check_tensor("x", x, x, dims=4)
+    _check_tensor("weight", weight, x, dims=4)
+    stride = _check_pair("stride", stride, 1)
+    padding = _check_pair("padding", padding, 0)
+    dilation = _check_pair("dilation", dilation, 1)
+    if not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    c_out = weight.size(0)
+    if c_out % groups != 0:
+        raise ValueError(f"weight.size(0)={c_out} (out_channels) must be divisible by groups={groups}")
+    if x.size(1) != weight.size(1) * groups:
+        raise ValueError(
+            f"x has {x.size(1)} channels but weight {tuple(weight.shape)} with groups={groups} expects "
+            f"{weight.size(1) * groups} (weight.size(1) * groups)"
+        )
+    if bias is not None:
+        _check_tensor("bias", bias, x, dims=1)
+        _check_channel_vector("bias", bias, c_out, x)
+    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        _check_channel_vector(name, t, c_out, x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    out_size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
+    if out_size[2] <= 0 or out_size[3] <= 0:
+        raise ValueError(
+            f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} with "
+            f"stride={stride}, padding={padding}, dilation={dilation}: output size would be {out_size[2:]}"
+        )
+    if residual is not None:
+        _check_tensor("residual", residual, x, dims=4)
+        if list(residual.shape) != out_size:
+            raise ValueError(f"residual must have the conv output's shape {out_size}, got {list(residual.shape)}")
+
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    conv_args = (stride, padding, dilation, groups)
+    acc = stat_dtype(x.dtype)
+    use_batch_stats = training or running_mean is None
+
+    if not use_batch_stats:
+        invstd = torch.rsqrt(running_var.to(acc) + eps)
+        scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
+        centre = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+        shift = centre * scale if bn_bias is None else bn_bias.to(acc) + centre * scale
+        ops = select_ops("conv_bn_eval", x, weight, scale, shift, residual, *conv_args, relu)
+        return ops.conv_bn_eval(x, weight, scale, shift, residual, *conv_args, relu)
+
+    count = out_size[0] * out_size[2] * out_size[3]
+    if count == 1:
+        # The same error (type and text) nn.BatchNorm2d gives.
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {out_size}")
+    if bn_weight is None:
+        bn_weight = torch.ones(c_out, dtype=acc, device=x.device)
+    if bn_bias is None:
+        bn_bias = torch.zeros(c_out, dtype=acc, device=x.device)
+    args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
+    y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
+    if training and running_mean is not None and count > 0:
+        with torch.no_grad():
+            # nn.BatchNorm2d: the running variance tracks the unbiased batch variance.
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+    return y
+
+
+def add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    """relu(x + residual), in one pass over memory on the fused backends."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    _check_tensor("x", x, x)
+    _check_tensor("residual", residual, x)
+    if residual.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+    return select_ops("add_relu", x, residual).add_relu(x, residual)

@@ -1,0 +1,166 @@
+"""Pure-PyTorch reference implementation of every resnet_fused op.
+
+This is the oracle the fused backends are tested against and the path taken by
+inputs a fused kernel does not cover. It runs on any device and dtype PyTorch's
+own convolution supports. The arithmetic mirrors what a fused kernel does: the
+convolution in the input dtype, BatchNorm/residual/ReLU on the float32 (float64
+for float64 inputs) value, one rounding to the output dtype at the end.
+
+The op semantics (shared by every backend) are documented in `_library.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_CHANNEL_DIMS = (0, 2, 3)  # BatchNorm2d reduces over N, H, W
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the per-channel statistics and of the BatchNorm arithmetic."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def memory_format(x: Tensor) -> torch.memory_format:
+    """Layout an op's activation outputs take: channels_last iff x is channels_last."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def conv_output_size(
+    x_size: list[int], w_size: list[int], stride: list[int], padding: list[int], dilation: list[int]
+) -> list[int]:
+    n, _, h, w = x_size
+    c_out, _, kh, kw = w_size
+    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return [n, c_out, h_out, w_out]
+
+
+def _channel(v: Tensor) -> Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups) -> Tensor:
+    fmt = memory_format(x)
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return z.contiguous(memory_format=fmt)
+
+
+def _conv_grads(
+    grad_z: Tensor, x: Tensor, weight: Tensor, stride, padding, dilation, groups, need_x: bool, need_w: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    if not (need_x or need_w):
+        return None, None
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_z, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [need_x, need_w, False]
+    )
+    if grad_x is not None:
+        grad_x = grad_x.contiguous(memory_format=memory_format(x))
+    if grad_w is not None:
+        grad_w = grad_w.contiguous(memory_format=memory_format(weight))
+    return grad_x, grad_w
+
+
+def _empty(like: Tensor) -> Tensor:
+    # Gradients the caller did not ask for: the schema returns Tensor, not Tensor?.
+    return like.new_empty(0)
+
+
+def conv_bn_eval(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+) -> Tensor:
+    z = _conv(x, weight, None, stride, padding, dilation, groups)
+    acc = stat_dtype(x.dtype)
+    y = z.to(acc) * _channel(scale.to(acc)) + _channel(shift.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def conv_bn_eval_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, y: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_scale, need_shift, need_residual = output_mask
+    acc = stat_dtype(x.dtype)
+    g = grad_y.to(acc)
+    if relu:
+        g = torch.where(y > 0, g, 0)
+    # dL/dconv = g * scale. The weight gradient is linear in that, so one wgrad of
+    # the unscaled g gives both dL/dw (times scale) and dL/dscale = sum(g * conv(x, w))
+    # = sum over the filter of wgrad(x, g) * w: no need to keep or recompute conv(x, w).
+    grad_x, _ = _conv_grads(
+        (g * _channel(scale.to(acc))).to(x.dtype), x, weight, stride, padding, dilation, groups, need_x, False
+    )
+    _, wgrad_unscaled = _conv_grads(g.to(x.dtype), x, weight, stride, padding, dilation, groups, False,
+                                    need_w or need_scale)
+    grad_w = grad_scale = None
+    if wgrad_unscaled is not None:
+        wgrad_acc = wgrad_unscaled.to(acc)
+        if need_w:
+            grad_w = (wgrad_acc * scale.to(acc).view(-1, 1, 1, 1)).to(weight.dtype)
+            grad_w = grad_w.contiguous(memory_format=memory_format(weight))
+        if need_scale:
+            grad_scale = (wgrad_acc * weight.to(acc)).sum(dim=(1, 2, 3)).to(scale.dtype)
+    grad_shift = g.sum(dim=_CHANNEL_DIMS).to(scale.dtype) if need_shift else None
+    grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format(x)) if need_residual else None
+    return tuple(t if t is not None else _empty(x) for t in (grad_x, grad_w, grad_scale, grad_shift, grad_residual))
+
+
+def conv_bn_train(
+    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    z = _conv(x, weight, bias, stride, padding, dilation, groups)
+    acc = stat_dtype(x.dtype)
+    z_acc = z.to(acc)
+    # Two-pass statistics: exact enough to serve as the oracle for the kernels' merged partials.
+    mean = z_acc.mean(dim=_CHANNEL_DIMS)
+    var = (z_acc - _channel(mean)).square().mean(dim=_CHANNEL_DIMS)
+    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
+    y = (z_acc - _channel(mean)) * _channel(scale) + _channel(bn_bias.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x)), z, mean, var
+
+
+def conv_bn_train_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor,
+    bn_weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float,
+    relu: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual = output_mask
+    acc = stat_dtype(x.dtype)
+    g = grad_y.to(acc)
+    if relu:
+        g = torch.where(y > 0, g, 0)
+    count = z.numel() // z.size(1)
+    invstd = torch.rsqrt(var + eps)
+    x_hat = (z.to(acc) - _channel(mean)) * _channel(invstd)
+    sum_g = g.sum(dim=_CHANNEL_DIMS)
+    sum_g_xhat = (g * x_hat).sum(dim=_CHANNEL_DIMS)
+    grad_z = _channel(bn_weight.to(acc) * invstd) * (g - _channel(sum_g / count) - x_hat * _channel(sum_g_xhat / count))
+    grad_x, grad_w = _conv_grads(grad_z.to(x.dtype), x, weight, stride, padding, dilation, groups, need_x, need_w)
+    grad_bias = grad_z.sum(dim=_CHANNEL_DIMS).to(weight.dtype) if need_bias else None
+    grad_bn_weight = sum_g_xhat.to(bn_weight.dtype) if need_bn_weight else None
+    grad_bn_bias = sum_g.to(bn_weight.dtype) if need_bn_bias else None
+    grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format(x)) if need_residual else None
+    return tuple(
+        t if t is not None else _empty(x)
+        for t in (grad_x, grad_w, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)
+    )
+
+
+def add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    acc = stat_dtype(x.dtype)
+    return torch.relu(x.to(acc) + residual.to(acc)).to(x.dtype).contiguous(memory_format=memory_format(x))

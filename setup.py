@@ -1,0 +1,108 @@
+"""Build script: the Python package, plus the CUDA extension `resnet_fused._C` from csrc/.
+
+Switches (environment variables), printed at start:
+  RESNET_FUSED_SKIP_CUDA_BUILD=1   never build the extension (the Triton/reference backends still work)
+  RESNET_FUSED_FORCE_CUDA=1        build it or fail loudly (no silent skip when nvcc or CUDA torch is missing)
+  TORCH_CUDA_ARCH_LIST             GPU architectures, default "8.0;9.0" (A100, H100)
+  MAX_JOBS                         parallel compile jobs, default from cores and memory (about 3 GiB per nvcc)
+  NVCC_THREADS                     nvcc --threads (architectures compiled in parallel per file)
+
+Install with `pip install --no-build-isolation -e .` so the extension builds against the torch you run.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SKIP = os.environ.get("RESNET_FUSED_SKIP_CUDA_BUILD", "0") == "1"
+FORCE = os.environ.get("RESNET_FUSED_FORCE_CUDA", "0") == "1"
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+
+
+def _default_max_jobs() -> int:
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError):
+        mem_gib = 8.0
+    return max(1, min(cores, int(mem_gib // 3)))
+
+
+os.environ.setdefault("MAX_JOBS", str(_default_max_jobs()))
+NVCC_THREADS = os.environ.get("NVCC_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["MAX_JOBS"]))))
+
+
+def _log(msg: str) -> None:
+    print(f"[resnet_fused setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _nvidia_pip_include_dirs() -> list[str]:
+    """Headers torch includes that a bare CUDA toolkit may lack (cusparse.h, cublas) come
+    from pip's nvidia-* wheels (site-packages/nvidia/cu13/include, or nvidia/*/include)."""
+    dirs = []
+    for entry in sys.path:
+        nvidia = os.path.join(entry, "nvidia")
+        if os.path.isdir(nvidia):
+            dirs += sorted(glob.glob(os.path.join(nvidia, "cu*", "include")))
+            dirs += sorted(glob.glob(os.path.join(nvidia, "*", "include")))
+    return [d for d in dict.fromkeys(dirs) if os.path.isdir(d)]
+
+
+def _cuda_extension():
+    """The extension, or None (with the reason printed) when it cannot or should not be built."""
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
+    if SKIP:
+        _log("RESNET_FUSED_SKIP_CUDA_BUILD=1: not building the CUDA extension")
+        return None, {}
+    reason = None
+    if not sources:
+        reason = "no sources in csrc/"
+    else:
+        try:
+            import torch
+            from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        except ImportError as exc:
+            reason = f"torch is not importable at build time ({exc}); install torch first and use --no-build-isolation"
+        else:
+            if torch.version.cuda is None:
+                reason = f"torch {torch.__version__} is a CPU-only build"
+            elif CUDA_HOME is None:
+                reason = "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if reason is not None:
+        if FORCE:
+            raise RuntimeError(f"RESNET_FUSED_FORCE_CUDA=1 but the CUDA extension cannot be built: {reason}")
+        _log(f"not building the CUDA extension: {reason}")
+        return None, {}
+
+    include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_pip_include_dirs()
+    _log(f"building resnet_fused._C from {len(sources)} sources with torch {torch.__version__} "
+         f"(CUDA {torch.version.cuda}), nvcc at {CUDA_HOME}")
+    _log(f"extra include dirs: {include_dirs[1:]}")
+    extension = CUDAExtension(
+        name="resnet_fused._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": [
+                "-O3", "-std=c++17", "-lineinfo", f"--threads={NVCC_THREADS}",
+                "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+                "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+            ],
+        },
+    )
+    return extension, {"build_ext": BuildExtension}
+
+
+_log(
+    f"switches: SKIP_CUDA_BUILD={int(SKIP)} FORCE_CUDA={int(FORCE)} "
+    f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} MAX_JOBS={os.environ['MAX_JOBS']} "
+    f"NVCC_THREADS={NVCC_THREADS}"
+)
+ext, cmdclass = _cuda_extension()
+setup(ext_modules=[ext] if ext is not None else [], cmdclass=cmdclass)
