@@ -24,6 +24,8 @@ ENV_VAR = "RESNET_FUSED_BACKEND"
 #   NAMESPACE: str                         torch.ops namespace of its ops
 #   unavailable_reason() -> str | None     why it cannot run at all here (None: it can)
 #   covers(op_name, *op_args) -> bool      whether its kernels handle this particular call
+#   AUTO: bool                             whether `auto` may pick it (False until its kernels
+#                                          have passed the GPU test suite on real hardware)
 _BACKEND_MODULES = {
     "cuda": "resnet_fused.cuda_backend",
     "triton": "resnet_fused.triton_backend",
@@ -103,7 +105,9 @@ def select_ops(op_name: str, *op_args):
         if candidate == "reference":
             break
         module, _ = _load(candidate)
-        if module is not None and module.covers(op_name, *op_args):
+        if module is None or (name == "auto" and not module.AUTO):
+            continue
+        if module.covers(op_name, *op_args):
             return getattr(torch.ops, module.NAMESPACE)
     return torch.ops.resnet_fused
 
