@@ -3,9 +3,29 @@
 Swap `torchvision.models.resnet50` for `resnet_fused.resnet50`; state_dicts load both ways.
 """
 
-from . import ops
+from . import nn, ops
 from .backends import available_backends, get_backend, set_backend, use_backend
+from .models import (
+    ResNet,
+    from_torchvision,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    resnext50_32x4d,
+    resnext101_32x8d,
+    resnext101_64x4d,
+    to_torchvision,
+    wide_resnet50_2,
+    wide_resnet101_2,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "available_backends", "get_backend", "set_backend", "use_backend", "__version__"]
+__all__ = [
+    "nn", "ops", "available_backends", "get_backend", "set_backend", "use_backend", "ResNet",
+    "from_torchvision", "to_torchvision", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+    "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "__version__",
+]

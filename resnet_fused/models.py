@@ -1,0 +1,132 @@
+"""The drop-in ResNet family: torchvision's builders, signatures and state_dicts, fused forward."""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import torch
+import torchvision.models.resnet as tv_resnet
+from torch import Tensor, nn
+from torchvision.models._api import WeightsEnum
+
+from .nn import BasicBlock, Bottleneck, conv_bn_act
+
+__all__ = [
+    "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+    "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+    "from_torchvision", "to_torchvision",
+]
+
+
+class ResNet(tv_resnet.ResNet):
+    """torchvision.models.ResNet (same constructor, modules, init and state_dict) whose
+    stem and blocks run fused. Build it through the `resnet*` functions below."""
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        x = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+        x = self.maxpool(x)
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.layer3(x)
+        x = self.layer4(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+# torchvision class -> fused class. The fused classes add no state, so converting is a
+# class swap that keeps every parameter and buffer object.
+_TO_FUSED = {tv_resnet.ResNet: ResNet, tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
+_TO_TORCHVISION = {fused: tv for tv, fused in _TO_FUSED.items()}
+
+
+def _swap_classes(model: nn.Module, mapping: dict, inplace: bool) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        new_cls = mapping.get(type(module))
+        if new_cls is not None:
+            module.__class__ = new_cls
+    return model
+
+
+def from_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Fused version of a torchvision ResNet (or of any model containing torchvision
+    ResNet modules or blocks), with identical weights and buffers. Copies unless inplace."""
+    return _swap_classes(model, _TO_FUSED, inplace)
+
+
+def to_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Plain torchvision modules again (for ONNX, torch.export, or sharing), identical weights."""
+    return _swap_classes(model, _TO_TORCHVISION, inplace)
+
+
+def _load_weights(model: nn.Module, weights: WeightsEnum, progress: bool) -> None:
+    """Load `weights` through torchvision (torch hub cache), with an actionable error offline."""
+    url = weights.url
+    filename = os.path.basename(url)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    try:
+        state_dict = weights.get_state_dict(progress=progress, check_hash=True)
+    except Exception as exc:
+        if os.path.exists(cached):
+            raise
+        raise RuntimeError(
+            f"Could not load {weights}: {filename} is not in the torch hub cache and downloading it failed "
+            f"({type(exc).__name__}: {exc}). Download {url} and put it at {cached} "
+            f"(the directory comes from torch.hub.get_dir(); set TORCH_HOME to move it)."
+        ) from exc
+    model.load_state_dict(state_dict)
+
+
+def _resnet(block, layers: list[int], weights_enum, weights, progress: bool, defaults: dict, **kwargs: Any) -> ResNet:
+    if "pretrained" in kwargs:
+        raise TypeError("pretrained= is torchvision's legacy argument; use weights='IMAGENET1K_V1' (or the enum)")
+    weights = weights_enum.verify(weights)
+    for key, value in defaults.items():
+        tv_resnet._ovewrite_named_param(kwargs, key, value)
+    if weights is not None:
+        tv_resnet._ovewrite_named_param(kwargs, "num_classes", len(weights.meta["categories"]))
+    model = ResNet(block, layers, **kwargs)
+    if weights is not None:
+        _load_weights(model, weights, progress)
+    return model
+
+
+def _builder(name: str, block, layers: list[int], weights_enum, **defaults):
+    def build(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
+        return _resnet(block, layers, weights_enum, weights, progress, defaults, **kwargs)
+
+    build.__name__ = build.__qualname__ = name
+    build.__doc__ = (
+        f"Fused {name}: same arguments as torchvision.models.{name} (weights: {weights_enum.__name__} "
+        "member or its name, progress, num_classes, zero_init_residual, groups, width_per_group, "
+        "replace_stride_with_dilation, norm_layer) and the same state_dict."
+    )
+    return build
+
+
+resnet18 = _builder("resnet18", BasicBlock, [2, 2, 2, 2], tv_resnet.ResNet18_Weights)
+resnet34 = _builder("resnet34", BasicBlock, [3, 4, 6, 3], tv_resnet.ResNet34_Weights)
+resnet50 = _builder("resnet50", Bottleneck, [3, 4, 6, 3], tv_resnet.ResNet50_Weights)
+resnet101 = _builder("resnet101", Bottleneck, [3, 4, 23, 3], tv_resnet.ResNet101_Weights)
+resnet152 = _builder("resnet152", Bottleneck, [3, 8, 36, 3], tv_resnet.ResNet152_Weights)
+resnext50_32x4d = _builder(
+    "resnext50_32x4d", Bottleneck, [3, 4, 6, 3], tv_resnet.ResNeXt50_32X4D_Weights, groups=32, width_per_group=4
+)
+resnext101_32x8d = _builder(
+    "resnext101_32x8d", Bottleneck, [3, 4, 23, 3], tv_resnet.ResNeXt101_32X8D_Weights, groups=32, width_per_group=8
+)
+resnext101_64x4d = _builder(
+    "resnext101_64x4d", Bottleneck, [3, 4, 23, 3], tv_resnet.ResNeXt101_64X4D_Weights, groups=64, width_per_group=4
+)
+wide_resnet50_2 = _builder(
+    "wide_resnet50_2", Bottleneck, [3, 4, 6, 3], tv_resnet.Wide_ResNet50_2_Weights, width_per_group=128
+)
+wide_resnet101_2 = _builder(
+    "wide_resnet101_2", Bottleneck, [3, 4, 23, 3], tv_resnet.Wide_ResNet101_2_Weights, width_per_group=128
+)

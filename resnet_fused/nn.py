@@ -1,0 +1,135 @@
+"""Fused modules: ConvBNReLU2d, BasicBlock, Bottleneck.
+
+The blocks subclass torchvision's and keep its submodules (conv1, bn1, ..., downsample),
+so parameters, buffers, state_dict keys and initialization are torchvision's. Only
+`forward` differs: each conv + norm (+ residual) (+ ReLU) unit runs as one fused op,
+reading every hyperparameter from the submodules at call time. A user who swaps a
+submodule (a 3x3 stem, GroupNorm, SiLU, SyncBatchNorm) gets that submodule's own
+behaviour for the affected unit, unfused but correct.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision.models.resnet as tv_resnet
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from . import ops
+
+__all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
+
+
+def _fusable_conv(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+def _batch_norm_args(bn: nn.Module) -> dict | None:
+    """ops.conv_bn_relu arguments reproducing `bn.forward`, or None if `bn` is not fusable.
+
+    Exact types only: a subclass (SyncBatchNorm is not one, but a user's may be) could
+    override forward, so it runs as itself."""
+    if type(bn) is FrozenBatchNorm2d:
+        return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
+                    running_var=bn.running_var, training=False, eps=bn.eps)
+    if type(bn) is not nn.BatchNorm2d:
+        return None
+    # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_running = not bn.training or bn.track_running_stats
+    return dict(
+        bn_weight=bn.weight, bn_bias=bn.bias,
+        running_mean=bn.running_mean if use_running else None,
+        running_var=bn.running_var if use_running else None,
+        training=bn.training, momentum=momentum, eps=bn.eps,
+    )
+
+
+def conv_bn_act(
+    conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None = None, act: nn.Module | None = None
+) -> Tensor:
+    """act(norm(conv(x)) [+ residual]) as one fused op when conv is an nn.Conv2d with zero
+    padding, norm an nn.BatchNorm2d or FrozenBatchNorm2d and act ReLU/None/Identity;
+    otherwise the same computation module by module."""
+    relu = type(act) is nn.ReLU
+    bn_args = _batch_norm_args(norm) if _fusable_conv(conv) else None
+    if bn_args is None:
+        y = norm(conv(x))
+        if residual is not None:
+            if relu and y.dtype == residual.dtype:
+                return ops.add_relu(y, residual)
+            y = y + residual
+        return act(y) if act is not None else y
+    y = ops.conv_bn_relu(
+        x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+        bias=conv.bias, residual=residual, relu=relu, **bn_args,
+    )
+    if act is not None and not relu and type(act) is not nn.Identity:
+        y = act(y)
+    return y
+
+
+class ConvBNReLU2d(nn.Module):
+    """Conv2d -> BatchNorm2d (-> + residual) -> ReLU as one fused unit.
+
+    `conv` and `bn` are ordinary nn.Conv2d / nn.BatchNorm2d submodules (state_dict keys
+    `conv.weight`, `bn.running_mean`, ...); `relu=False` gives conv + BN only.
+    forward(x, residual=None).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1, groups: int = 1,
+        bias: bool = False, relu: bool = True, eps: float = 1e-5, momentum: float | None = 0.1,
+        device=None, dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = dict(device=device, dtype=dtype)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, **factory)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, **factory)
+        self.relu = relu
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> "ConvBNReLU2d":
+        """Wrap existing modules (sharing their parameters and buffers)."""
+        unit = cls.__new__(cls)
+        nn.Module.__init__(unit)
+        unit.conv, unit.bn, unit.relu = conv, bn, relu
+        return unit
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return conv_bn_act(self.conv, self.bn, x, residual, nn.ReLU() if self.relu else None)
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}"
+
+
+def _identity(downsample: nn.Module | None, x: Tensor) -> Tensor:
+    if downsample is None:
+        return x
+    if type(downsample) is nn.Sequential and len(downsample) == 2:
+        return conv_bn_act(downsample[0], downsample[1], x)
+    return downsample(x)
+
+
+class BasicBlock(tv_resnet.BasicBlock):
+    """torchvision's BasicBlock (same constructor, submodules, state_dict), fused forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+        return conv_bn_act(self.conv2, self.bn2, out, residual=_identity(self.downsample, x), act=self.relu)
+
+
+class Bottleneck(tv_resnet.Bottleneck):
+    """torchvision's Bottleneck (same constructor, submodules, state_dict), fused forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+        out = conv_bn_act(self.conv2, self.bn2, out, act=self.relu)
+        return conv_bn_act(self.conv3, self.bn3, out, residual=_identity(self.downsample, x), act=self.relu)
