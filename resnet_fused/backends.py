@@ -32,28 +32,36 @@ _BACKEND_MODULES = {
 }
 
 
-@functools.cache
-def _load(name: str):
-    """(module, None) when the backend can run here, else (None, reason)."""
-    if name == "reference":
-        return None, None
+def _import(name: str):
+    """(module, None), or (None, why it could not be imported)."""
     try:
-        module = importlib.import_module(_BACKEND_MODULES[name])
+        return importlib.import_module(_BACKEND_MODULES[name]), None
     except ModuleNotFoundError as exc:
         if exc.name == _BACKEND_MODULES[name]:
             return None, f"the {name} backend is not part of this build of resnet_fused"
         return None, f"importing the {name} backend failed: {exc}"
     except Exception as exc:  # a broken extension must not break `import resnet_fused`
         return None, f"importing the {name} backend failed: {type(exc).__name__}: {exc}"
-    reason = module.unavailable_reason()
-    return (None, reason) if reason else (module, None)
 
 
+# Imported eagerly (importing queries no device) so that select_ops, which torch.compile
+# traces, only reads this dict; availability is checked lazily, once.
+_MODULES = {name: _import(name) for name in _BACKEND_MODULES}
+
+
+@functools.cache
+def _unavailable_reason(name: str) -> str | None:
+    module, reason = _MODULES[name]
+    return reason if module is None else module.unavailable_reason()
+
+
+@torch.compiler.assume_constant_result
 def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else why not."""
     _check_name(name)
     if name in ("auto", "reference"):
         return None
-    return _load(name)[1]
+    return _unavailable_reason(name)
 
 
 def available_backends() -> dict[str, str | None]:
@@ -104,8 +112,8 @@ def select_ops(op_name: str, *op_args):
     for candidate in candidates:
         if candidate == "reference":
             break
-        module, _ = _load(candidate)
-        if module is None or (name == "auto" and not module.AUTO):
+        module = _MODULES[candidate][0]
+        if unavailable_reason(candidate) is not None or (name == "auto" and not module.AUTO):
             continue
         if module.covers(op_name, *op_args):
             return getattr(torch.ops, module.NAMESPACE)
