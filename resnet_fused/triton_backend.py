@@ -1,0 +1,290 @@
+"""Triton backend: the five resnet_fused ops as `torch.library.triton_op`s.
+
+Kernels (resnet_fused/triton_kernels/):
+  conv_bn_eval            one implicit-GEMM kernel: conv + scale/shift (+ residual) (+ ReLU).
+  conv_bn_train           implicit-GEMM conv storing z and per-tile (mean, M2); a Chan merge
+                          in fixed order (finalize_stats); an apply pass (bn_apply).
+  conv_bn_eval_backward   ReLU mask (+ per-channel sum for grad_shift) in one pass; Triton
+                          dgrad with the BN scale folded into the weight tile; Triton wgrad
+                          (split-K float32 partials, ordered sum) whose finalize writes
+                          grad_w = wgrad * scale and grad_scale = sum(wgrad * w).
+  conv_bn_train_backward  fused ReLU mask + residual grad + BatchNorm backward (reduce pass
+                          + dz pass); Triton dgrad and wgrad.
+  add_relu                one flat pass.
+Every reduction is deterministic (no atomics; fixed merge order).
+
+Coverage (`covers`): float16, bfloat16 and float32 tensors on CUDA (compute capability
+>= 8.0), or on CPU under TRITON_INTERPRET=1; any stride, padding, dilation, kernel size
+and group count; NCHW or channels_last. float64 and empty tensors take the reference path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+from torch import Tensor
+
+from . import _library
+from .reference import conv_output_size, memory_format, stat_dtype
+
+NAMESPACE = "resnet_fused_triton"
+# False until the kernels have passed the GPU test suite on real hardware (they have only
+# run under the Triton interpreter so far); `use_backend("triton")` selects them explicitly.
+AUTO = False
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+try:
+    import triton  # noqa: F401
+
+    from .triton_kernels import add_relu as _k_add_relu
+    from .triton_kernels import batchnorm as _k_bn
+    from .triton_kernels import conv as _k_conv
+    from .triton_kernels._config import conv_block_m
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # triton missing or broken: the backend reports it, the package still imports
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------
+# Op implementations (run eagerly, and traced with fake tensors by torch.compile).
+
+
+def _new(size, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty(size, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format(like))
+
+
+def _in_format(t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """t as a dense tensor in like's activation layout (no copy when it already is one)."""
+    return t.to(dtype or t.dtype).contiguous(memory_format=memory_format(like))
+
+
+def conv_bn_eval(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+) -> Tensor:
+    y = _new(conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
+    res = _in_format(residual, x) if residual is not None else None
+    _k_conv.conv_forward(x, weight, y, scale.contiguous(), shift.contiguous(), res,
+                         stride, padding, dilation, groups, relu)
+    return y
+
+
+def conv_bn_train(
+    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    z = _new(size, x)
+    y = _new(size, x)
+    c_out = size[1]
+    m = size[0] * size[2] * size[3]
+    tile_m = conv_block_m()
+    tiles = -(-m // tile_m)
+    pmean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
+    pm2 = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
+    _k_conv.conv_forward(x, weight, z, None, bias.contiguous() if bias is not None else None, None,
+                         stride, padding, dilation, groups, False, pmean=pmean, pm2=pm2)
+    acc = stat_dtype(x.dtype)
+    mean = torch.empty(c_out, dtype=acc, device=x.device)
+    var = torch.empty(c_out, dtype=acc, device=x.device)
+    _k_bn.finalize_stats(pmean, pm2, mean, var, m, tile_m)
+    res = _in_format(residual, x) if residual is not None else None
+    _k_bn.bn_apply(z, y, res, mean, var, bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
+    return y, z, mean, var
+
+
+def conv_bn_eval_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, scale: Tensor, y: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_scale, need_shift, need_residual = output_mask
+    grad_y = _in_format(grad_y, x)
+    y = _in_format(y, x) if relu else None
+    # g = grad_y masked by ReLU, in x's dtype: the operand of dgrad/wgrad and grad_residual.
+    write_g = need_residual or (relu and (need_x or need_w or need_scale)) or grad_y.dtype != x.dtype
+    g = _new(grad_y.shape, x) if write_g else grad_y
+    sum_g = None
+    if write_g or need_shift:
+        sum_g = _k_bn.eval_backward_g(grad_y, y, relu, g if write_g else None, need_shift)
+    scale = scale.contiguous()
+    empty = x.new_empty(0)
+    grad_x = grad_w = grad_scale = empty
+    if need_x:
+        grad_x = _new(x.shape, x)
+        _k_conv.conv_dgrad(g, weight, grad_x, scale, stride, padding, dilation, groups)
+    if need_w or need_scale:
+        gw = _new(weight.shape, weight) if need_w else None
+        gs = torch.empty(scale.shape, dtype=scale.dtype, device=x.device) if need_scale else None
+        _k_conv.conv_wgrad(g, x, weight, stride, padding, dilation, groups, grad_w=gw,
+                           scale=scale if need_w else None, grad_scale=gs)
+        grad_w = gw if need_w else empty
+        grad_scale = gs if need_scale else empty
+    grad_shift = sum_g.to(scale.dtype) if need_shift else empty
+    grad_residual = g if need_residual else empty
+    return grad_x, grad_w, grad_scale, grad_shift, grad_residual
+
+
+def conv_bn_train_backward(
+    grad_y: Tensor, x: Tensor, weight: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor,
+    bn_weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float,
+    relu: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual = output_mask
+    grad_y = _in_format(grad_y, x)
+    z = _in_format(z, x)
+    y = _in_format(y, x) if relu else None
+    c = z.size(1)
+    need_vec = need_bias or need_bn_weight or need_bn_bias
+    dz = _new(z.shape, x) if (need_x or need_w) else None
+    grad_res = _new(z.shape, x) if need_residual else None
+    gbw = torch.empty(c, dtype=bn_weight.dtype, device=x.device) if need_vec else None
+    gbb = torch.empty(c, dtype=bn_weight.dtype, device=x.device) if need_vec else None
+    gbias = torch.empty(c, dtype=weight.dtype, device=x.device) if need_vec else None
+    _k_bn.bn_backward(grad_y, y, z, mean.contiguous(), var.contiguous(), bn_weight.contiguous(), eps, relu,
+                      dz, grad_res, gbw, gbb, gbias)
+    empty = x.new_empty(0)
+    grad_x = grad_w = empty
+    if need_x:
+        grad_x = _new(x.shape, x)
+        _k_conv.conv_dgrad(dz, weight, grad_x, None, stride, padding, dilation, groups)
+    if need_w:
+        grad_w = _new(weight.shape, weight)
+        _k_conv.conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=grad_w)
+    return (
+        grad_x,
+        grad_w,
+        gbias if need_bias else empty,
+        gbw if need_bn_weight else empty,
+        gbb if need_bn_bias else empty,
+        grad_res if need_residual else empty,
+    )
+
+
+def add_relu(x: Tensor, residual: Tensor) -> Tensor:
+    xc = x.contiguous(memory_format=memory_format(x))
+    rc = residual.to(x.dtype).contiguous(memory_format=memory_format(x))
+    if rc.stride() != xc.stride():  # degenerate sizes can leave two valid layouts; make them agree
+        rc = torch.empty_like(xc).copy_(rc)
+    out = torch.empty_like(xc)
+    _k_add_relu.add_relu(xc, rc, out)
+    return out
+
+
+_IMPLS = {
+    "conv_bn_eval": conv_bn_eval,
+    "conv_bn_eval_backward": conv_bn_eval_backward,
+    "conv_bn_train": conv_bn_train,
+    "conv_bn_train_backward": conv_bn_train_backward,
+    "add_relu": add_relu,
+}
+
+# ---------------------------------------------------------------------------------------
+# Registration.
+
+
+@contextlib.contextmanager
+def _schema_shim(schema: str):
+    """torch releases before pytorch/pytorch#188722 accept triton_op(schema=...) but ignore it and
+    infer the schema from the annotations (which cannot spell `int[2]`). During registration,
+    make that inference return the schema we pass; with a torch that honours `schema=` the
+    patched function is never called. The registered schema is verified afterwards."""
+    try:
+        import torch._library.triton as triton_lib
+    except ImportError:
+        yield
+        return
+    original = getattr(triton_lib, "infer_schema", None)
+    if original is None:
+        yield
+        return
+    triton_lib.infer_schema = lambda *args, **kwargs: schema
+    try:
+        yield
+    finally:
+        triton_lib.infer_schema = original
+
+
+def _register() -> str | None:
+    """Register the ops; returns why the backend cannot be used, or None."""
+    if _IMPORT_ERROR is not None:
+        return f"Triton is not importable ({_IMPORT_ERROR})"
+    if not hasattr(torch.library, "triton_op") or not hasattr(torch.library, "wrap_triton"):
+        return f"torch {torch.__version__} has no torch.library.triton_op/wrap_triton (needs torch >= 2.6)"
+    try:
+        for name, fn in _IMPLS.items():
+            schema = _library.SCHEMAS[name]
+            with _schema_shim(schema):
+                torch.library.triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=(), schema=schema)
+        _library.register_fake_and_autograd(NAMESPACE)
+    except Exception as exc:
+        return f"registering the Triton ops failed on torch {torch.__version__}: {type(exc).__name__}: {exc}"
+    ops = getattr(torch.ops, NAMESPACE)
+    for name in _IMPLS:
+        got = str(getattr(ops, name).default._schema)
+        want = f"{NAMESPACE}::{name}{_library.SCHEMAS[name]}"
+        if got != want:
+            return f"torch {torch.__version__} registered {got!r} instead of the schema {want!r}"
+    return None
+
+
+_REGISTRATION_ERROR = _register()
+
+
+@functools.cache
+def _device_reason() -> str | None:
+    if _interpret():
+        return None
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available and TRITON_INTERPRET is not '1'"
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        return f"the GPU has compute capability {major}.{minor}; the Triton kernels need 8.0 or newer"
+    return None
+
+
+def unavailable_reason() -> str | None:
+    return _REGISTRATION_ERROR or _device_reason()
+
+
+def _device_ok(t: Tensor) -> bool:
+    return t.device.type == ("cpu" if _interpret() else "cuda")
+
+
+def covers(op_name: str, *args) -> bool:
+    """Whether the Triton kernels handle this call (else the reference runs it)."""
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    if not tensors:
+        return False
+    x = tensors[0]
+    if x.dtype not in _SUPPORTED_DTYPES or x.numel() == 0:
+        return False
+    for t in tensors:
+        if not _device_ok(t) or t.dtype not in _SUPPORTED_DTYPES or t.device != x.device:
+            return False
+    if op_name == "add_relu":
+        return args[1].dtype == x.dtype
+    if op_name in ("conv_bn_eval", "conv_bn_train"):
+        weight = args[1]
+        if x.dim() != 4 or weight.dim() != 4 or weight.dtype != x.dtype or weight.numel() == 0:
+            return False
+        residual = args[4] if op_name == "conv_bn_eval" else args[5]
+        if residual is not None and residual.dtype != x.dtype:
+            return False
+        if op_name == "conv_bn_train" and args[2] is not None and args[2].dtype != x.dtype:
+            return False
+        i = 5 if op_name == "conv_bn_eval" else 6
+        stride, padding, dilation = args[i], args[i + 1], args[i + 2]
+        size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
+        return size[0] * size[1] * size[2] * size[3] > 0
+    # The backward ops run on whatever their forward covered.
+    return op_name in _IMPLS

@@ -1,0 +1,52 @@
+"""Launch configuration shared by the Triton kernels.
+
+Under the interpreter (TRITON_INTERPRET=1) `triton.autotune` cannot benchmark more
+than one config (it times through a GPU driver), so every autotuned kernel gets
+exactly one config there. On a GPU the config set depends on the architecture; the
+sets below are starting points, NOT yet chosen by measurement (no GPU was lent when
+they were written): see the open-work note in triton_backend.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+
+def interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _arch() -> int:
+    if interpret() or not torch.cuda.is_available():
+        return 0
+    major, minor = torch.cuda.get_device_capability()
+    return major * 10 + minor
+
+
+def conv_configs() -> list[triton.Config]:
+    """Configs for the implicit-GEMM kernels (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M is
+    fixed by the caller because the training statistics partials are per BLOCK_M tile)."""
+    if interpret():
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    cfgs = [
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    ]
+    if _arch() >= 90:
+        cfgs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4))
+    return cfgs
+
+
+def conv_block_m() -> int:
+    return 32 if interpret() else 128
+
+
+def elementwise_block() -> tuple[int, int]:
+    """(rows, channels) tile of the per-channel elementwise/reduction kernels."""
+    return (32, 32) if interpret() else (64, 64)

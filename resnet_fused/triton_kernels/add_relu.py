@@ -1,0 +1,27 @@
+"""relu(x + residual) in one pass over memory (flat; both operands share one dense layout)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._config import interpret
+
+
+@triton.jit
+def _add_relu_kernel(x_ptr, r_ptr, y_ptr, numel, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, tl.maximum(x + r, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def add_relu(x, residual, out):
+    """x, residual, out: dense tensors with identical strides."""
+    numel = out.numel()
+    block = 4096 if interpret() else 2048
+    wrap_triton(_add_relu_kernel)[(triton.cdiv(numel, block),)](x, residual, out, numel, BLOCK=block,
+                                                              num_warps=8 if not interpret() else 4)

@@ -1,0 +1,293 @@
+"""BatchNorm kernels around the convolution: statistics finalize, apply, fused backward.
+
+All of them view an activation [N, C, H, W] as rows m = (n, h, w) by channels c, addressed
+through (stride_n, stride_c, stride_hw), which covers NCHW and NHWC storage. Math is float32.
+
+  finalize_stats   merges the conv epilogue's per-tile (mean, M2) with Chan's formula in a
+                   fixed order (a tree within a block of tiles, then block after block):
+                   deterministic, and no catastrophic cancellation from sums of squares.
+  bn_apply         y = act((z - mean) * bn_w * rsqrt(var + eps) + bn_b [+ residual]).
+  bn_bwd_reduce    g = grad_y masked by y > 0 (ReLU); per-tile partial sums of g, g * (z - mean)
+                   and (z - mean); sum_partials then adds the tiles in order (deterministic).
+  bn_bwd_dz        dz = bn_w * invstd * (g - sum_g / count - xhat * sum_g_xhat / count), the
+                   residual gradient g, and (first row block only) the per-channel grads.
+  eval_bwd_g       g = grad_y masked by y > 0, stored once (it is grad_residual and the wgrad
+                   operand), with per-tile sums for grad_shift.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._config import elementwise_block
+
+
+def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    assert t.size(2) == 1 or t.stride(2) == t.size(3) * t.stride(3), "H and W must be dense together"
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+@triton.jit
+def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    n = n_a + n_b
+    frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * frac
+    m2 = m2_a + m2_b + delta * delta * n_a * frac
+    return mean, m2, n
+
+
+@triton.jit
+def _finalize_stats_kernel(
+    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, T, C, M, TILE_M,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        t_ok = offs_t < T
+        mask = t_ok[:, None] & c_mask[None, :]
+        offs = offs_t[:, None] * C + offs_c[None, :]
+        mean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
+        m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
+        cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(tl.float32)
+        cnt2 = tl.broadcast_to(cnt[:, None], (BLOCK_T, BLOCK_C))
+        b_mean, b_m2, b_n = tl.reduce((mean, m2, cnt2), 0, _chan_combine)
+        run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, b_mean, b_m2, b_n)
+    tl.store(mean_ptr + offs_c, run_mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
+    tl.store(var_ptr + offs_c, (run_m2 / M).to(var_ptr.dtype.element_ty), mask=c_mask)
+
+
+def finalize_stats(pmean, pm2, mean, var, m, tile_m):
+    t, c = pmean.shape
+    block_c = 32
+    wrap_triton(_finalize_stats_kernel)[(triton.cdiv(c, block_c),)](
+        pmean, pm2, mean, var, t, c, m, tile_m, BLOCK_T=32, BLOCK_C=block_c,
+    )
+
+
+@triton.jit
+def _bn_apply_kernel(
+    z_ptr, y_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
+    M, C, HW,
+    szn, szc, szhw, syn, syc, syhw, srn, src, srhw,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    m_mask = offs_m < M
+    c_mask = offs_c < C
+    mask = m_mask[:, None] & c_mask[None, :]
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
+    scale = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) * tl.rsqrt(var + eps)
+    shift = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_c * szc)[None, :], mask=mask, other=0.0)
+    y = (z.to(tl.float32) - mean[None, :]) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        y += tl.load(res_ptr + (n_idx * srn + hw * srhw)[:, None] + (offs_c * src)[None, :], mask=mask,
+                     other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.maximum(y, 0.0)
+    tl.store(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :],
+             y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_apply(z, y, residual, mean, var, bn_weight, bn_bias, eps, relu):
+    n, c, h, w = z.shape
+    m = n * h * w
+    bm, bc = elementwise_block()
+    res = residual if residual is not None else z
+    wrap_triton(_bn_apply_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+        z, y, res, mean, var, bn_weight, bn_bias, eps, m, c, h * w,
+        *act_strides(z), *act_strides(y), *act_strides(res),
+        HAS_RES=residual is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc,
+    )
+
+
+@triton.jit
+def _sum_partials_kernel(p_ptr, out_ptr, T, C, NUM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[i, c] = sum over t of p[i, t, c], tiles added in a fixed order."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    for i in tl.static_range(NUM):
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            mask = (offs_t < T)[:, None] & c_mask[None, :]
+            acc += tl.sum(tl.load(p_ptr + (i * T + offs_t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0),
+                          axis=0)
+        tl.store(out_ptr + i * C + offs_c, acc, mask=c_mask)
+
+
+def sum_partials(part):
+    num, t, c = part.shape
+    out = torch.empty((num, c), dtype=torch.float32, device=part.device)
+    block_c = 32
+    wrap_triton(_sum_partials_kernel)[(triton.cdiv(c, block_c),)](
+        part, out, t, c, NUM=num, BLOCK_T=32, BLOCK_C=block_c,
+    )
+    return out
+
+
+@triton.jit
+def _bn_bwd_reduce_kernel(
+    gy_ptr, y_ptr, z_ptr, mean_ptr, part_ptr, M, C, HW,
+    sgn, sgc, sghw, syn, syc, syhw, szn, szc, szhw,
+    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    T = tl.num_programs(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+    g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    if RELU:
+        y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
+        g = tl.where(y > 0, g, 0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_c * szc)[None, :], mask=mask, other=0.0)
+    zc = tl.where(mask, z.to(tl.float32) - mean[None, :], 0.0)
+    p = part_ptr + pid_m * C + offs_c
+    tl.store(p, tl.sum(g, axis=0), mask=c_mask)
+    tl.store(p + T * C, tl.sum(g * zc, axis=0), mask=c_mask)
+    tl.store(p + 2 * T * C, tl.sum(zc, axis=0), mask=c_mask)
+
+
+@triton.jit
+def _bn_bwd_dz_kernel(
+    gy_ptr, y_ptr, z_ptr, mean_ptr, var_ptr, w_ptr, sums_ptr, eps, count,
+    dz_ptr, gres_ptr, gbw_ptr, gbb_ptr, gbias_ptr,
+    M, C, HW,
+    sgn, sgc, sghw, syn, syc, syhw, szn, szc, szhw, sdn, sdc, sdhw, srn, src, srhw,
+    RELU: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_RES: tl.constexpr, WRITE_VEC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    invstd = tl.rsqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32) + eps)
+    bw = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+    sum_g = tl.load(sums_ptr + offs_c, mask=c_mask, other=0.0)
+    sum_g_xhat = tl.load(sums_ptr + C + offs_c, mask=c_mask, other=0.0) * invstd
+    if WRITE_VEC:
+        if pid_m == 0:
+            sum_xhat = tl.load(sums_ptr + 2 * C + offs_c, mask=c_mask, other=0.0) * invstd
+            # sum over rows of dz, the conv bias gradient
+            gbias = bw * invstd * (sum_g - count * (sum_g / count) - sum_xhat * (sum_g_xhat / count))
+            tl.store(gbw_ptr + offs_c, sum_g_xhat.to(gbw_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(gbb_ptr + offs_c, sum_g.to(gbb_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(gbias_ptr + offs_c, gbias.to(gbias_ptr.dtype.element_ty), mask=c_mask)
+    if WRITE_DZ or WRITE_RES:
+        g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask,
+                    other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
+            g = tl.where(y > 0, g, 0.0)
+        if WRITE_RES:
+            tl.store(gres_ptr + (n_idx * srn + hw * srhw)[:, None] + (offs_c * src)[None, :],
+                     g.to(gres_ptr.dtype.element_ty), mask=mask)
+        if WRITE_DZ:
+            z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_c * szc)[None, :], mask=mask, other=0.0)
+            xhat = (z.to(tl.float32) - mean[None, :]) * invstd[None, :]
+            dz = (bw * invstd)[None, :] * (g - (sum_g / count)[None, :] - xhat * (sum_g_xhat / count)[None, :])
+            tl.store(dz_ptr + (n_idx * sdn + hw * sdhw)[:, None] + (offs_c * sdc)[None, :],
+                     dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def bn_backward(grad_y, y, z, mean, var, bn_weight, eps, relu, dz, grad_res, grad_bn_w, grad_bn_b, grad_bias):
+    """Fused ReLU-mask + residual grad + BatchNorm backward. Outputs that are None are not written
+    (the per-channel vector grads are written together: pass all three or none)."""
+    n, c, h, w = z.shape
+    m = n * h * w
+    bm, bc = elementwise_block()
+    t = triton.cdiv(m, bm)
+    part = torch.empty((3, t, c), dtype=torch.float32, device=z.device)
+    yy = y if y is not None else z
+    wrap_triton(_bn_bwd_reduce_kernel)[(t, triton.cdiv(c, bc))](
+        grad_y, yy, z, mean, part, m, c, h * w,
+        *act_strides(grad_y), *act_strides(yy), *act_strides(z),
+        RELU=relu, BLOCK_M=bm, BLOCK_C=bc,
+    )
+    sums = sum_partials(part)
+    write_vec = grad_bn_w is not None
+    dzz = dz if dz is not None else z
+    res = grad_res if grad_res is not None else z
+    vec = sums if not write_vec else None
+    wrap_triton(_bn_bwd_dz_kernel)[(t, triton.cdiv(c, bc))](
+        grad_y, yy, z, mean, var, bn_weight, sums, eps, float(m),
+        dzz, res, grad_bn_w if write_vec else vec, grad_bn_b if write_vec else vec,
+        grad_bias if write_vec else vec,
+        m, c, h * w,
+        *act_strides(grad_y), *act_strides(yy), *act_strides(z), *act_strides(dzz), *act_strides(res),
+        RELU=relu, WRITE_DZ=dz is not None, WRITE_RES=grad_res is not None, WRITE_VEC=write_vec,
+        BLOCK_M=bm, BLOCK_C=bc,
+    )
+
+
+@triton.jit
+def _eval_bwd_g_kernel(
+    gy_ptr, y_ptr, g_ptr, part_ptr, M, C, HW,
+    sgn, sgc, sghw, syn, syc, syhw, son, soc, sohw,
+    RELU: tl.constexpr, WRITE_G: tl.constexpr, WRITE_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_c = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+    g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask, other=0.0)
+    if RELU:
+        y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
+        g = tl.where(y > 0, g, 0.0)
+    if WRITE_G:
+        tl.store(g_ptr + (n_idx * son + hw * sohw)[:, None] + (offs_c * soc)[None, :],
+                 g.to(g_ptr.dtype.element_ty), mask=mask)
+    if WRITE_SUM:
+        tl.store(part_ptr + pid_m * C + offs_c, tl.sum(g.to(tl.float32), axis=0), mask=c_mask)
+
+
+def eval_backward_g(grad_y, y, relu, g_out, want_sum):
+    """Writes g = relu-masked grad_y into g_out (if given); returns the per-channel sum of g if asked."""
+    n, c, h, w = grad_y.shape
+    m = n * h * w
+    bm, bc = elementwise_block()
+    t = triton.cdiv(m, bm)
+    part = torch.empty((1, t, c), dtype=torch.float32, device=grad_y.device) if want_sum else None
+    yy = y if y is not None else grad_y
+    go = g_out if g_out is not None else grad_y
+    wrap_triton(_eval_bwd_g_kernel)[(t, triton.cdiv(c, bc))](
+        grad_y, yy, go, part if part is not None else grad_y, m, c, h * w,
+        *act_strides(grad_y), *act_strides(yy), *act_strides(go),
+        RELU=relu, WRITE_G=g_out is not None, WRITE_SUM=want_sum, BLOCK_M=bm, BLOCK_C=bc,
+    )
+    return sum_partials(part)[0] if want_sum else None

@@ -1,0 +1,375 @@
+"""Implicit-GEMM convolution kernels (forward with fused epilogues, dgrad, wgrad).
+
+Every kernel takes the element strides of its tensors, so it runs on NHWC
+(channels_last) and NCHW storage alike without copies; channels_last is the fast
+layout (the GEMM K loop walks input channels, contiguous in NHWC). Groups are a
+grid axis (one GEMM per group). Accumulation is float32; fp32 operands use TF32 on
+tensor cores only when the caller allows it (ALLOW_TF32), exact fp32 otherwise.
+
+Forward GEMM: rows = output pixels (n, ho, wo), columns = output channels of the
+group, K = (kh, kw, input channel). Epilogues:
+  EPILOGUE == 0 (eval):  y = acc * scale[c] + shift[c] (+ residual) (ReLU), one rounding.
+  EPILOGUE == 1 (train): z = acc (+ bias[c]) stored in the input dtype, and per-tile
+                         (mean, M2) of the rounded z per channel for a Chan merge in
+                         batchnorm.finalize_stats (the tile count is implied by BLOCK_M).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._config import conv_block_m, conv_configs
+
+
+@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
+    M, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    sxn, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    son, soc, sohw,
+    srn, src, srhw,
+    EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_mask = offs_m < M
+    n_idx = offs_m // HWO
+    hw = offs_m % HWO
+    ho = hw // WO
+    wo = hw % WO
+
+    offs_co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    co_mask = offs_co_g < C_OUT_G
+    offs_co = grp * C_OUT_G + offs_co_g
+
+    x_grp = x_ptr + grp * C_IN_G * sxc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        h = ho * STRIDE_H - PAD_H + kh * DIL_H
+        h_ok = m_mask & (h >= 0) & (h < H)
+        for kw in range(KW):
+            w = wo * STRIDE_W - PAD_W + kw * DIL_W
+            ok = h_ok & (w >= 0) & (w < W)
+            a_base = x_grp + n_idx * sxn + h * sxh + w * sxw
+            b_base = w_ptr + offs_co * swo + kh * swh + kw * sww
+            for c0 in range(0, C_IN_G, BLOCK_K):
+                offs_c = c0 + tl.arange(0, BLOCK_K)
+                c_ok = offs_c < C_IN_G
+                a = tl.load(a_base[:, None] + offs_c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
+                b = tl.load(b_base[None, :] + offs_c[:, None] * swi, mask=c_ok[:, None] & co_mask[None, :],
+                            other=0.0)
+                if ALLOW_TF32:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    out_dtype = out_ptr.dtype.element_ty
+    out_offs = (n_idx * son + hw * sohw)[:, None] + (offs_co * soc)[None, :]
+    mask2 = m_mask[:, None] & co_mask[None, :]
+    if EPILOGUE == 0:
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
+        y = acc * scale[None, :] + shift[None, :]
+        if HAS_RES:
+            r_offs = (n_idx * srn + hw * srhw)[:, None] + (offs_co * src)[None, :]
+            y += tl.load(res_ptr + r_offs, mask=mask2, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        tl.store(out_ptr + out_offs, y.to(out_dtype), mask=mask2)
+    else:
+        z = acc
+        if HAS_SHIFT:  # conv bias
+            z += tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
+        z_out = z.to(out_dtype)
+        tl.store(out_ptr + out_offs, z_out, mask=mask2)
+        # Statistics of the stored (rounded) z, as the reference computes them.
+        zr = tl.where(mask2, z_out.to(tl.float32), 0.0)
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(zr, axis=0) / cnt
+        d = tl.where(mask2, zr - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        p_offs = pid_m * C_OUT + offs_co
+        tl.store(pmean_ptr + p_offs, mean, mask=co_mask)
+        tl.store(pm2_ptr + p_offs, m2, mask=co_mask)
+
+
+def _hw_stride(t: torch.Tensor) -> int:
+    """Stride of the flattened (h, w) index; valid for NCHW and NHWC dense tensors."""
+    assert t.stride(2) == t.size(3) * t.stride(3) or t.size(2) == 1, "H and W must be dense together"
+    return t.stride(3)
+
+
+def allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
+                 pmean=None, pm2=None):
+    """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
+    pmean/pm2 of shape [cdiv(M, block_m()), C_out]; `shift` is then the conv bias or None)."""
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    _, _, ho, wo = out.shape
+    m = n * ho * wo
+    c_out_g = c_out // groups
+    train = pmean is not None
+    block_m = conv_block_m()
+    dummy = out
+    res = residual if residual is not None else dummy
+    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    wrap_triton(_conv_fwd_kernel)[grid](
+        x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
+        pmean if train else dummy, pm2 if train else dummy,
+        m, ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        out.stride(0), out.stride(1), _hw_stride(out),
+        res.stride(0), res.stride(1), _hw_stride(res),
+        EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
+        ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# dgrad: grad_x[n, ci, h, w] = sum over (co, kh, kw) of dz[n, co, ho, wo] * w[co, ci, kh, kw] (* scale[co])
+# where h = ho * s - p + kh * d. GEMM rows = input pixels, columns = input channels of the group,
+# K = (kh, kw, output channel); taps whose (h + p - kh * d) is not a multiple of s are masked.
+
+
+@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.jit
+def _conv_dgrad_kernel(
+    dz_ptr, w_ptr, scale_ptr, dx_ptr,
+    M, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    sdn, sdc, sdh, sdw,
+    swo, swi, swh, sww,
+    sxn, sxc, sxhw,
+    HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    grp = tl.program_id(2).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    m_mask = offs_m < M
+    n_idx = offs_m // HW
+    hw = offs_m % HW
+    h = hw // W
+    w = hw % W
+
+    offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    ci_mask = offs_ci_g < C_IN_G
+
+    dz_grp = dz_ptr + grp * C_OUT_G * sdc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        th = h + PAD_H - kh * DIL_H
+        ho = th // STRIDE_H
+        h_ok = m_mask & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
+        for kw in range(KW):
+            tw = w + PAD_W - kw * DIL_W
+            wo = tw // STRIDE_W
+            ok = h_ok & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO)
+            a_base = dz_grp + n_idx * sdn + ho * sdh + wo * sdw
+            b_base = w_ptr + offs_ci_g * swi + kh * swh + kw * sww
+            for c0 in range(0, C_OUT_G, BLOCK_K):
+                offs_co_g = c0 + tl.arange(0, BLOCK_K)
+                co_ok = offs_co_g < C_OUT_G
+                offs_co = grp * C_OUT_G + offs_co_g
+                a = tl.load(a_base[:, None] + offs_co_g[None, :] * sdc, mask=ok[:, None] & co_ok[None, :],
+                            other=0.0)
+                b = tl.load(b_base[None, :] + offs_co[:, None] * swo, mask=co_ok[:, None] & ci_mask[None, :],
+                            other=0.0)
+                if HAS_SCALE:
+                    s = tl.load(scale_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
+                    b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+                if ALLOW_TF32:
+                    acc = tl.dot(a, b, acc, input_precision="tf32")
+                else:
+                    acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    offs_ci = grp * C_IN_G + offs_ci_g
+    out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
+    tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
+
+
+def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
+    """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x."""
+    n, _, h, w = grad_x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    _, _, ho, wo = dz.shape
+    m = n * h * w
+    block_m = conv_block_m()
+    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
+    wrap_triton(_conv_dgrad_kernel)[grid](
+        dz, weight, scale if scale is not None else dz, grad_x,
+        m, h * w, w, ho, wo, c_in_g, c_out // groups, kh, kw,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
+        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
+        grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
+        HAS_SCALE=scale is not None, ALLOW_TF32=allow_tf32(dz.dtype), BLOCK_M=block_m,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# wgrad: grad_w[co, ci, kh, kw] = sum over output pixels of dz[n, co, ho, wo] * x[n, ci, h, w].
+# GEMM rows = output channels of the group, columns = input channels of the group, K = output
+# pixels, split SPLIT ways (grid axis 2) into float32 partials [SPLIT, C_out, C_in_g, KH, KW]
+# that wgrad_finalize sums in a fixed order (deterministic, no atomics).
+
+
+@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.jit
+def _conv_wgrad_kernel(
+    dz_ptr, x_ptr, part_ptr,
+    M, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT,
+    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    sdn, sdc, sdhw,
+    sxn, sxc, sxh, sxw,
+    ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_mn = tl.program_id(0).to(tl.int64)
+    tap_grp = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    pid_m = pid_mn // num_n
+    pid_n = pid_mn % num_n
+    grp = tap_grp // (KH * KW)
+    tap = tap_grp % (KH * KW)
+    kh = tap // KW
+    kw = tap % KW
+
+    offs_co_g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    co_mask = offs_co_g < C_OUT_G
+    offs_co = grp * C_OUT_G + offs_co_g
+    offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    ci_mask = offs_ci_g < C_IN_G
+    offs_ci = grp * C_IN_G + offs_ci_g
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = split * M_PER_SPLIT
+    k_end = tl.minimum(k_start + M_PER_SPLIT, M)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        k_ok = offs_k < k_end
+        n_idx = offs_k // HWO
+        hw = offs_k % HWO
+        ho = hw // WO
+        wo = hw % WO
+        h = ho * STRIDE_H - PAD_H + kh * DIL_H
+        w = wo * STRIDE_W - PAD_W + kw * DIL_W
+        x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+        a = tl.load(dz_ptr + (offs_co * sdc)[:, None] + (n_idx * sdn + hw * sdhw)[None, :],
+                    mask=co_mask[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
+                    mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+
+    # partials laid out [SPLIT, C_OUT, C_IN_G, KH, KW], contiguous
+    p_offs = ((split * C_OUT + offs_co) * C_IN_G * KH * KW)[:, None] + (offs_ci_g * KH * KW)[None, :] + tap
+    tl.store(part_ptr + p_offs, acc, mask=co_mask[:, None] & ci_mask[None, :])
+
+
+@triton.jit
+def _wgrad_finalize_kernel(
+    part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_ptr,
+    C_OUT, K, KHW, SPLIT,
+    sgo, sgi, sgh, sgw, KW,
+    HAS_SCALE: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GSCALE: tl.constexpr,
+    BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad_w = (sum over splits) * scale[co]; grad_scale[co] = sum_k (sum over splits) * w[co, k].
+    K = C_in_g * KH * KW flattened in (ci, kh, kw) order; w is read with the partials' layout
+    contract of a contiguous weight (the caller passes weight.contiguous())."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs_co = pid * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
+    co_mask = offs_co < C_OUT
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
+    gscale = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mask = co_mask[:, None] & (offs_k < K)[None, :]
+        flat = offs_co[:, None] * K + offs_k[None, :]
+        total = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
+        for s in range(SPLIT):
+            total += tl.load(part_ptr + s * C_OUT * K + flat, mask=mask, other=0.0)
+        if WRITE_GSCALE:
+            wv = tl.load(w_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+            gscale += tl.sum(total * wv, axis=1)
+        if WRITE_GW:
+            g = total
+            if HAS_SCALE:
+                g = g * scale[:, None]
+            ci = offs_k // KHW
+            tap = offs_k % KHW
+            g_offs = offs_co[:, None] * sgo + (ci * sgi + (tap // KW) * sgh + (tap % KW) * sgw)[None, :]
+            tl.store(gw_ptr + g_offs, g.to(gw_ptr.dtype.element_ty), mask=mask)
+    if WRITE_GSCALE:
+        tl.store(gscale_ptr + offs_co, gscale.to(gscale_ptr.dtype.element_ty), mask=co_mask)
+
+
+def _wgrad_splits(m: int, tiles: int) -> int:
+    """Split K (output pixels) so that the grid has enough programs on a GPU."""
+    if conv_block_m() == 32:  # interpreter: a single split keeps the Python loop count low
+        return 1
+    want = max(1, 264 // max(tiles, 1))  # ~2 waves on 132 SMs
+    return max(1, min(want, triton.cdiv(m, 4096)))
+
+
+def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, scale=None, grad_scale=None):
+    """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
+    is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given."""
+    n, _, h, w = x.shape
+    c_out, c_in_g, kh, kw = weight.shape
+    _, _, ho, wo = dz.shape
+    m = n * ho * wo
+    c_out_g = c_out // groups
+    block_m = 64 if conv_block_m() != 32 else 32
+    # BLOCK_N of the autotuned config is unknown here; count tiles with the smallest one.
+    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(c_in_g, 32) * kh * kw * groups
+    split = _wgrad_splits(m, tiles)
+    m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64
+    split = triton.cdiv(m, m_per_split)
+    part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
+    grid = lambda meta: (  # noqa: E731
+        triton.cdiv(c_out_g, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), kh * kw * groups, split)
+    wrap_triton(_conv_wgrad_kernel)[grid](
+        dz, x, part,
+        m, ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split,
+        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        dz.stride(0), dz.stride(1), _hw_stride(dz),
+        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+        ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+    )
+    k = c_in_g * kh * kw
+    w_c = weight.contiguous() if grad_scale is not None else weight
+    gw = grad_w if grad_w is not None else part
+    gs = grad_scale if grad_scale is not None else part
+    block_co = 16
+    wrap_triton(_wgrad_finalize_kernel)[(triton.cdiv(c_out, block_co),)](
+        part, w_c, scale if scale is not None else part, gw, gs,
+        c_out, k, kh * kw, split,
+        gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,
+        HAS_SCALE=scale is not None, WRITE_GW=grad_w is not None, WRITE_GSCALE=grad_scale is not None,
+        BLOCK_CO=block_co, BLOCK_K=64,
+    )
