@@ -79,20 +79,44 @@ def _cuda_extension():
         _log(f"not building the CUDA extension: {reason}")
         return None, {}
 
-    include_dirs = [os.path.join(ROOT, "csrc")] + _nvidia_pip_include_dirs()
+    # pip's nvidia headers (cusparse.h, cublas) fill gaps in a bare toolkit only: they are searched
+    # after the toolkit's (-idirafter), since their cuda_runtime.h would shadow the toolkit's and
+    # miss crt/. Only ops.cpp (host compiler) includes torch; the .cu files stay torch-free.
+    pip_dirs = _nvidia_pip_include_dirs()
+    # torch derives CUDA_HOME from `which nvcc`; with a wrapper script (/usr/local/bin/nvcc ->
+    # /usr/local/cuda-13.0/bin/nvcc) that is /usr/local, which has no CUDA headers or libraries.
+    # Ask nvcc where its toolkit is (the TOP it reports) and use that toolkit's include/lib64.
+    toolkit_include, toolkit_lib = [], []
+    if not os.path.isfile(os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        import subprocess
+
+        dryrun = subprocess.run([os.path.join(CUDA_HOME, "bin", "nvcc"), "--dryrun", "-c", "-x", "cu", os.devnull,
+                                 "-o", os.devnull], capture_output=True, text=True)
+        for line in (dryrun.stdout + dryrun.stderr).splitlines():
+            if line.startswith("#$ TOP="):
+                top = os.path.realpath(line.split("=", 1)[1].strip())
+                toolkit_include = [d for d in (os.path.join(top, "include"),) if os.path.isdir(d)]
+                toolkit_lib = [d for d in (os.path.join(top, "lib64"), os.path.join(top, "lib")) if os.path.isdir(d)]
+                break
+        _log(f"CUDA_HOME={CUDA_HOME} has no include/cuda_runtime.h; nvcc's toolkit: {toolkit_include} {toolkit_lib}")
+    after_flags = [flag for d in pip_dirs for flag in ("-idirafter", d)]
     _log(f"building resnet_fused._C from {len(sources)} sources with torch {torch.__version__} "
          f"(CUDA {torch.version.cuda}), nvcc at {CUDA_HOME}")
-    _log(f"extra include dirs: {include_dirs[1:]}")
+    _log(f"include dirs searched after the toolkit's: {pip_dirs}")
+    # torch >= 2.10 headers require C++20.
+    cxx_std = "-std=c++20" if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 10) else "-std=c++17"
     extension = CUDAExtension(
         name="resnet_fused._C",
         sources=sources,
-        include_dirs=include_dirs,
+        include_dirs=[os.path.join(ROOT, "csrc"), *toolkit_include],
+        library_dirs=toolkit_lib,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", cxx_std, *after_flags],
             "nvcc": [
-                "-O3", "-std=c++17", "-lineinfo", f"--threads={NVCC_THREADS}",
+                "-O3", cxx_std, "-lineinfo", f"--threads={NVCC_THREADS}",
                 "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__", "-U__CUDA_NO_HALF2_OPERATORS__",
+                *(f"-Xcompiler=-idirafter,{d}" for d in pip_dirs),
             ],
         },
     )

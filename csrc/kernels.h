@@ -1,0 +1,95 @@
+// Launch functions for the kernels in csrc/*.cu.
+//
+// This header is the boundary between the kernels and the op launchers in ops.cpp:
+// it carries plain pointers, sizes and a dtype tag only, so the .cu files compile
+// without ATen/torch headers (the build must stay fast on a 2-core machine).
+// Argument checking, device guards, stream selection, allocation, empty-tensor
+// early returns and the launch check (C10_CUDA_KERNEL_LAUNCH_CHECK) live in ops.cpp.
+//
+// Layout conventions: activations are NHWC-contiguous ("rows" = N*H*W, "channels" = C
+// innermost); per-channel vectors (scale, shift, statistics) are float32; all element
+// counts and offsets are int64_t.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+namespace resnet_fused {
+
+enum class DType : int { Half = 0, BFloat16 = 1, Float = 2 };
+
+// ---- elementwise.cu -------------------------------------------------------------------
+
+// y = relu(x + r), any layout (x, r, y share one dense layout), 16-byte vectors when aligned.
+void launch_add_relu(DType dtype, const void* x, const void* r, void* y, int64_t numel, cudaStream_t stream);
+
+// y = act(z * scale[c] + shift[c] [+ r]), NHWC with `channels` innermost; r may be null.
+void launch_bn_apply(DType dtype, const void* z, const float* scale, const float* shift, const void* r, void* y,
+                     int64_t numel, int64_t channels, bool relu, cudaStream_t stream);
+
+// Number of row chunks the backward reductions use for `rows` rows. Depends on the shape
+// only (never on the device), so the reduction order, and the result, is deterministic.
+int64_t bn_backward_num_chunks(int64_t rows);
+
+// Training backward, pass 1: g = relu ? (y > 0 ? grad_y : 0) : grad_y;
+//   partial_g[chunk][c]  = sum over the chunk's rows of g
+//   partial_gx[chunk][c] = sum of g * (z - mean[c]) * invstd[c]
+// y may be null when !relu. Partials are float32, [num_chunks][channels].
+void launch_bn_train_backward_reduce(DType dtype, const void* grad_y, const void* y, const void* z,
+                                     const float* mean, const float* invstd, float* partial_g, float* partial_gx,
+                                     int64_t rows, int64_t channels, bool relu, cudaStream_t stream);
+
+// Eval backward, one pass: g as above; writes g (if g_out) and g * scale[c] (if gs_out) in
+// the activation dtype, and partial_g[chunk][c] = sum of g (if partial_g).
+void launch_bn_eval_backward_fused(DType dtype, const void* grad_y, const void* y, const float* scale, void* g_out,
+                                   void* gs_out, float* partial_g, int64_t rows, int64_t channels, bool relu,
+                                   cudaStream_t stream);
+
+// Sums partials [num_chunks][channels] over chunks in chunk order (deterministic) into out[c].
+void launch_sum_partials(const float* partial, float* out, int64_t num_chunks, int64_t channels, cudaStream_t stream);
+
+// Training backward, pass 2: grad_z = k[c] * (g - sum_g[c]/count - xhat * sum_gx[c]/count),
+// k = bn_weight * invstd, xhat = (z - mean) * invstd; also writes g to g_out when given.
+void launch_bn_train_backward_dz(DType dtype, const void* grad_y, const void* y, const void* z, const float* mean,
+                                 const float* invstd, const float* bn_weight, const float* sum_g,
+                                 const float* sum_gx, void* grad_z, void* g_out, int64_t rows, int64_t channels,
+                                 bool relu, cudaStream_t stream);
+
+// ---- conv_igemm.cu --------------------------------------------------------------------
+
+struct ConvShape {
+  int64_t n, h, w, c_in;       // x: NHWC
+  int64_t c_out, kh, kw;       // weight: [c_out][kh][kw][c_in] (OHWI), row length k_pad
+  int64_t h_out, w_out;
+  int64_t stride_h, stride_w, pad_h, pad_w, dil_h, dil_w;
+  int64_t k;                   // kh * kw * c_in
+  int64_t k_pad;               // k rounded up to a multiple of 8 (weight rows are zero-padded)
+};
+
+// Tile sizes of the implicit GEMM (M = n*h_out*w_out output pixels, N = c_out, K = k).
+constexpr int kConvTileM = 64;
+constexpr int kConvTileN = 64;
+
+// Whether conv_igemm can run this shape/dtype at all (it needs sm80+ at run time).
+// Conditions: x and weight pointers 16-byte aligned (checked by the launcher).
+bool conv_igemm_supported(DType dtype, const ConvShape& s);
+
+// Eval: y = act(conv(x, w) * scale[c] + shift[c] [+ r]), NHWC in and out; r may be null.
+void launch_conv_eval(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
+                      const float* shift, const void* r, void* y, bool relu, cudaStream_t stream);
+
+// Train, conv pass: z = conv(x, w) [+ bias[c]] (stored rounded to the activation dtype) and
+// per-(M tile, channel) partial statistics of the stored z: partial_mean / partial_m2 are
+// [c_out][num_m_tiles] float32; tile t holds min(kConvTileM, M - t*kConvTileM) rows.
+void launch_conv_train(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
+                       float* partial_mean, float* partial_m2, cudaStream_t stream);
+
+// Train, finalize: merges the partials of each channel in tile order with Chan's formula
+// (deterministic), writes the biased batch mean/var and the folded scale/shift:
+//   scale = bn_weight * rsqrt(var + eps), shift = bn_bias - mean * scale.
+void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t rows,
+                        int64_t channels, const float* bn_weight, const float* bn_bias, double eps, float* mean,
+                        float* var, float* scale, float* shift, cudaStream_t stream);
+
+}  // namespace resnet_fused

@@ -1,0 +1,445 @@
+// Op launchers and their registration: CUDA kernels for the resnet_fused_cuda ops.
+//
+// The schemas are defined once, in Python (resnet_fused/_library.py, SCHEMAS), by
+// resnet_fused/cuda_backend.py after it imports this extension; here we only register
+// kernels for the CUDA dispatch key (the dispatcher accepts an impl before its def and
+// checks the C++ signature against the schema when the def arrives).
+//
+// Every launcher: argument checks with messages, device guard, current stream, early
+// return on empty tensors, dtype dispatch (float16, bfloat16, float32), launch check.
+// Activations are made NHWC-contiguous for the kernels (a copy for NCHW inputs); outputs
+// take x's layout (channels_last iff x is channels_last), exactly as the reference.
+
+#include <Python.h>
+
+#include <array>
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "kernels.h"
+
+extern "C" {
+// `import resnet_fused._C` loads this library, which runs the TORCH_LIBRARY_IMPL below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "CUDA kernels of resnet_fused (ops under torch.ops.resnet_fused_cuda)", -1,
+      nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace resnet_fused {
+namespace {
+
+using at::Tensor;
+
+constexpr const char* kPrefix = "resnet_fused_cuda: ";
+
+DType dtype_of(const Tensor& t, const char* op) {
+  switch (t.scalar_type()) {
+    case at::kHalf:
+      return DType::Half;
+    case at::kBFloat16:
+      return DType::BFloat16;
+    case at::kFloat:
+      return DType::Float;
+    default:
+      TORCH_CHECK(false, kPrefix, op, ": dtype ", t.scalar_type(),
+                  " is not supported (float16, bfloat16 and float32 are; the reference backend handles the rest)");
+  }
+  return DType::Float;  // unreachable
+}
+
+void check_cuda(const Tensor& t, const char* name, const char* op) {
+  TORCH_CHECK(t.defined(), kPrefix, op, ": ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), kPrefix, op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+}
+
+void check_like(const Tensor& t, const char* name, const Tensor& x, const char* op, bool same_dtype = true) {
+  check_cuda(t, name, op);
+  TORCH_CHECK(t.device() == x.device(), kPrefix, op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+  if (same_dtype)
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), kPrefix, op, ": ", name, " has dtype ", t.scalar_type(),
+                " but x has dtype ", x.scalar_type());
+}
+
+void check_channel_vector(const Tensor& t, const char* name, int64_t channels, const Tensor& x, const char* op) {
+  check_like(t, name, x, op, /*same_dtype=*/false);
+  TORCH_CHECK(t.dim() == 1 && t.numel() == channels, kPrefix, op, ": ", name, " must be 1-D with ", channels,
+              " elements, got shape ", t.sizes());
+  TORCH_CHECK(t.is_floating_point(), kPrefix, op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+// The layout the reference gives an op's activation outputs: channels_last iff x is.
+at::MemoryFormat layout_of(const Tensor& x) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+Tensor nhwc(const Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+// An output in `format` plus the NHWC-dense buffer the kernels write (the same tensor when
+// the output already is NHWC-dense; then finish() copies nothing).
+struct Output {
+  Tensor out, buf;
+  Output(at::IntArrayRef sizes, const at::TensorOptions& opts, at::MemoryFormat format) {
+    out = at::empty(sizes, opts.memory_format(format));
+    buf = out.is_contiguous(at::MemoryFormat::ChannelsLast)
+              ? out
+              : at::empty(sizes, opts.memory_format(at::MemoryFormat::ChannelsLast));
+  }
+  Tensor finish() {
+    if (!buf.is_same(out)) out.copy_(buf);
+    return out;
+  }
+};
+
+Tensor to_float_vec(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
+
+cudaStream_t current_stream(const Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
+
+void check_sm80(const Tensor& x, const char* op) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  TORCH_CHECK(major >= 8, kPrefix, op, ": the convolution kernels need compute capability 8.0 or newer (sm80+), ",
+              "device ", x.device(), " has ", major, ".x");
+}
+
+// Checks conv arguments and returns the implicit-GEMM shape (weight row length padded to 8).
+ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                     at::IntArrayRef dilation, int64_t groups, const char* op) {
+  TORCH_CHECK(x.dim() == 4, kPrefix, op, ": x must be 4-D (N, C, H, W), got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4, kPrefix, op, ": weight must be 4-D, got shape ", weight.sizes());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, kPrefix, op,
+              ": stride, padding and dilation must have 2 elements each");
+  TORCH_CHECK(groups == 1, kPrefix, op, ": groups=", groups,
+              " is not supported by the implicit-GEMM kernels (grouped convolutions take the reference path)");
+  TORCH_CHECK(x.size(1) == weight.size(1), kPrefix, op, ": x has ", x.size(1), " channels but weight ",
+              weight.sizes(), " expects ", weight.size(1));
+  TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
+                  padding[1] >= 0,
+              kPrefix, op, ": invalid stride ", stride, ", padding ", padding, " or dilation ", dilation);
+  if (x.scalar_type() == at::kFloat)
+    TORCH_CHECK(at::globalContext().allowTF32CuDNN(), kPrefix, op,
+                ": float32 convolutions run as TF32 on tensor cores and TF32 is disabled "
+                "(torch.backends.cudnn.allow_tf32 = False); use the reference backend for exact float32");
+  ConvShape s{};
+  s.n = x.size(0);
+  s.c_in = x.size(1);
+  s.h = x.size(2);
+  s.w = x.size(3);
+  s.c_out = weight.size(0);
+  s.kh = weight.size(2);
+  s.kw = weight.size(3);
+  s.stride_h = stride[0];
+  s.stride_w = stride[1];
+  s.pad_h = padding[0];
+  s.pad_w = padding[1];
+  s.dil_h = dilation[0];
+  s.dil_w = dilation[1];
+  s.h_out = (s.h + 2 * s.pad_h - s.dil_h * (s.kh - 1) - 1) / s.stride_h + 1;
+  s.w_out = (s.w + 2 * s.pad_w - s.dil_w * (s.kw - 1) - 1) / s.stride_w + 1;
+  TORCH_CHECK(s.h_out > 0 && s.w_out > 0, kPrefix, op, ": input of spatial size ", x.sizes().slice(2),
+              " is too small for kernel ", weight.sizes().slice(2), ": output size would be (", s.h_out, ", ",
+              s.w_out, ")");
+  s.k = s.kh * s.kw * s.c_in;
+  s.k_pad = (s.k + 7) / 8 * 8;
+  return s;
+}
+
+// Weight as [c_out][k_pad] OHWI rows (zero-padded): a view when it already is (channels_last
+// weights with k % 8 == 0), else one small copy.
+Tensor gemm_weight(const Tensor& weight, const ConvShape& s) {
+  Tensor ohwi = weight.permute({0, 2, 3, 1});
+  if (s.k == s.k_pad && ohwi.is_contiguous()) return ohwi.reshape({s.c_out, s.k});
+  Tensor padded = at::zeros({s.c_out, s.k_pad}, weight.options());
+  padded.narrow(1, 0, s.k).copy_(ohwi.reshape({s.c_out, s.k}));
+  return padded;
+}
+
+void check_conv_supported(const ConvShape& s, DType dtype, const char* op) {
+  TORCH_CHECK(conv_igemm_supported(dtype, s), kPrefix, op, ": shape not supported by the implicit-GEMM kernel");
+}
+
+Tensor empty_grad(const Tensor& x) { return at::empty({0}, x.options()); }
+
+// --------------------------------------------------------------------------------------
+
+Tensor add_relu(const Tensor& x, const Tensor& residual) {
+  constexpr const char* op = "add_relu";
+  check_cuda(x, "x", op);
+  check_like(residual, "residual", x, op);
+  TORCH_CHECK(residual.sizes() == x.sizes(), kPrefix, op, ": residual must have x's shape ", x.sizes(), ", got ",
+              residual.sizes());
+  const DType dtype = dtype_of(x, op);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::MemoryFormat format = layout_of(x);
+  Tensor out = at::empty(x.sizes(), x.options().memory_format(format));
+  if (out.numel() == 0) return out;
+  // Elementwise: any layout works as long as x, residual and out share it.
+  const Tensor xc = x.contiguous(format);
+  const Tensor rc = residual.contiguous(format);
+  launch_add_relu(dtype, xc.data_ptr(), rc.data_ptr(), out.data_ptr(), out.numel(), current_stream(x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, const Tensor& shift,
+                    const std::optional<Tensor>& residual, at::IntArrayRef stride, at::IntArrayRef padding,
+                    at::IntArrayRef dilation, int64_t groups, bool relu) {
+  constexpr const char* op = "conv_bn_eval";
+  check_cuda(x, "x", op);
+  check_like(weight, "weight", x, op);
+  const DType dtype = dtype_of(x, op);
+  const ConvShape s = conv_shape(x, weight, stride, padding, dilation, groups, op);
+  check_channel_vector(scale, "scale", s.c_out, x, op);
+  check_channel_vector(shift, "shift", s.c_out, x, op);
+  const std::vector<int64_t> out_size{s.n, s.c_out, s.h_out, s.w_out};
+  if (residual.has_value()) {
+    check_like(*residual, "residual", x, op);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), kPrefix, op,
+                ": residual must have the conv output's shape ", at::IntArrayRef(out_size), ", got ",
+                residual->sizes());
+  }
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  Output y(out_size, x.options(), layout_of(x));
+  if (y.out.numel() == 0) return y.out;
+  check_sm80(x, op);
+  check_conv_supported(s, dtype, op);
+  const Tensor xc = nhwc(x);
+  const Tensor wc = gemm_weight(weight, s);
+  const Tensor scale_f = to_float_vec(scale), shift_f = to_float_vec(shift);
+  const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
+  launch_conv_eval(dtype, s, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(), shift_f.data_ptr<float>(),
+                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), relu, current_stream(x));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y.finish();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const Tensor& weight,
+                                                         const std::optional<Tensor>& bias, const Tensor& bn_weight,
+                                                         const Tensor& bn_bias, const std::optional<Tensor>& residual,
+                                                         at::IntArrayRef stride, at::IntArrayRef padding,
+                                                         at::IntArrayRef dilation, int64_t groups, double eps,
+                                                         bool relu) {
+  constexpr const char* op = "conv_bn_train";
+  check_cuda(x, "x", op);
+  check_like(weight, "weight", x, op);
+  const DType dtype = dtype_of(x, op);
+  const ConvShape s = conv_shape(x, weight, stride, padding, dilation, groups, op);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", s.c_out, x, op);
+  check_channel_vector(bn_weight, "bn_weight", s.c_out, x, op);
+  check_channel_vector(bn_bias, "bn_bias", s.c_out, x, op);
+  const std::vector<int64_t> out_size{s.n, s.c_out, s.h_out, s.w_out};
+  if (residual.has_value()) {
+    check_like(*residual, "residual", x, op);
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), kPrefix, op,
+                ": residual must have the conv output's shape ", at::IntArrayRef(out_size), ", got ",
+                residual->sizes());
+  }
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const cudaStream_t stream = current_stream(x);
+  const at::MemoryFormat format = layout_of(x);
+  Output y(out_size, x.options(), format);
+  Output z(out_size, x.options(), format);
+  const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
+  Tensor mean = at::empty({s.c_out}, stat_opts), var = at::empty({s.c_out}, stat_opts);
+  const int64_t rows = s.n * s.h_out * s.w_out;
+  if (rows == 0 || s.c_out == 0) {
+    // Statistics of an empty batch are NaN, as in the reference (mean over no elements).
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {y.out, z.out, mean, var};
+  }
+  check_sm80(x, op);
+  check_conv_supported(s, dtype, op);
+  const Tensor xc = nhwc(x);
+  const Tensor wc = gemm_weight(weight, s);
+  const Tensor bias_f = bias.has_value() ? to_float_vec(*bias) : Tensor();
+  const Tensor bn_weight_f = to_float_vec(bn_weight), bn_bias_f = to_float_vec(bn_bias);
+  const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
+  const int64_t tiles = (rows + kConvTileM - 1) / kConvTileM;
+  Tensor partial_mean = at::empty({s.c_out, tiles}, stat_opts), partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
+  Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
+
+  launch_conv_train(dtype, s, xc.data_ptr(), wc.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                    z.buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, rows, s.c_out,
+                     bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),
+                     var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bn_apply(dtype, z.buf.data_ptr(), scale.data_ptr<float>(), shift.data_ptr<float>(),
+                  rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), rows * s.c_out, s.c_out, relu, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {y.finish(), z.finish(), mean, var};
+}
+
+// Conv data/weight gradients: at::convolution_backward (cuDNN) as a documented first step;
+// an implicit-GEMM dgrad/wgrad is future work. grad_out must be in x's layout.
+std::tuple<Tensor, Tensor> conv_grads(const Tensor& grad_out, const Tensor& x, const Tensor& weight,
+                                      at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                      int64_t groups, bool need_x, bool need_w) {
+  if (!need_x && !need_w) return {Tensor(), Tensor()};
+  auto grads = at::convolution_backward(grad_out, x, weight, std::nullopt, stride, padding, dilation, false, {0, 0},
+                                        groups, {need_x, need_w, false});
+  Tensor gx = std::get<0>(grads), gw = std::get<1>(grads);
+  if (gx.defined()) gx = gx.contiguous(layout_of(x));
+  if (gw.defined()) gw = gw.contiguous(layout_of(weight));
+  return {gx, gw};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_eval_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& scale, const std::optional<Tensor>& y,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
+    std::array<bool, 5> output_mask) {
+  constexpr const char* op = "conv_bn_eval_backward";
+  check_cuda(x, "x", op);
+  check_like(grad_y, "grad_y", x, op);
+  check_like(weight, "weight", x, op);
+  const DType dtype = dtype_of(x, op);
+  TORCH_CHECK(grad_y.dim() == 4, kPrefix, op, ": grad_y must be 4-D, got shape ", grad_y.sizes());
+  const int64_t channels = grad_y.size(1);
+  check_channel_vector(scale, "scale", channels, x, op);
+  TORCH_CHECK(!relu || y.has_value(), kPrefix, op, ": relu=True needs the forward output y");
+  if (relu) {
+    check_like(*y, "y", x, op);
+    TORCH_CHECK(y->sizes() == grad_y.sizes(), kPrefix, op, ": y must have grad_y's shape ", grad_y.sizes());
+  }
+  const auto [need_x, need_w, need_scale, need_shift, need_residual] = output_mask;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::MemoryFormat format = layout_of(x);
+  const int64_t rows = channels == 0 ? 0 : grad_y.numel() / channels;
+  const bool need_g = need_w || need_scale || need_residual;
+  const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
+
+  Output g(grad_y.sizes(), x.options(), format), gs(grad_y.sizes(), x.options(), format);
+  Tensor sum_g = at::zeros({channels}, stat_opts);
+  if (rows > 0 && channels > 0 && (need_g || need_x || need_shift)) {
+    const Tensor gy = nhwc(grad_y);
+    const Tensor yc = relu ? nhwc(*y) : Tensor();
+    const Tensor scale_f = to_float_vec(scale);
+    const int64_t chunks = bn_backward_num_chunks(rows);
+    Tensor partial = need_shift ? at::empty({chunks, channels}, stat_opts) : Tensor();
+    const cudaStream_t stream = current_stream(x);
+    launch_bn_eval_backward_fused(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, scale_f.data_ptr<float>(),
+                                  need_g ? g.buf.data_ptr() : nullptr, need_x ? gs.buf.data_ptr() : nullptr,
+                                  need_shift ? partial.data_ptr<float>() : nullptr, rows, channels, relu, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (need_shift) {
+      launch_sum_partials(partial.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else {
+    g.out.zero_();
+    g.buf.zero_();
+    gs.out.zero_();
+    gs.buf.zero_();
+  }
+  Tensor g_t = need_g ? g.finish() : Tensor();
+  Tensor gs_t = need_x ? gs.finish() : Tensor();
+  Tensor grad_x, wgrad_unscaled;
+  std::tie(grad_x, std::ignore) = conv_grads(gs_t, x, weight, stride, padding, dilation, groups, need_x, false);
+  std::tie(std::ignore, wgrad_unscaled) =
+      conv_grads(g_t, x, weight, stride, padding, dilation, groups, false, need_w || need_scale);
+  Tensor grad_w, grad_scale;
+  if (wgrad_unscaled.defined()) {
+    const Tensor wgrad_f = wgrad_unscaled.to(at::kFloat);
+    if (need_w)
+      grad_w = (wgrad_f * scale.to(at::kFloat).view({-1, 1, 1, 1})).to(weight.scalar_type()).contiguous(
+          layout_of(weight));
+    if (need_scale) grad_scale = (wgrad_f * weight.to(at::kFloat)).sum({1, 2, 3}).to(scale.scalar_type());
+  }
+  const Tensor grad_shift = need_shift ? sum_g.to(scale.scalar_type()) : Tensor();
+  const Tensor grad_residual = need_residual ? g_t : Tensor();
+  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_grad(x); };
+  return {or_empty(grad_x), or_empty(grad_w), or_empty(grad_scale), or_empty(grad_shift), or_empty(grad_residual)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
+    const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& z, const std::optional<Tensor>& y,
+    const Tensor& mean, const Tensor& var, const Tensor& bn_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, double eps, bool relu, std::array<bool, 6> output_mask) {
+  constexpr const char* op = "conv_bn_train_backward";
+  check_cuda(x, "x", op);
+  check_like(grad_y, "grad_y", x, op);
+  check_like(weight, "weight", x, op);
+  check_like(z, "z", x, op);
+  const DType dtype = dtype_of(x, op);
+  TORCH_CHECK(z.dim() == 4 && grad_y.sizes() == z.sizes(), kPrefix, op, ": grad_y ", grad_y.sizes(),
+              " and z ", z.sizes(), " must be 4-D with the same shape");
+  const int64_t channels = z.size(1);
+  check_channel_vector(mean, "mean", channels, x, op);
+  check_channel_vector(var, "var", channels, x, op);
+  check_channel_vector(bn_weight, "bn_weight", channels, x, op);
+  TORCH_CHECK(!relu || y.has_value(), kPrefix, op, ": relu=True needs the forward output y");
+  if (relu) {
+    check_like(*y, "y", x, op);
+    TORCH_CHECK(y->sizes() == z.sizes(), kPrefix, op, ": y must have z's shape ", z.sizes());
+  }
+  const auto [need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual] = output_mask;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const at::MemoryFormat format = layout_of(x);
+  const int64_t rows = channels == 0 ? 0 : z.numel() / channels;
+  const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
+
+  Output grad_z(z.sizes(), x.options(), format), g(z.sizes(), x.options(), format);
+  Tensor sum_g = at::zeros({channels}, stat_opts), sum_gx = at::zeros({channels}, stat_opts);
+  if (rows > 0 && channels > 0) {
+    const cudaStream_t stream = current_stream(x);
+    const Tensor gy = nhwc(grad_y), zc = nhwc(z);
+    const Tensor yc = relu ? nhwc(*y) : Tensor();
+    const Tensor mean_f = to_float_vec(mean);
+    const Tensor invstd = at::rsqrt(var.to(at::kFloat) + eps).contiguous();
+    const Tensor bn_weight_f = to_float_vec(bn_weight);
+    const int64_t chunks = bn_backward_num_chunks(rows);
+    Tensor partial_g = at::empty({chunks, channels}, stat_opts), partial_gx = at::empty({chunks, channels}, stat_opts);
+    // Pass 1: ReLU mask + the two BatchNorm reductions (sum g, sum g * x_hat).
+    launch_bn_train_backward_reduce(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
+                                    mean_f.data_ptr<float>(), invstd.data_ptr<float>(), partial_g.data_ptr<float>(),
+                                    partial_gx.data_ptr<float>(), rows, channels, relu, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_partials(partial_g.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_sum_partials(partial_gx.data_ptr<float>(), sum_gx.data_ptr<float>(), chunks, channels, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Pass 2: dz (and the residual gradient g) in one elementwise pass.
+    launch_bn_train_backward_dz(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
+                                mean_f.data_ptr<float>(), invstd.data_ptr<float>(), bn_weight_f.data_ptr<float>(),
+                                sum_g.data_ptr<float>(), sum_gx.data_ptr<float>(), grad_z.buf.data_ptr(),
+                                need_residual ? g.buf.data_ptr() : nullptr, rows, channels, relu, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    grad_z.buf.zero_();
+    g.buf.zero_();
+  }
+  const Tensor grad_z_t = grad_z.finish();
+  auto [grad_x, grad_w] = conv_grads(grad_z_t, x, weight, stride, padding, dilation, groups, need_x, need_w);
+  const Tensor grad_bias = need_bias ? grad_z_t.sum({0, 2, 3}, false, at::kFloat).to(weight.scalar_type()) : Tensor();
+  const Tensor grad_bn_weight = need_bn_weight ? sum_gx.to(bn_weight.scalar_type()) : Tensor();
+  const Tensor grad_bn_bias = need_bn_bias ? sum_g.to(bn_weight.scalar_type()) : Tensor();
+  const Tensor grad_residual = need_residual ? g.finish() : Tensor();
+  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_grad(x); };
+  return {or_empty(grad_x),         or_empty(grad_w),       or_empty(grad_bias),
+          or_empty(grad_bn_weight), or_empty(grad_bn_bias), or_empty(grad_residual)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(resnet_fused_cuda, CUDA, m) {
+  m.impl("conv_bn_eval", &conv_bn_eval);
+  m.impl("conv_bn_eval_backward", &conv_bn_eval_backward);
+  m.impl("conv_bn_train", &conv_bn_train);
+  m.impl("conv_bn_train_backward", &conv_bn_train_backward);
+  m.impl("add_relu", &add_relu);
+}
+
+}  // namespace resnet_fused
