@@ -4,7 +4,9 @@
 //   A[m][k] = x[n][ho*sh - ph + r*dh][wo*sw - pw + s*dw][ci]   with k = (r * kw + s) * c_in + ci
 //   B[k][co] = w[co][r][s][ci]                                 (OHWI weight, rows zero-padded to k_pad)
 // Tiles: 64 (M) x 64 (N) x 32 (K) per block of 4 warps (2 x 2, 32 x 32 each = 2 x 2 WMMA tiles).
-// Operands: float16 / bfloat16 (m16n16k16) or float32 as TF32 (m16n16k8), float32 accumulate.
+// Operands: float16 / bfloat16 (m16n16k16) or float32 as TF32 (m16n16k8), float32 accumulate;
+// float32 with TF32 disallowed runs an exact FFMA path over the same shared-memory tiles
+// (each thread an 8 x 4 block of the 64 x 64 tile).
 // Pipeline: cp.async (16-byte, zero-filling out-of-bounds/padding) into a 3-stage (16-bit types)
 // or 2-stage (float32) shared-memory ring; when c_in is not a multiple of the 16-byte vector
 // (the 3-channel stem) A is gathered element by element with ordinary loads instead.
@@ -102,7 +104,8 @@ struct EpilogueArgs {
 
 // VEC_A: c_in % kVec == 0 and x 16-byte aligned, so every 16-byte chunk of an A row lies in
 // one (r, s) filter tap and can be copied with cp.async.
-template <typename T, bool VEC_A, Epilogue EPI>
+// EXACT (float32 only): FFMA instead of TF32 tensor cores.
+template <typename T, bool VEC_A, Epilogue EPI, bool EXACT>
 __global__ void __launch_bounds__(kThreads)
     conv_igemm_kernel(const ConvShape s, const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                       const EpilogueArgs ep) {
@@ -204,11 +207,22 @@ __global__ void __launch_bounds__(kThreads)
     }
   };
 
+  static_assert(!EXACT || sizeof(T) == 4, "the exact path is for float32");
   wmma::fragment<wmma::accumulator, 16, 16, MK, float> acc[kFragsM][kFragsN];
+  // Exact path: thread (ty, tx) = (tid / 16, tid % 16) owns rows ty + 8 i, columns tx + 16 j.
+  constexpr int kExactRows = EXACT ? BM / 8 : 1, kExactCols = EXACT ? BN / 16 : 1;
+  float acc_exact[kExactRows][kExactCols];
+  if constexpr (EXACT) {
 #pragma unroll
-  for (int i = 0; i < kFragsM; ++i)
+    for (int i = 0; i < kExactRows; ++i)
 #pragma unroll
-    for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+      for (int j = 0; j < kExactCols; ++j) acc_exact[i][j] = 0.f;
+  } else {
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+  }
 
   // Prologue: stages 0 .. kStages-2 in flight.
 #pragma unroll
@@ -226,6 +240,22 @@ __global__ void __launch_bounds__(kThreads)
 
     const T* sa = smem_a + (kt % Cfg::kStages) * Cfg::kStageA;
     const T* sb = smem_b + (kt % Cfg::kStages) * Cfg::kStageB;
+    if constexpr (EXACT) {
+      const int ty = tid / 16, tx = tid % 16;
+#pragma unroll 4
+      for (int kk = 0; kk < BK; ++kk) {
+        float a[kExactRows], b[kExactCols];
+#pragma unroll
+        for (int i = 0; i < kExactRows; ++i) a[i] = to_float(sa[(ty + 8 * i) * Cfg::kLds + kk]);
+#pragma unroll
+        for (int j = 0; j < kExactCols; ++j) b[j] = to_float(sb[(tx + 16 * j) * Cfg::kLds + kk]);
+#pragma unroll
+        for (int i = 0; i < kExactRows; ++i)
+#pragma unroll
+          for (int j = 0; j < kExactCols; ++j) acc_exact[i][j] = fmaf(a[i], b[j], acc_exact[i][j]);
+      }
+      continue;
+    }
 #pragma unroll
     for (int kk = 0; kk < BK; kk += MK) {
       wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, wmma::row_major> fa[kFragsM];
@@ -254,12 +284,20 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();  // the pipeline buffers are reused for the epilogue staging below
 
   float* smem_c = reinterpret_cast<float*>(smem_raw);
+  if constexpr (EXACT) {
+    const int ty = tid / 16, tx = tid % 16;
 #pragma unroll
-  for (int i = 0; i < kFragsM; ++i)
+    for (int i = 0; i < kExactRows; ++i)
 #pragma unroll
-    for (int j = 0; j < kFragsN; ++j)
-      wmma::store_matrix_sync(smem_c + (warp_m * kWarpTileM + i * 16) * LDC + warp_n * kWarpTileN + j * 16,
-                              acc[i][j], LDC, wmma::mem_row_major);
+      for (int j = 0; j < kExactCols; ++j) smem_c[(ty + 8 * i) * LDC + tx + 16 * j] = acc_exact[i][j];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+      for (int j = 0; j < kFragsN; ++j)
+        wmma::store_matrix_sync(smem_c + (warp_m * kWarpTileM + i * 16) * LDC + warp_n * kWarpTileN + j * 16,
+                                acc[i][j], LDC, wmma::mem_row_major);
+  }
   __syncthreads();
 
   const int64_t rows_valid = (M - m0) < BM ? (M - m0) : BM;
@@ -304,18 +342,27 @@ __global__ void __launch_bounds__(kThreads)
 #endif
 }
 
-template <typename T, Epilogue EPI>
-void launch_conv(const ConvShape& s, const void* x, const void* w, void* out, const EpilogueArgs& ep,
-                 cudaStream_t stream) {
+template <typename T, Epilogue EPI, bool EXACT>
+void launch_conv_t(const ConvShape& s, const void* x, const void* w, void* out, const EpilogueArgs& ep,
+                   cudaStream_t stream) {
   const int64_t M = s.n * s.h_out * s.w_out;
   const dim3 grid(static_cast<unsigned int>(ceil_div(M, BM)), static_cast<unsigned int>(ceil_div(s.c_out, BN)));
   const bool vec_a = s.c_in % TileConfig<T>::kVec == 0 && aligned16(x);
   if (vec_a)
-    conv_igemm_kernel<T, true, EPI><<<grid, kThreads, 0, stream>>>(s, static_cast<const T*>(x),
-                                                                   static_cast<const T*>(w), static_cast<T*>(out), ep);
+    conv_igemm_kernel<T, true, EPI, EXACT><<<grid, kThreads, 0, stream>>>(
+        s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(out), ep);
   else
-    conv_igemm_kernel<T, false, EPI><<<grid, kThreads, 0, stream>>>(s, static_cast<const T*>(x),
-                                                                    static_cast<const T*>(w), static_cast<T*>(out), ep);
+    conv_igemm_kernel<T, false, EPI, EXACT><<<grid, kThreads, 0, stream>>>(
+        s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(out), ep);
+}
+
+template <typename T, Epilogue EPI>
+void launch_conv(const ConvShape& s, const void* x, const void* w, void* out, const EpilogueArgs& ep,
+                 bool allow_tf32, cudaStream_t stream) {
+  if constexpr (sizeof(T) == 4) {
+    if (!allow_tf32) return launch_conv_t<T, EPI, true>(s, x, w, out, ep, stream);
+  }
+  launch_conv_t<T, EPI, false>(s, x, w, out, ep, stream);
 }
 
 struct Stats {
@@ -376,23 +423,23 @@ bool conv_igemm_supported(DType dtype, const ConvShape& s) {
 }
 
 void launch_conv_eval(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
-                      const float* shift, const void* r, void* y, bool relu, cudaStream_t stream) {
+                      const float* shift, const void* r, void* y, bool relu, bool allow_tf32, cudaStream_t stream) {
   EpilogueArgs ep{};
   ep.scale = scale;
   ep.shift = shift;
   ep.residual = r;
   ep.relu = relu;
-  dispatch_dtype(dtype, [&](auto tag) { launch_conv<decltype(tag), Epilogue::Eval>(s, x, w, y, ep, stream); });
+  dispatch_dtype(dtype, [&](auto tag) { launch_conv<decltype(tag), Epilogue::Eval>(s, x, w, y, ep, allow_tf32, stream); });
 }
 
 void launch_conv_train(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
-                       float* partial_mean, float* partial_m2, cudaStream_t stream) {
+                       float* partial_mean, float* partial_m2, bool allow_tf32, cudaStream_t stream) {
   EpilogueArgs ep{};
   ep.bias = bias;
   ep.partial_mean = partial_mean;
   ep.partial_m2 = partial_m2;
   ep.num_m_tiles = ceil_div(s.n * s.h_out * s.w_out, BM);
-  dispatch_dtype(dtype, [&](auto tag) { launch_conv<decltype(tag), Epilogue::Train>(s, x, w, z, ep, stream); });
+  dispatch_dtype(dtype, [&](auto tag) { launch_conv<decltype(tag), Epilogue::Train>(s, x, w, z, ep, allow_tf32, stream); });
 }
 
 void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t rows,

@@ -76,14 +76,15 @@ constexpr int kConvTileN = 64;
 bool conv_igemm_supported(DType dtype, const ConvShape& s);
 
 // Eval: y = act(conv(x, w) * scale[c] + shift[c] [+ r]), NHWC in and out; r may be null.
+// allow_tf32 (float32 only): TF32 tensor cores; otherwise float32 runs an exact FFMA path.
 void launch_conv_eval(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
-                      const float* shift, const void* r, void* y, bool relu, cudaStream_t stream);
+                      const float* shift, const void* r, void* y, bool relu, bool allow_tf32, cudaStream_t stream);
 
 // Train, conv pass: z = conv(x, w) [+ bias[c]] (stored rounded to the activation dtype) and
 // per-(M tile, channel) partial statistics of the stored z: partial_mean / partial_m2 are
 // [c_out][num_m_tiles] float32; tile t holds min(kConvTileM, M - t*kConvTileM) rows.
 void launch_conv_train(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
-                       float* partial_mean, float* partial_m2, cudaStream_t stream);
+                       float* partial_mean, float* partial_m2, bool allow_tf32, cudaStream_t stream);
 
 // Train, finalize: merges the partials of each channel in tile order with Chan's formula
 // (deterministic), writes the biased batch mean/var and the folded scale/shift:

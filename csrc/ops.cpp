@@ -127,10 +127,6 @@ ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
   TORCH_CHECK(stride[0] >= 1 && stride[1] >= 1 && dilation[0] >= 1 && dilation[1] >= 1 && padding[0] >= 0 &&
                   padding[1] >= 0,
               kPrefix, op, ": invalid stride ", stride, ", padding ", padding, " or dilation ", dilation);
-  if (x.scalar_type() == at::kFloat)
-    TORCH_CHECK(at::globalContext().allowTF32CuDNN(), kPrefix, op,
-                ": float32 convolutions run as TF32 on tensor cores and TF32 is disabled "
-                "(torch.backends.cudnn.allow_tf32 = False); use the reference backend for exact float32");
   ConvShape s{};
   s.n = x.size(0);
   s.c_in = x.size(1);
@@ -155,11 +151,16 @@ ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
   return s;
 }
 
-// Weight as [c_out][k_pad] OHWI rows (zero-padded): a view when it already is (channels_last
-// weights with k % 8 == 0), else one small copy.
+// float32 convolutions use TF32 tensor cores when PyTorch allows TF32 for cuDNN convolutions
+// (torch.backends.cudnn.allow_tf32, default True), as nn.Conv2d does; else the exact path.
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
+
+// Weight as [c_out][k_pad] OHWI rows (zero-padded), 16-byte aligned for cp.async: a view when
+// it already is (aligned channels_last weights with k % 8 == 0), else one small copy.
 Tensor gemm_weight(const Tensor& weight, const ConvShape& s) {
   Tensor ohwi = weight.permute({0, 2, 3, 1});
-  if (s.k == s.k_pad && ohwi.is_contiguous()) return ohwi.reshape({s.c_out, s.k});
+  if (s.k == s.k_pad && ohwi.is_contiguous() && reinterpret_cast<uintptr_t>(ohwi.data_ptr()) % 16 == 0)
+    return ohwi.reshape({s.c_out, s.k});
   Tensor padded = at::zeros({s.c_out, s.k_pad}, weight.options());
   padded.narrow(1, 0, s.k).copy_(ohwi.reshape({s.c_out, s.k}));
   return padded;
@@ -219,7 +220,7 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
   const Tensor scale_f = to_float_vec(scale), shift_f = to_float_vec(shift);
   const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
   launch_conv_eval(dtype, s, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(), shift_f.data_ptr<float>(),
-                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), relu, current_stream(x));
+                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), relu, allow_tf32(), current_stream(x));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y.finish();
 }
@@ -271,7 +272,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const 
   Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
 
   launch_conv_train(dtype, s, xc.data_ptr(), wc.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                    z.buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), stream);
+                    z.buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(),
+                    stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, rows, s.c_out,
                      bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),

@@ -11,9 +11,9 @@ what is wrong and the backend selection (`resnet_fused.backends`) falls back.
 
 Support matrix (inputs outside it take the reference path, see `covers`):
   devices     CUDA tensors on compute capability 8.0+ (A100, H100, ...)
-  dtypes      float16, bfloat16; float32 only while TF32 is allowed for convolutions
-              (torch.backends.cudnn.allow_tf32, PyTorch's default), since the conv runs
-              float32 as TF32 on tensor cores; float64 never
+  dtypes      float16, bfloat16 (tensor cores), float32 (TF32 tensor cores while
+              torch.backends.cudnn.allow_tf32 is True, as nn.Conv2d; an exact FFMA path
+              otherwise); float64 never
   convolution any kernel size, stride, padding, dilation; groups == 1 only
   layouts     channels_last is the fast path; NCHW inputs are converted (extra copies)
   backward    BatchNorm/ReLU/residual part in CUDA kernels; conv dgrad/wgrad through
@@ -71,10 +71,6 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _tf32_conv_allowed() -> bool:
-    return bool(torch.backends.cudnn.allow_tf32)
-
-
 def _x_supported(x) -> bool:
     if not isinstance(x, torch.Tensor) or not x.is_cuda or x.dtype not in _SUPPORTED_DTYPES:
         return False
@@ -88,11 +84,7 @@ def _conv_supported(x, weight, groups) -> bool:
         return False
     if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype or weight.device != x.device:
         return False
-    if groups != 1:
-        return False  # no grouped implicit GEMM yet
-    if x.dtype == torch.float32 and not _tf32_conv_allowed():
-        return False  # no exact float32 conv kernel: only TF32
-    return True
+    return groups == 1  # no grouped implicit GEMM yet
 
 
 # Position of (x, weight, groups) in each op's arguments (see _library.SCHEMAS).
