@@ -22,6 +22,8 @@ Support matrix (inputs outside it take the reference path, see `covers`):
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import _library
@@ -38,7 +40,8 @@ _MIN_CAPABILITY = (8, 0)
 _load_error: str | None = None
 _lib = None
 try:
-    from . import _C  # noqa: F401  (registers the CUDA kernels; see csrc/ops.cpp)
+    # Loading the library registers the CUDA kernels (TORCH_LIBRARY_IMPL in csrc/ops.cpp).
+    importlib.import_module(f"{__package__}._C")
 except ModuleNotFoundError as exc:
     _load_error = (
         f"the CUDA extension resnet_fused._C is not built ({exc}); build it with nvcc and a CUDA build of torch: "
