@@ -117,8 +117,7 @@ def conv_bn_eval_backward(
     if write_g or need_shift:
         sum_g = _k_bn.eval_backward_g(grad_y, y, relu, g if write_g else None, need_shift)
     scale = scale.contiguous()
-    empty = x.new_empty(0)
-    grad_x = grad_w = grad_scale = empty
+    grad_x = grad_w = grad_scale = None
     if need_x:
         grad_x = _new(x.shape, x)
         _k_conv.conv_dgrad(g, weight, grad_x, scale, stride, padding, dilation, groups)
@@ -127,11 +126,12 @@ def conv_bn_eval_backward(
         gs = torch.empty(scale.shape, dtype=scale.dtype, device=x.device) if need_scale else None
         _k_conv.conv_wgrad(g, x, weight, stride, padding, dilation, groups, grad_w=gw,
                            scale=scale if need_w else None, grad_scale=gs)
-        grad_w = gw if need_w else empty
-        grad_scale = gs if need_scale else empty
-    grad_shift = sum_g.to(scale.dtype) if need_shift else empty
-    grad_residual = g if need_residual else empty
-    return grad_x, grad_w, grad_scale, grad_shift, grad_residual
+        grad_w, grad_scale = gw, gs
+    grad_shift = sum_g.to(scale.dtype) if need_shift else None
+    grad_residual = g if need_residual else None
+    # Gradients not asked for: a fresh empty each (custom-op outputs may not alias each other).
+    return tuple(t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_scale, grad_shift,
+                                                                   grad_residual))
 
 
 def conv_bn_train_backward(
@@ -152,22 +152,16 @@ def conv_bn_train_backward(
     gbias = torch.empty(c, dtype=weight.dtype, device=x.device) if need_vec else None
     _k_bn.bn_backward(grad_y, y, z, mean.contiguous(), var.contiguous(), bn_weight.contiguous(), eps, relu,
                       dz, grad_res, gbw, gbb, gbias)
-    empty = x.new_empty(0)
-    grad_x = grad_w = empty
+    grad_x = grad_w = None
     if need_x:
         grad_x = _new(x.shape, x)
         _k_conv.conv_dgrad(dz, weight, grad_x, None, stride, padding, dilation, groups)
     if need_w:
         grad_w = _new(weight.shape, weight)
         _k_conv.conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=grad_w)
-    return (
-        grad_x,
-        grad_w,
-        gbias if need_bias else empty,
-        gbw if need_bn_weight else empty,
-        gbb if need_bn_bias else empty,
-        grad_res if need_residual else empty,
-    )
+    outs = (grad_x, grad_w, gbias if need_bias else None, gbw if need_bn_weight else None,
+            gbb if need_bn_bias else None, grad_res)
+    return tuple(t if t is not None else x.new_empty(0) for t in outs)
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:

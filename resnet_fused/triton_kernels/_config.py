@@ -44,9 +44,9 @@ def conv_configs() -> list[triton.Config]:
 
 
 def conv_block_m() -> int:
-    return 32 if interpret() else 128
+    return 64 if interpret() else 128
 
 
 def elementwise_block() -> tuple[int, int]:
     """(rows, channels) tile of the per-channel elementwise/reduction kernels."""
-    return (32, 32) if interpret() else (64, 64)
+    return (64, 32) if interpret() else (64, 64)

@@ -21,7 +21,10 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import conv_block_m, conv_configs
+from ._config import conv_block_m, conv_configs, interpret
+
+# Input channels per group below which the K loop flattens (kh, kw, c) (see FLAT_K).
+FLAT_K_BELOW = 16
 
 
 @triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
@@ -35,7 +38,7 @@ def _conv_fwd_kernel(
     son, soc, sohw,
     srn, src, srhw,
     EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    ALLOW_TF32: tl.constexpr,
+    FLAT_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -55,7 +58,28 @@ def _conv_fwd_kernel(
 
     x_grp = x_ptr + grp * C_IN_G * sxc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
+    if FLAT_K:
+        # Few input channels (the 7x7 stem, C_in = 3): K = (kh, kw, c) flattened into one
+        # index so a K block spans several taps instead of padding 3 channels to BLOCK_K.
+        K_TOTAL = KH * KW * C_IN_G
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K_TOTAL
+            c = offs_k % C_IN_G
+            tap = offs_k // C_IN_G
+            kh = tap // KW
+            kw = tap % KW
+            h = ho[:, None] * STRIDE_H - PAD_H + (kh * DIL_H)[None, :]
+            w = wo[:, None] * STRIDE_W - PAD_W + (kw * DIL_W)[None, :]
+            ok = m_mask[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            a = tl.load(x_grp + (n_idx * sxn)[:, None] + h * sxh + w * sxw + (c * sxc)[None, :], mask=ok, other=0.0)
+            b = tl.load(w_ptr + (offs_co * swo)[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
+                        mask=k_ok[:, None] & co_mask[None, :], other=0.0)
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+    for kh in range(0 if FLAT_K else KH):
         h = ho * STRIDE_H - PAD_H + kh * DIL_H
         h_ok = m_mask & (h >= 0) & (h < H)
         for kw in range(KW):
@@ -138,7 +162,7 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
         out.stride(0), out.stride(1), _hw_stride(out),
         res.stride(0), res.stride(1), _hw_stride(res),
         EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+        FLAT_K=c_in_g < FLAT_K_BELOW, ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
     )
 
 
@@ -157,7 +181,7 @@ def _conv_dgrad_kernel(
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
     sxn, sxc, sxhw,
-    HAS_SCALE: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    HAS_SCALE: tl.constexpr, FLAT_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -176,7 +200,35 @@ def _conv_dgrad_kernel(
 
     dz_grp = dz_ptr + grp * C_OUT_G * sdc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
+    if FLAT_K:
+        # Few output channels: K = (kh, kw, co) flattened into one index (see the forward).
+        K_TOTAL = KH * KW * C_OUT_G
+        for k0 in range(0, K_TOTAL, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K_TOTAL
+            co_g = offs_k % C_OUT_G
+            tap = offs_k // C_OUT_G
+            kh = tap // KW
+            kw = tap % KW
+            th = h[:, None] + PAD_H - (kh * DIL_H)[None, :]
+            tw = w[:, None] + PAD_W - (kw * DIL_W)[None, :]
+            ho = th // STRIDE_H
+            wo = tw // STRIDE_W
+            ok = (m_mask[:, None] & k_ok[None, :] & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
+                  & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO))
+            a = tl.load(dz_grp + (n_idx * sdn)[:, None] + ho * sdh + wo * sdw + (co_g * sdc)[None, :], mask=ok,
+                        other=0.0)
+            co = grp * C_OUT_G + co_g
+            b = tl.load(w_ptr + (offs_ci_g * swi)[None, :] + (co * swo + kh * swh + kw * sww)[:, None],
+                        mask=k_ok[:, None] & ci_mask[None, :], other=0.0)
+            if HAS_SCALE:
+                s = tl.load(scale_ptr + co, mask=k_ok, other=0.0).to(tl.float32)
+                b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
+            if ALLOW_TF32:
+                acc = tl.dot(a, b, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(a, b, acc, input_precision="ieee")
+    for kh in range(0 if FLAT_K else KH):
         th = h + PAD_H - kh * DIL_H
         ho = th // STRIDE_H
         h_ok = m_mask & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
@@ -222,7 +274,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
-        HAS_SCALE=scale is not None, ALLOW_TF32=allow_tf32(dz.dtype), BLOCK_M=block_m,
+        HAS_SCALE=scale is not None, FLAT_K=c_out // groups < FLAT_K_BELOW, ALLOW_TF32=allow_tf32(dz.dtype), BLOCK_M=block_m,
     )
 
 
@@ -241,26 +293,40 @@ def _conv_wgrad_kernel(
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     sdn, sdc, sdhw,
     sxn, sxc, sxh, sxw,
-    ALLOW_TF32: tl.constexpr,
+    FLAT_N: tl.constexpr, ALLOW_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
+    axis 1 is the group; otherwise columns are input channels and axis 1 is (group, tap)."""
     pid_mn = tl.program_id(0).to(tl.int64)
-    tap_grp = tl.program_id(1).to(tl.int64)
+    axis1 = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2).to(tl.int64)
-    num_n = tl.cdiv(C_IN_G, BLOCK_N)
+    KHW = KH * KW
+    if FLAT_N:
+        N_COLS = C_IN_G * KHW
+        grp = axis1
+    else:
+        N_COLS = C_IN_G
+        grp = axis1 // KHW
+        tap = axis1 % KHW
+        kh = tap // KW
+        kw = tap % KW
+    num_n = tl.cdiv(N_COLS, BLOCK_N)
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
-    grp = tap_grp // (KH * KW)
-    tap = tap_grp % (KH * KW)
-    kh = tap // KW
-    kw = tap % KW
 
     offs_co_g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     co_mask = offs_co_g < C_OUT_G
     offs_co = grp * C_OUT_G + offs_co_g
-    offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    ci_mask = offs_ci_g < C_IN_G
-    offs_ci = grp * C_IN_G + offs_ci_g
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    j_mask = offs_j < N_COLS
+    if FLAT_N:
+        ci_g = offs_j // KHW
+        kh_j = (offs_j % KHW) // KW
+        kw_j = offs_j % KW
+    else:
+        ci_g = offs_j
+    offs_ci = grp * C_IN_G + ci_g
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = split * M_PER_SPLIT
@@ -272,21 +338,32 @@ def _conv_wgrad_kernel(
         hw = offs_k % HWO
         ho = hw // WO
         wo = hw % WO
-        h = ho * STRIDE_H - PAD_H + kh * DIL_H
-        w = wo * STRIDE_W - PAD_W + kw * DIL_W
-        x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
         a = tl.load(dz_ptr + (offs_co * sdc)[:, None] + (n_idx * sdn + hw * sdhw)[None, :],
                     mask=co_mask[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
-                    mask=x_ok[:, None] & ci_mask[None, :], other=0.0)
+        if FLAT_N:
+            h = ho[:, None] * STRIDE_H - PAD_H + (kh_j * DIL_H)[None, :]
+            w = wo[:, None] * STRIDE_W - PAD_W + (kw_j * DIL_W)[None, :]
+            x_ok = k_ok[:, None] & j_mask[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            b = tl.load(x_ptr + (n_idx * sxn)[:, None] + h * sxh + w * sxw + (offs_ci * sxc)[None, :],
+                        mask=x_ok, other=0.0)
+        else:
+            h = ho * STRIDE_H - PAD_H + kh * DIL_H
+            w = wo * STRIDE_W - PAD_W + kw * DIL_W
+            x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
+                        mask=x_ok[:, None] & j_mask[None, :], other=0.0)
         if ALLOW_TF32:
             acc = tl.dot(a, b, acc, input_precision="tf32")
         else:
             acc = tl.dot(a, b, acc, input_precision="ieee")
 
     # partials laid out [SPLIT, C_OUT, C_IN_G, KH, KW], contiguous
-    p_offs = ((split * C_OUT + offs_co) * C_IN_G * KH * KW)[:, None] + (offs_ci_g * KH * KW)[None, :] + tap
-    tl.store(part_ptr + p_offs, acc, mask=co_mask[:, None] & ci_mask[None, :])
+    row = ((split * C_OUT + offs_co) * C_IN_G * KHW)[:, None]
+    if FLAT_N:
+        p_offs = row + offs_j[None, :]
+    else:
+        p_offs = row + (offs_j * KHW + tap)[None, :]
+    tl.store(part_ptr + p_offs, acc, mask=co_mask[:, None] & j_mask[None, :])
 
 
 @triton.jit
@@ -330,7 +407,7 @@ def _wgrad_finalize_kernel(
 
 def _wgrad_splits(m: int, tiles: int) -> int:
     """Split K (output pixels) so that the grid has enough programs on a GPU."""
-    if conv_block_m() == 32:  # interpreter: a single split keeps the Python loop count low
+    if interpret():  # a single split keeps the interpreter's Python loop count low
         return 1
     want = max(1, 264 // max(tiles, 1))  # ~2 waves on 132 SMs
     return max(1, min(want, triton.cdiv(m, 4096)))
@@ -344,22 +421,25 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     _, _, ho, wo = dz.shape
     m = n * ho * wo
     c_out_g = c_out // groups
-    block_m = 64 if conv_block_m() != 32 else 32
+    block_m = 32 if interpret() else 64
     # BLOCK_N of the autotuned config is unknown here; count tiles with the smallest one.
-    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(c_in_g, 32) * kh * kw * groups
+    flat = c_in_g < FLAT_K_BELOW
+    n_cols = c_in_g * kh * kw if flat else c_in_g
+    axis1 = groups if flat else kh * kw * groups
+    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, 32) * axis1
     split = _wgrad_splits(m, tiles)
     m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64
     split = triton.cdiv(m, m_per_split)
     part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
     grid = lambda meta: (  # noqa: E731
-        triton.cdiv(c_out_g, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), kh * kw * groups, split)
+        triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, meta["BLOCK_N"]), axis1, split)
     wrap_triton(_conv_wgrad_kernel)[grid](
         dz, x, part,
         m, ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         dz.stride(0), dz.stride(1), _hw_stride(dz),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
     )
     k = c_in_g * kh * kw
     w_c = weight.contiguous() if grad_scale is not None else weight
