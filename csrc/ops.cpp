@@ -153,7 +153,7 @@ ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
 
 // float32 convolutions use TF32 tensor cores when PyTorch allows TF32 for cuDNN convolutions
 // (torch.backends.cudnn.allow_tf32, default True), as nn.Conv2d does; else the exact path.
-bool allow_tf32() { return at::globalContext().allowTF32CuDNN(); }
+bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
 // Weight as [c_out][k_pad] OHWI rows (zero-padded), 16-byte aligned for cp.async: a view when
 // it already is (aligned channels_last weights with k % 8 == 0), else one small copy.
