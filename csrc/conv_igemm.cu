@@ -254,30 +254,30 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int j = 0; j < kExactCols; ++j) acc_exact[i][j] = fmaf(a[i], b[j], acc_exact[i][j]);
       }
-      continue;
-    }
+    } else {
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += MK) {
-      wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, wmma::row_major> fa[kFragsM];
-      wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, wmma::col_major> fb[kFragsN];
+      for (int kk = 0; kk < BK; kk += MK) {
+        wmma::fragment<wmma::matrix_a, 16, 16, MK, Frag, wmma::row_major> fa[kFragsM];
+        wmma::fragment<wmma::matrix_b, 16, 16, MK, Frag, wmma::col_major> fb[kFragsN];
 #pragma unroll
-      for (int i = 0; i < kFragsM; ++i) {
-        wmma::load_matrix_sync(fa[i], sa + (warp_m * kWarpTileM + i * 16) * Cfg::kLds + kk, Cfg::kLds);
-        if constexpr (sizeof(T) == 4)
+        for (int i = 0; i < kFragsM; ++i) {
+          wmma::load_matrix_sync(fa[i], sa + (warp_m * kWarpTileM + i * 16) * Cfg::kLds + kk, Cfg::kLds);
+          if constexpr (sizeof(T) == 4)
 #pragma unroll
-          for (int t = 0; t < fa[i].num_elements; ++t) fa[i].x[t] = wmma::__float_to_tf32(fa[i].x[t]);
+            for (int t = 0; t < fa[i].num_elements; ++t) fa[i].x[t] = wmma::__float_to_tf32(fa[i].x[t]);
+        }
+#pragma unroll
+        for (int j = 0; j < kFragsN; ++j) {
+          wmma::load_matrix_sync(fb[j], sb + (warp_n * kWarpTileN + j * 16) * Cfg::kLds + kk, Cfg::kLds);
+          if constexpr (sizeof(T) == 4)
+#pragma unroll
+            for (int t = 0; t < fb[j].num_elements; ++t) fb[j].x[t] = wmma::__float_to_tf32(fb[j].x[t]);
+        }
+#pragma unroll
+        for (int i = 0; i < kFragsM; ++i)
+#pragma unroll
+          for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
       }
-#pragma unroll
-      for (int j = 0; j < kFragsN; ++j) {
-        wmma::load_matrix_sync(fb[j], sb + (warp_n * kWarpTileN + j * 16) * Cfg::kLds + kk, Cfg::kLds);
-        if constexpr (sizeof(T) == 4)
-#pragma unroll
-          for (int t = 0; t < fb[j].num_elements; ++t) fb[j].x[t] = wmma::__float_to_tf32(fb[j].x[t]);
-      }
-#pragma unroll
-      for (int i = 0; i < kFragsM; ++i)
-#pragma unroll
-        for (int j = 0; j < kFragsN; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
   }
   cp_async_wait<0>();
