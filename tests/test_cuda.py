@@ -317,16 +317,18 @@ def test_tf32_float32_conv(cuda_backend_on, dtype):
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
 def test_add_relu(cuda_backend_on, dtype):
     op = getattr(torch.ops, NS).add_relu
+
+    def t(*shape):
+        return torch.randn(*shape, device="cuda").to(dtype)
+
     cases = [
-        (torch.randn(2, 8, 5, 7), torch.randn(2, 8, 5, 7)),                     # NCHW
-        (torch.randn(3, 16, 4, 4).to(memory_format=torch.channels_last),
-         torch.randn(3, 16, 4, 4)),                                             # mixed layouts
-        (torch.randn(1001), torch.randn(1001)),                                 # 1-D, tail not a vector
-        (torch.randn(4099)[1:], torch.randn(4099)[2:]),                         # misaligned pointers
-        (torch.randn(0, 3, 2, 2), torch.randn(0, 3, 2, 2)),                     # empty
+        (t(2, 8, 5, 7), t(2, 8, 5, 7)),                                                # NCHW
+        (t(3, 16, 4, 4).contiguous(memory_format=torch.channels_last), t(3, 16, 4, 4)),  # mixed layouts
+        (t(1001), t(1001)),                                                            # 1-D, tail not a vector
+        (t(4099)[1:], t(4100)[2:]),                                                    # misaligned pointers
+        (t(0, 3, 2, 2), t(0, 3, 2, 2)),                                                # empty
     ]
     for i, (x, r) in enumerate(cases):
-        x, r = x.to("cuda", dtype), r.to("cuda", dtype)
         y = op(x, r)
         expected = torch.ops.resnet_fused.add_relu(x, r)
         assert y.shape == expected.shape and y.stride() == expected.stride(), f"case {i}"
