@@ -108,7 +108,12 @@ def use_backend(name: str) -> Iterator[None]:
 def select_ops(op_name: str, *op_args):
     """torch.ops namespace that runs `op_name` on these arguments under the current backend."""
     name = get_backend()
-    candidates = ("cuda", "triton") if name == "auto" else (name,)
+    if name == "auto":
+        # Fused kernels only for CUDA tensors: on CPU the Triton interpreter is a test
+        # vehicle (use_backend("triton") under TRITON_INTERPRET=1), not a fast path.
+        candidates = ("cuda", "triton") if op_args[0].is_cuda else ()
+    else:
+        candidates = (name,)
     for candidate in candidates:
         if candidate == "reference":
             break

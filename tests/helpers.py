@@ -37,19 +37,28 @@ def max_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
     return (actual.double() - ref64.double()).abs().max().item() if actual.numel() else 0.0
 
 
+def l2_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(actual.double() - ref64.double()).item() if actual.numel() else 0.0
+
+
 def assert_close_to_ref(
-    actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "", scale: float | None = None
+    actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "", scale: float | None = None,
+    metric: str = "max",
 ) -> None:
     """|actual - ref64| <= 2 |eager - ref64| + floor, elementwise maxima. The floor is a few
     ulps of `scale`, by default the reference's magnitude; pass the magnitude of the summed
-    terms for a quantity that is a cancellation (a conv bias's gradient under BatchNorm)."""
+    terms for a quantity that is a cancellation (a conv bias's gradient under BatchNorm).
+    metric="l2" compares Euclidean norms of the errors instead: the max over millions of
+    elements of a deep network's gradients is one noisy sample, the norm is stable."""
     assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
     assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != eager's {eager.dtype}"
     if actual.numel() == 0:
         return
-    scale = ref64.abs().max().item() if scale is None else scale
+    err_fn = {"max": max_err, "l2": l2_err}[metric]
+    if scale is None:
+        scale = ref64.abs().max().item() if metric == "max" else torch.linalg.vector_norm(ref64.double()).item()
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(scale, 1e-3)
-    err, err_eager = max_err(actual, ref64), max_err(eager, ref64)
+    err, err_eager = err_fn(actual, ref64), err_fn(eager, ref64)
     assert err <= 2 * err_eager + floor, (
-        f"{name}: max error {err:.3e} vs float64 exceeds 2x eager's {err_eager:.3e} + floor {floor:.1e}"
+        f"{name}: {metric} error {err:.3e} vs float64 exceeds 2x eager's {err_eager:.3e} + floor {floor:.1e}"
     )
