@@ -136,7 +136,7 @@ def conv_bn_relu(
     count = out_size[0] * out_size[2] * out_size[3]
     if count == 1:
         # The same error (type and text) nn.BatchNorm2d gives.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {out_size}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(out_size)}")
     if bn_weight is None:
         bn_weight = torch.ones(c_out, dtype=acc, device=x.device)
     if bn_bias is None:
