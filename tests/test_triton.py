@@ -147,7 +147,11 @@ def test_eval_forward_runs_no_aten_convolution_batchnorm_or_relu():
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_unit_matches_eager_float32(triton_backend, cfg, training, residual, relu, channels_last):
-    run_unit_case(cfg, training, residual, relu, channels_last, torch.float32, device=DEVICE, steps=2)
+    run_unit_case(cfg, training, residual, relu, channels_last, torch.float32, device=DEVICE, steps=1)
+
+
+def test_unit_running_statistics_over_steps(triton_backend):
+    run_unit_case(CONFIGS["3x3s2_bias"], True, True, True, True, torch.float32, device=DEVICE, steps=3)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES)
@@ -291,22 +295,29 @@ def test_add_relu_op(triton_backend, channels_last):
 
 
 def test_resnet18_matches_torchvision(triton_backend):
+    """Eval logits, then one training step: logits, every parameter gradient, running stats."""
     tv = torchvision.models.resnet18(num_classes=10)
     randomize_model_bn(tv)
     fused = resnet_fused.resnet18(num_classes=10)
     fused.load_state_dict(tv.state_dict())
     tv64 = copy.deepcopy(tv).double()
     x = torch.randn(2, 3, 32, 32)
+    models = (tv, tv64, fused)
     for training in (False, True):
-        for m in (tv, tv64, fused):
+        for m in models:
             m.train(training)
-        xs = [x.clone().requires_grad_(), x.double().requires_grad_(), x.clone().requires_grad_()]
-        outs = [m(xi) for m, xi in zip((tv, tv64, fused), xs)]
-        grads = [torch.autograd.grad(o.square().sum(), xi)[0] for o, xi in zip(outs, xs)]
+        with torch.set_grad_enabled(training):
+            outs = [m(x.double() if m is tv64 else x) for m in models]
         assert_close_to_ref(outs[2], outs[0], outs[1], f"logits (training={training})")
-        assert_close_to_ref(grads[2], grads[0], grads[1], f"grad x (training={training})")
-    for (name, p_tv), p_f, p64 in zip(tv.named_parameters(), fused.parameters(), tv64.parameters()):
-        assert_close_to_ref(p_f.grad, p_tv.grad, p64.grad, f"grad {name}")
+    for o in outs:
+        o.square().sum().backward()
+    params = [dict(m.named_parameters()) for m in models]
+    buffers = [dict(m.named_buffers()) for m in models]
+    for name, p_tv in params[0].items():
+        assert_close_to_ref(params[2][name].grad, p_tv.grad, params[1][name].grad, f"grad {name}")
+    for name, b_tv in buffers[0].items():
+        if b_tv.is_floating_point():
+            assert_close_to_ref(buffers[2][name], b_tv, buffers[1][name], name)
 
 
 # --------------------------------------------------------------------------------------

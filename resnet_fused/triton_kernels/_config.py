@@ -32,7 +32,8 @@ def conv_configs() -> list[triton.Config]:
     """Configs for the implicit-GEMM kernels (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M is
     fixed by the caller because the training statistics partials are per BLOCK_M tile)."""
     if interpret():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+        # The interpreter's cost is per program and per loop iteration, hardly per element.
+        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
     cfgs = [
         triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
@@ -41,6 +42,12 @@ def conv_configs() -> list[triton.Config]:
     if _arch() >= 90:
         cfgs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4))
     return cfgs
+
+
+def wgrad_configs() -> list[triton.Config]:
+    if interpret():
+        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    return conv_configs()
 
 
 def conv_block_m() -> int:

@@ -4,7 +4,7 @@ All of them view an activation [N, C, H, W] as rows m = (n, h, w) by channels c,
 through (stride_n, stride_c, stride_hw), which covers NCHW and NHWC storage. Math is float32.
 
   finalize_stats   merges the conv epilogue's per-tile (mean, M2) with Chan's formula in a
-                   fixed order (a tree within a block of tiles, then block after block):
+                   fixed order (k-way within a block of tiles, then block after block):
                    deterministic, and no catastrophic cancellation from sums of squares.
   bn_apply         y = act((z - mean) * bn_w * rsqrt(var + eps) + bn_b [+ residual]).
   bn_bwd_reduce    g = grad_y masked by y > 0 (ReLU); per-tile partial sums of g, g * (z - mean)
@@ -59,8 +59,12 @@ def _finalize_stats_kernel(
         mean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
         cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(tl.float32)
-        cnt2 = tl.broadcast_to(cnt[:, None], (BLOCK_T, BLOCK_C))
-        b_mean, b_m2, b_n = tl.reduce((mean, m2, cnt2), 0, _chan_combine)
+        # Merge BLOCK_T tiles at once (the k-way form of Chan's formula: deviations of the tile
+        # means from the block mean, never a raw sum of squares), then into the running total.
+        b_n = tl.sum(cnt, axis=0)
+        b_mean = tl.sum(mean * cnt[:, None], axis=0) / tl.maximum(b_n, 1.0)
+        dev = tl.where(mask, mean - b_mean[None, :], 0.0)
+        b_m2 = tl.sum(m2 + dev * dev * cnt[:, None], axis=0)
         run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, b_mean, b_m2, b_n)
     tl.store(mean_ptr + offs_c, run_mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
     tl.store(var_ptr + offs_c, (run_m2 / M).to(var_ptr.dtype.element_ty), mask=c_mask)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import conv_block_m, conv_configs, interpret
+from ._config import conv_block_m, conv_configs, interpret, wgrad_configs
 
 # Input channels per group below which the K loop flattens (kh, kw, c) (see FLAT_K).
 FLAT_K_BELOW = 16
@@ -285,7 +285,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
 # that wgrad_finalize sums in a fixed order (deterministic, no atomics).
 
 
-@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.autotune(configs=wgrad_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
@@ -421,7 +421,7 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     _, _, ho, wo = dz.shape
     m = n * ho * wo
     c_out_g = c_out // groups
-    block_m = 32 if interpret() else 64
+    block_m = 64
     # BLOCK_N of the autotuned config is unknown here; count tiles with the smallest one.
     flat = c_in_g < FLAT_K_BELOW
     n_cols = c_in_g * kh * kw if flat else c_in_g
@@ -445,11 +445,11 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     w_c = weight.contiguous() if grad_scale is not None else weight
     gw = grad_w if grad_w is not None else part
     gs = grad_scale if grad_scale is not None else part
-    block_co = 16
+    block_co = 64 if interpret() else 16
     wrap_triton(_wgrad_finalize_kernel)[(triton.cdiv(c_out, block_co),)](
         part, w_c, scale if scale is not None else part, gw, gs,
         c_out, k, kh * kw, split,
         gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,
         HAS_SCALE=scale is not None, WRITE_GW=grad_w is not None, WRITE_GSCALE=grad_scale is not None,
-        BLOCK_CO=block_co, BLOCK_K=64,
+        BLOCK_CO=block_co, BLOCK_K=256 if interpret() else 64,
     )
