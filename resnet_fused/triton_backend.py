@@ -15,7 +15,17 @@ Every reduction is deterministic (no atomics; fixed merge order).
 
 Coverage (`covers`): float16, bfloat16 and float32 tensors on CUDA (compute capability
 >= 8.0), or on CPU under TRITON_INTERPRET=1; any stride, padding, dilation, kernel size
-and group count; NCHW or channels_last. float64 and empty tensors take the reference path.
+and group count (groups are a grid axis: one GEMM per group); NCHW or channels_last (the
+kernels take element strides; channels_last is the fast layout). float64, empty tensors
+and mixed dtypes take the reference path. fp32 uses TF32 iff torch.backends.cudnn.allow_tf32.
+
+Open work (no GPU was lent while this was written; everything has run only under the
+Triton interpreter):
+  - autotune config sets in triton_kernels/_config.py are unmeasured starting points;
+  - dgrad for stride 2 masks 3/4 of its taps (a per-phase decomposition would skip them);
+  - the training forward is three passes (conv+partials, finalize, apply) and the eval
+    backward materializes the ReLU-masked gradient once; neither is fused further yet;
+  - torch.compile and opcheck's fake-tensor test are only exercised on a GPU (needs_cuda).
 """
 
 from __future__ import annotations
