@@ -320,6 +320,20 @@ def test_resnet18_matches_torchvision(triton_backend):
             assert_close_to_ref(buffers[2][name], b_tv, buffers[1][name], name)
 
 
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
+def test_bottleneck_models_eval_match_torchvision(triton_backend, name):
+    """Eval logits of the Bottleneck and grouped (ResNeXt) models through the Triton kernels.
+    Their training step costs 1.5-2 min each in the interpreter, so training at model level
+    is covered by resnet18 here and by every unit configuration above; on a GPU, run both."""
+    tv = randomize_model_bn(getattr(torchvision.models, name)(num_classes=10)).eval()
+    fused = getattr(resnet_fused, name)(num_classes=10).eval()
+    fused.load_state_dict(tv.state_dict())
+    tv64 = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_close_to_ref(fused(x), tv(x), tv64(x.double()), f"{name} eval logits")
+
+
 # --------------------------------------------------------------------------------------
 # GPU only: torch.compile traces through the triton_ops; opcheck's fake-tensor test.
 
