@@ -7,6 +7,8 @@ arithmetic happens in the torch.library ops defined in `_library.py`.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
@@ -38,6 +40,18 @@ def _check_pair(name: str, value, minimum: int) -> list[int]:
     if any(v < minimum for v in pair):
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
     return pair
+
+
+def _check_number(name: str, value, minimum: float | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name} must be a real number (int or float), got {value!r}")
+    if minimum is not None and not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
 def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor) -> None:
@@ -91,8 +105,19 @@ def conv_bn_relu(
     stride = _check_pair("stride", stride, 1)
     padding = _check_pair("padding", padding, 0)
     dilation = _check_pair("dilation", dilation, 1)
-    if not isinstance(groups, int) or groups < 1:
+    if isinstance(groups, bool) or not isinstance(groups, int):
+        raise TypeError(f"groups must be an int, got {groups!r}")
+    if groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
+    _check_bool("training", training)
+    _check_bool("relu", relu)
+    _check_number("momentum", momentum)
+    _check_number("eps", eps, minimum=0)
+    if 0 in weight.shape:
+        raise ValueError(f"weight must have no zero-size dimension, got shape {tuple(weight.shape)}")
+    if x.size(2) == 0 or x.size(3) == 0:
+        # As F.conv2d: only the batch may be empty (the output is then empty too).
+        raise ValueError(f"x must have non-zero height and width, got shape {tuple(x.shape)}")
     c_out = weight.size(0)
     if c_out % groups != 0:
         raise ValueError(f"weight.size(0)={c_out} (out_channels) must be divisible by groups={groups}")

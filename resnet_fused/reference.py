@@ -93,7 +93,7 @@ def conv_bn_eval_backward(
     acc = stat_dtype(x.dtype)
     g = grad_y.to(acc)
     if relu:
-        g = torch.where(y > 0, g, 0)
+        g = torch.where(y <= 0, 0, g)  # as threshold_backward: a NaN output passes its gradient
     # dL/dconv = g * scale. The weight gradient is linear in that, so one wgrad of
     # the unscaled g gives both dL/dw (times scale) and dL/dscale = sum(g * conv(x, w))
     # = sum over the filter of wgrad(x, g) * w: no need to keep or recompute conv(x, w).
@@ -143,7 +143,7 @@ def conv_bn_train_backward(
     acc = stat_dtype(x.dtype)
     g = grad_y.to(acc)
     if relu:
-        g = torch.where(y > 0, g, 0)
+        g = torch.where(y <= 0, 0, g)  # as threshold_backward: a NaN output passes its gradient
     count = z.numel() // z.size(1)
     invstd = torch.rsqrt(var + eps)
     x_hat = (z.to(acc) - _channel(mean)) * _channel(invstd)
