@@ -63,13 +63,18 @@ def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor)
 
 
 def _autocast(x: Tensor, *tensors: Tensor | None):
-    """Under torch.autocast, run the convolution in the autocast dtype, as nn.Conv2d does.
-    BatchNorm parameters and statistics stay in their own (float32) dtype."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float64:
+    """Under torch.autocast, cast the convolution operands to the autocast dtype, as nn.Conv2d
+    does (autocast's rule: every floating-point tensor except float64). It runs before the
+    dtype checks, so a bfloat16 x with a float32 weight is accepted under autocast, as
+    F.conv2d accepts it. BatchNorm parameters and statistics keep their own (float32) dtype,
+    as eager BatchNorm does under autocast; the output takes the conv dtype, as eager's."""
+    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
         return (x, *tensors)
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None else None for t in (x, *tensors))
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return tuple(
+        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (x, *tensors)
+    )
 
 
 def conv_bn_relu(
@@ -100,6 +105,7 @@ def conv_bn_relu(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     _check_tensor("x", x, x, dims=4)
     _check_tensor("weight", weight, x, dims=4)
     stride = _check_pair("stride", stride, 1)
@@ -145,7 +151,6 @@ def conv_bn_relu(
         if list(residual.shape) != out_size:
             raise ValueError(f"residual must have the conv output's shape {out_size}, got {list(residual.shape)}")
 
-    x, weight, bias, residual = _autocast(x, weight, bias, residual)
     conv_args = (stride, padding, dilation, groups)
     acc = stat_dtype(x.dtype)
     use_batch_stats = training or running_mean is None
