@@ -1,0 +1,556 @@
+"""Ecosystem integration on CPU (issue 6): torch.compile, autocast, DDP, SyncBatchNorm, export,
+detection/segmentation backbones, determinism and module state. Reference backend.
+
+Logic checks run in float64 against torchvision with test_models' bounds: step 0 to float64
+rounding; later steps within 10x of what a 1e-15 perturbation of torchvision's own weights
+does (small-batch BatchNorm training is chaotic). Lower-precision checks compare errors
+against float64 with at most 2x torchvision's own error in the same precision.
+
+GPU-only parts of the issue (CUDA graphs, compile of the triton/cuda backends, CUDA autocast,
+fused SyncBatchNorm) are not here.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torchvision
+from helpers import FLOOR_ULPS, randomize_model_bn
+from test_models import _aggregate_rel_l2, twins
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+import resnet_fused
+
+F64 = torch.float64
+
+
+def _rel(actual, expected):
+    expected = expected.double()
+    scale = expected.abs().max().item()
+    return (actual.double() - expected).abs().max().item() / max(scale, 1e-300)
+
+
+def _perturbed(model, seed=123):
+    """model with every parameter multiplied by (1 + 1e-15 N(0,1)): torchvision's own float64
+    sensitivity, the yardstick for steps after the first."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-15 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def _check(what, expected, actual, perturbed, step):
+    bound = 1e-9 if step == 0 else 10 * _rel(perturbed, expected) + 1e-12
+    err = _rel(actual, expected)
+    assert err <= bound, f"step {step} {what}: relative error {err:.2e} > {bound:.2e}"
+
+
+def _sgd_steps(model, inputs, loss_fn=lambda out: out.square().mean(), lr=1e-3, after_backward=None):
+    """SGD steps; per step (logits, [grads in parameter order]). Works on wrapped models
+    (torch.compile, DDP), whose parameter names differ from the module's."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    record = []
+    for x in inputs:
+        opt.zero_grad()
+        out = model(x)
+        loss_fn(out).backward()
+        if after_backward is not None:
+            after_backward(model)
+        record.append((out.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return record
+
+
+def _float_state(model):
+    return [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+# ------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compile_fullgraph_resnet18_eval_and_train():
+    """fullgraph=True (a graph break raises) with Inductor on CPU: eval logits and two SGD
+    steps (logits, every gradient, parameters, running statistics) as eager."""
+    torch._dynamo.reset()
+    tv, fused = twins("resnet18", F64, num_classes=10)
+    perturbed = _perturbed(tv)
+    eager = copy.deepcopy(fused)
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(4, 3, 32, 32, dtype=F64)
+    start = time.perf_counter()
+    for m in (tv, eager, compiled):
+        m.eval()
+    with torch.no_grad():
+        y = compiled(x)
+        eval_s = time.perf_counter() - start
+        assert _rel(y, tv(x)) <= 1e-12 and _rel(y, eager(x)) <= 1e-12, "eval logits"
+    inputs = [torch.randn(4, 3, 32, 32, dtype=F64) for _ in range(2)]
+    start = time.perf_counter()
+    r_c = _sgd_steps(compiled, inputs)
+    train_s = time.perf_counter() - start
+    r_tv, r_e, r_p = _sgd_steps(tv, inputs), _sgd_steps(eager, inputs), _sgd_steps(perturbed, inputs)
+    for step in range(2):
+        _check("logits", r_tv[step][0], r_c[step][0], r_p[step][0], step)
+        # The same ops run in the compiled and the eager fused model: equal to rounding at every step.
+        assert _rel(r_c[step][0], r_e[step][0]) <= 1e-12, f"step {step} logits vs eager fused"
+        for i, (name, _) in enumerate(tv.named_parameters()):
+            _check(f"grad {name}", r_tv[step][1][i], r_c[step][1][i], r_p[step][1][i], step)
+            assert _rel(r_c[step][1][i], r_e[step][1][i]) <= 1e-12, f"step {step} grad {name} vs eager fused"
+    for (key, a), (_, b), (_, c) in zip(_float_state(tv), _float_state(fused), _float_state(perturbed)):
+        _check(key, a, b, c, 1)
+    for (key, a), b in zip(tv.state_dict().items(), fused.state_dict().values()):
+        if not a.is_floating_point():
+            assert torch.equal(a, b), key  # num_batches_tracked
+    print(f"compile+first call: eval {eval_s:.1f}s, train (2 steps incl. backward compile) {train_s:.1f}s")
+
+
+# ------------------------------------------------------------------------------------------
+# Autocast (CPU bfloat16)
+
+
+def _block_dtypes(model, x):
+    """dtype of every block's and the stem's output, and of the logits."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, out.dtype))
+             for name, m in model.named_modules() if name.startswith("layer") and name.count(".") == 1]
+    try:
+        out = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_autocast_cpu_bfloat16_matches_torchvision(mode):
+    """Under torch.autocast('cpu', bfloat16): every block's output, the logits and the gradients
+    have torchvision's dtypes (eager BatchNorm keeps a bfloat16 input in bfloat16, with float32
+    statistics), and the errors against float64 are at most 2x torchvision-under-autocast's."""
+    tv, fused = twins("resnet18", torch.float32, num_classes=10)
+    tv64 = copy.deepcopy(tv).double()
+    x = torch.randn(4, 3, 64, 64)
+    for m in (tv, fused, tv64):
+        m.train(mode == "train")
+    ref = tv64(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_tv, dtypes_tv = _block_dtypes(tv, x)
+        out_f, dtypes_f = _block_dtypes(fused, x)
+    assert dtypes_f == dtypes_tv and out_f.dtype == out_tv.dtype == torch.bfloat16, (dtypes_f, dtypes_tv)
+    floor = FLOOR_ULPS * torch.finfo(torch.bfloat16).eps
+    err_f, err_tv = _aggregate_rel_l2([out_f], [ref]), _aggregate_rel_l2([out_tv], [ref])
+    assert err_f <= 2 * err_tv + floor, f"logits: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+    for out, model in ((out_tv, tv), (out_f, fused), (ref, tv64)):
+        out.float().square().mean().backward()
+    grads = [[p.grad for p in m.parameters()] for m in (tv, fused, tv64)]
+    assert [g.dtype for g in grads[1]] == [g.dtype for g in grads[0]]
+    err_f, err_tv = _aggregate_rel_l2(grads[1], grads[2]), _aggregate_rel_l2(grads[0], grads[2])
+    assert err_f <= 2 * err_tv + floor, f"gradients: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+    states = [[v for _, v in _float_state(m)] for m in (tv, fused, tv64)]
+    assert [v.dtype for v in states[1]] == [v.dtype for v in states[0]]
+    err_f, err_tv = _aggregate_rel_l2(states[1], states[2]), _aggregate_rel_l2(states[0], states[2])
+    assert err_f <= 2 * err_tv + floor, f"running statistics: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+
+
+def test_autocast_functional_op_accepts_mixed_dtypes():
+    """As F.conv2d under autocast: a bfloat16 input with float32 weights is accepted."""
+    unit = resnet_fused.nn.ConvBNReLU2d(8, 8, 3, padding=1).eval()
+    x = torch.randn(2, 8, 8, 8).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = unit(x), torch.relu(unit.bn(unit.conv(x)))
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="dtype"):  # outside autocast mixed dtypes stay an error
+        unit(x)
+
+
+# ------------------------------------------------------------------------------------------
+# DDP and SyncBatchNorm: 2 processes on gloo
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, fn, port, out_dir, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        result = fn(rank, *args)
+    finally:
+        dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _run_distributed(fn, tmp_path, *args):
+    mp.spawn(_worker, args=(fn, _free_port(), str(tmp_path), args), nprocs=2, join=True)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
+def _global_batches(sizes, steps=2, hw=32):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(sum(sizes), 3, hw, hw, generator=g, dtype=F64) for _ in range(steps)]
+
+
+def _ddp_worker(rank):
+    torch.manual_seed(0)  # the same models on both ranks (DDP also broadcasts rank 0's)
+    tv, fused = twins("resnet18", F64, num_classes=10)
+    perturbed = _perturbed(tv)
+    inputs = [x[4 * rank:4 * rank + 4] for x in _global_batches((4, 4), hw=64)]
+    result = {}
+    for name, model in (("tv", tv), ("fused", fused), ("perturbed", perturbed)):
+        record = _sgd_steps(DDP(model), inputs)
+        result[name] = dict(record=record, state=_float_state(model))
+    return result
+
+
+def test_ddp_gloo_two_processes_matches_torchvision(tmp_path):
+    """Fused resnet18 under DistributedDataParallel (2 gloo processes, 4 images each): loss
+    (logits), DDP-averaged gradients and the parameters after 2 SGD steps as torchvision's
+    under DDP, on every rank; the ranks stay in sync."""
+    results = _run_distributed(_ddp_worker, tmp_path)
+    for rank, r in enumerate(results):
+        tv, fused, pert = r["tv"]["record"], r["fused"]["record"], r["perturbed"]["record"]
+        for step in range(2):
+            _check(f"rank {rank} logits", tv[step][0], fused[step][0], pert[step][0], step)
+            for i, (a, b, c) in enumerate(zip(tv[step][1], fused[step][1], pert[step][1])):
+                _check(f"rank {rank} grad {i}", a, b, c, step)
+        for (key, a), (_, b), (_, c) in zip(r["tv"]["state"], r["fused"]["state"], r["perturbed"]["state"]):
+            _check(f"rank {rank} {key}", a, b, c, 1)
+    params = [dict(r["fused"]["state"]) for r in results]
+    for key, value in params[0].items():
+        if "running" not in key:  # running statistics are per rank until DDP broadcasts them
+            assert torch.equal(value, params[1][key]), f"{key} differs between ranks"
+
+
+SYNC_SIZES = (1, 4)  # uneven; 1 image alone could not train layer4's BatchNorm (1 value per channel)
+
+
+def _average_gradients(model):
+    """What DDP does, through one flat buffer as DDP's buckets: two parameters' .grad may share
+    storage (a broadcast bias's gradient can be a view of the upstream gradient), so
+    all-reducing each .grad in place would reduce that storage twice."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
+
+
+def _sync_bn_worker(rank, sizes):
+    torch.manual_seed(0)
+    tv, fused = twins("resnet18", F64, num_classes=10)
+    lo = sum(sizes[:rank])
+    inputs = [x[lo:lo + sizes[rank]] for x in _global_batches(sizes)]
+    result = {}
+    # torch's converter on both models: same modules, same eval output, same training behaviour.
+    torch_tv = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(tv))
+    torch_f = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert not any(type(m) is nn.BatchNorm2d for m in torch_f.modules())
+    assert type(torch_f.layer1[0]) is resnet_fused.nn.BasicBlock
+    with torch.no_grad():
+        result["torch_eval"] = [m.eval()(inputs[0]) for m in (torch_tv, torch_f)]
+    errors = []
+    for m in (torch_tv, torch_f):
+        try:
+            m.train()(inputs[0])
+            errors.append(None)
+        except Exception as exc:  # torch.nn.SyncBatchNorm supports no CPU synchronization
+            errors.append(f"{type(exc).__name__}: {exc}")
+    result["torch_train_errors"] = errors
+    try:  # DDP refuses any SyncBatchNorm on CPU modules (torch's rule)
+        DDP(torch_f)
+        result["ddp_error"] = None
+    except ValueError as exc:
+        result["ddp_error"] = str(exc)
+    # ours: batch statistics over both ranks' images.
+    total = sum(sizes)
+    # The ranks' gradients are averaged, as DDP does: this loss makes that the gradient of the
+    # global mean.
+    loss_fn = lambda out: out.square().sum() * (2 / (total * out.size(1)))  # noqa: E731
+    model = resnet_fused.convert_sync_batchnorm(copy.deepcopy(fused))
+    assert type(model.bn1) is resnet_fused.SyncBatchNorm and type(model.layer1[0]) is resnet_fused.nn.BasicBlock
+    assert isinstance(model.bn1, nn.SyncBatchNorm)
+    result["ours"] = _sgd_steps(model, inputs, loss_fn, after_backward=_average_gradients)
+    result["ours_state"] = _float_state(model)
+    return result
+
+
+def test_sync_batchnorm_two_processes_uneven(tmp_path):
+    """2 gloo processes with 1 and 4 images. resnet_fused.convert_sync_batchnorm: logits,
+    gradients (averaged over the ranks as DDP does; DDP itself refuses SyncBatchNorm on CPU),
+    parameters and running statistics of 2 SGD steps equal one process training torchvision
+    on all 5 images (what SyncBatchNorm means). torch's own converter applied to the fused
+    model gives torchvision's results in eval and torchvision's behaviour in training (on
+    CPU torch.nn.SyncBatchNorm raises; it never silently uses local statistics)."""
+    results = _run_distributed(_sync_bn_worker, tmp_path, SYNC_SIZES)
+    for r in results:
+        a, b = r["torch_eval"]
+        assert _rel(b, a) <= 1e-12
+        assert r["torch_train_errors"][0] is not None and r["torch_train_errors"][0] == r["torch_train_errors"][1]
+        assert r["ddp_error"] is not None and "SyncBatchNorm" in r["ddp_error"]
+    torch.manual_seed(0)
+    tv, _ = twins("resnet18", F64, num_classes=10)
+    perturbed = _perturbed(tv)
+    inputs = _global_batches(SYNC_SIZES)
+    r_tv, r_p = _sgd_steps(tv, inputs), _sgd_steps(perturbed, inputs)
+    for step in range(2):
+        logits = torch.cat([r["ours"][step][0] for r in results])
+        _check("logits", r_tv[step][0], logits, r_p[step][0], step)
+        for rank, r in enumerate(results):
+            for i, (a, b, c) in enumerate(zip(r_tv[step][1], r["ours"][step][1], r_p[step][1])):
+                _check(f"rank {rank} grad {i}", a, b, c, step)
+    for r in results:
+        for (key, a), (_, b), (_, c) in zip(_float_state(tv), r["ours_state"], _float_state(perturbed)):
+            _check(key, a, b, c, 1)
+
+
+def test_convert_sync_batchnorm_single_process_and_back():
+    """Without a process group it is BatchNorm2d; to_torchvision gives torch's SyncBatchNorm."""
+    tv, fused = twins("resnet18", F64, num_classes=10)
+    model = resnet_fused.convert_sync_batchnorm(copy.deepcopy(fused))
+    x = torch.randn(4, 3, 32, 32, dtype=F64)
+    for m in (tv, model):
+        m.train()
+    assert _rel(model(x), tv(x)) <= 1e-12
+    for (key, a), (_, b) in zip(_float_state(tv), _float_state(model)):
+        assert _rel(b, a) <= 1e-12, key
+    back = resnet_fused.to_torchvision(model)
+    assert {type(m) for m in back.modules()} >= {nn.SyncBatchNorm, torchvision.models.resnet.BasicBlock}
+    assert resnet_fused.SyncBatchNorm not in {type(m) for m in back.modules()}
+
+
+# ------------------------------------------------------------------------------------------
+# Export
+
+
+def test_torch_export_after_to_torchvision():
+    tv, fused = twins("resnet18", torch.float32, num_classes=10)
+    fused.eval(), tv.eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(resnet_fused.to_torchvision(fused), (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), tv(x), rtol=0, atol=0)
+
+
+def test_torch_export_fused_model_keeps_custom_ops():
+    """The fused model exports as it is, too: its ops appear as custom ops in the graph."""
+    tv, fused = twins("resnet18", torch.float32, num_classes=10)
+    fused.eval(), tv.eval()
+    x = torch.randn(2, 3, 32, 32)
+    program = torch.export.export(fused, (x,))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "resnet_fused.conv_bn_eval.default" in targets, targets
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), fused(x), rtol=0, atol=0)
+
+
+def test_onnx_export_after_to_torchvision(tmp_path):
+    pytest.importorskip("onnx")
+    _, fused = twins("resnet18", torch.float32, num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    torch.onnx.export(resnet_fused.to_torchvision(fused).eval(), (x,), str(tmp_path / "r18.onnx"))
+    assert (tmp_path / "r18.onnx").stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------------
+# Detection and segmentation backbones
+
+
+def _randomize_frozen(model):
+    g = torch.Generator().manual_seed(5)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5), m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def _fasterrcnn(frozen):
+    # box_score_thresh=0: an untrained head's scores are low; keep detections to compare.
+    kwargs = dict(weights=None, weights_backbone=None, min_size=96, max_size=96, num_classes=5, box_score_thresh=0.0)
+    if not frozen:  # untrained backbone: the builder uses nn.BatchNorm2d
+        return torchvision.models.detection.fasterrcnn_resnet50_fpn(**kwargs)
+    # What the builder makes with pretrained weights (FrozenBatchNorm2d, layers 2-4 trainable).
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    body = torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d)
+    kwargs.pop("weights"), kwargs.pop("weights_backbone")
+    return torchvision.models.detection.FasterRCNN(_resnet_fpn_extractor(body, 3), **kwargs)
+
+
+def _converted_blocks(model):
+    fused_types = (resnet_fused.nn.Bottleneck, resnet_fused.nn.BasicBlock)
+    tv_types = (torchvision.models.resnet.Bottleneck, torchvision.models.resnet.BasicBlock)
+    assert not any(type(m) in tv_types for m in model.modules())
+    return sum(type(m) in fused_types for m in model.modules())
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["batchnorm", "frozen_batchnorm"])
+def test_fasterrcnn_resnet50_fpn_backbone(frozen):
+    """from_torchvision(inplace=True) converts the 16 Bottlenecks inside the
+    IntermediateLayerGetter; detections (boxes, scores, labels) in eval stay the same.
+    The stem (conv1, bn1, relu as separate modules of the getter) stays unfused."""
+    torch.manual_seed(0)
+    tv = _fasterrcnn(frozen).eval()
+    randomize_model_bn(tv), _randomize_frozen(tv)
+    tv.double()
+    fused = resnet_fused.from_torchvision(copy.deepcopy(tv), inplace=True)
+    assert _converted_blocks(fused) == 16
+    images = [torch.rand(3, 80, 96, dtype=F64), torch.rand(3, 96, 72, dtype=F64)]
+    x = torch.rand(1, 3, 64, 64, dtype=F64)
+    with torch.no_grad():
+        out_tv, out_f = tv(images), fused(images)
+        feats_tv, feats_f = tv.backbone(x), fused.backbone(x)
+    assert list(feats_f) == list(feats_tv)
+    for key in feats_tv:
+        assert _rel(feats_f[key], feats_tv[key]) <= 1e-12, key
+    assert sum(len(o["boxes"]) for o in out_tv) > 0
+    for a, b in zip(out_tv, out_f):
+        assert torch.equal(a["labels"], b["labels"])
+        torch.testing.assert_close(b["boxes"], a["boxes"], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-9, atol=1e-9)
+
+
+def test_deeplabv3_resnet50_backbone():
+    """deeplabv3_resnet50 (dilated layer3/4 inside an IntermediateLayerGetter): the 16
+    Bottlenecks convert, and the eval output and aux maps stay the same; one training step's
+    gradients too."""
+    torch.manual_seed(0)
+    tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4,
+                                                            aux_loss=True)
+    randomize_model_bn(tv)
+    tv.double()
+    fused = resnet_fused.from_torchvision(tv)
+    assert _converted_blocks(fused) == 16
+    x = torch.randn(2, 3, 48, 48, dtype=F64)
+    tv.eval(), fused.eval()
+    with torch.no_grad():
+        out_tv, out_f = tv(x), fused(x)
+    for key in ("out", "aux"):
+        assert _rel(out_f[key], out_tv[key]) <= 1e-12, key
+    tv.train(), fused.train()
+    outs = []
+    for model in (tv, fused):
+        torch.manual_seed(7)  # the ASPP head's Dropout draws the same mask for both
+        outs.append(model(x)["out"])
+    out_tv, out_f = outs
+    out_tv.square().mean().backward(), out_f.square().mean().backward()
+    assert _rel(out_f, out_tv) <= 1e-9
+    for (name, a), b in zip(tv.named_parameters(), fused.parameters()):
+        if a.grad is not None:
+            assert _rel(b.grad, a.grad) <= 1e-9, name
+
+
+# ------------------------------------------------------------------------------------------
+# Determinism and module state
+
+
+def test_training_step_bitwise_reproducible():
+    """Two identical fused training steps (same weights, same input) are bitwise equal, with
+    torch.use_deterministic_algorithms(True) on."""
+    _, fused = twins("resnet18", torch.float32, num_classes=10)
+    a, b = fused, copy.deepcopy(fused)
+    inputs = [torch.randn(4, 3, 32, 32) for _ in range(2)]
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        r_a, r_b = _sgd_steps(a, inputs), _sgd_steps(b, inputs)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for step in range(2):
+        assert torch.equal(r_a[step][0], r_b[step][0])
+        assert all(torch.equal(x, y) for x, y in zip(r_a[step][1], r_b[step][1]))
+    for (key, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), key
+
+
+def test_pickle_deepcopy_state_dict():
+    tv, fused = twins("resnet18", torch.float32, num_classes=10)
+    tv.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = fused(x)
+        buffer = io.BytesIO()
+        torch.save(fused, buffer)
+        buffer.seek(0)
+        copies = [pickle.loads(pickle.dumps(fused)), copy.deepcopy(fused),
+                  torch.load(buffer, weights_only=False)]
+        for c in copies:
+            assert type(c) is resnet_fused.ResNet and type(c.layer1[0]) is resnet_fused.nn.BasicBlock
+            assert torch.equal(c(x), expected)
+        fresh = resnet_fused.resnet18(num_classes=10).eval()
+        fresh.load_state_dict(pickle.loads(pickle.dumps(fused.state_dict())), strict=True)
+        assert torch.equal(fresh(x), expected)
+        torch.testing.assert_close(expected, tv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_to_dtype_memory_format_and_half():
+    tv, fused = twins("resnet18", torch.float32, num_classes=10)
+    tv.eval(), fused.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tv64, f64 = copy.deepcopy(tv).to(F64), copy.deepcopy(fused).to(F64)
+        out = f64(x.double())
+        assert out.dtype == F64 and _rel(out, tv64(x.double())) <= 1e-12
+        tv_cl = copy.deepcopy(tv64).to(memory_format=torch.channels_last)
+        f_cl = copy.deepcopy(f64).to(memory_format=torch.channels_last)
+        assert f_cl.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
+        x_cl = x.double().contiguous(memory_format=torch.channels_last)
+        assert _rel(f_cl(x_cl), tv_cl(x_cl)) <= 1e-12
+        tv_h, f_h = copy.deepcopy(tv).half(), copy.deepcopy(fused).half()
+        assert all(p.dtype == torch.float16 for p in f_h.parameters())
+        try:
+            out_tv = tv_h(x.half())
+        except RuntimeError as exc:  # no float16 convolution on this CPU build: fail the same way
+            with pytest.raises(RuntimeError):
+                f_h(x.half())
+            pytest.skip(f"float16 convolution unsupported on CPU here: {exc}")
+        out_f = f_h(x.half())
+        assert out_f.dtype == out_tv.dtype == torch.float16
+        ref = tv64(x.double())
+        err_f, err_tv = _aggregate_rel_l2([out_f], [ref]), _aggregate_rel_l2([out_tv], [ref])
+        assert err_f <= 2 * err_tv + FLOOR_ULPS * torch.finfo(torch.float16).eps, (err_f, err_tv)
+
+
+def test_frozen_stem_no_grad_inference_mode():
+    tv, fused = twins("resnet18", F64, num_classes=10)
+    for m in (tv, fused):
+        m.conv1.requires_grad_(False), m.bn1.requires_grad_(False)
+    x = torch.randn(4, 3, 32, 32, dtype=F64)
+    r_tv, r_f = _sgd_steps(tv, [x]), _sgd_steps(fused, [x])
+    assert _rel(r_f[0][0], r_tv[0][0]) <= 1e-9
+    assert fused.conv1.weight.grad is None and fused.bn1.weight.grad is None and fused.bn1.bias.grad is None
+    assert [g is None for g in r_f[0][1]] == [g is None for g in r_tv[0][1]]
+    for (name, a), b in zip(tv.named_parameters(), fused.parameters()):
+        if a.requires_grad:
+            assert _rel(b.grad, a.grad) <= 1e-9, name
+    for (key, a), b in zip(tv.state_dict().items(), fused.state_dict().values()):
+        assert _rel(b, a) <= 1e-9, key  # the frozen stem's BN still tracks statistics in train()
+    for ctx in (torch.no_grad, torch.inference_mode):
+        for mode in (True, False):
+            tv.train(mode), fused.train(mode)
+            with ctx():
+                out_tv, out_f = tv(x), fused(x)
+            assert not out_f.requires_grad and out_f.is_inference() == out_tv.is_inference()
+            assert _rel(out_f, out_tv) <= 1e-9
+    for (key, a), b in zip(tv.state_dict().items(), fused.state_dict().values()):
+        assert _rel(b, a) <= 1e-9, key  # running statistics updated under no_grad/inference_mode too
