@@ -68,7 +68,9 @@ def _autocast(x: Tensor, *tensors: Tensor | None):
     dtype checks, so a bfloat16 x with a float32 weight is accepted under autocast, as
     F.conv2d accepts it. BatchNorm parameters and statistics keep their own (float32) dtype,
     as eager BatchNorm does under autocast; the output takes the conv dtype, as eager's."""
-    if not isinstance(x, Tensor) or not torch.is_autocast_enabled(x.device.type):
+    # Devices without autocast (meta) would make is_autocast_enabled raise.
+    if (not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type)
+            or not torch.is_autocast_enabled(x.device.type)):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(x.device.type)
     return tuple(

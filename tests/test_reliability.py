@@ -80,6 +80,57 @@ _TENSOR_ARGS = ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_
 _GRAD_ARGS = ("x", "weight", "bn_weight", "bn_bias", "bias", "residual")
 
 
+def _reduction_scales(tensors: dict, grad_y, kwargs) -> dict:
+    """For each result that is a sum over many terms which may cancel, the magnitude of those
+    terms (float64): the `scale` of helpers.assert_close_to_ref ("pass the magnitude of the
+    summed terms for a quantity that is a cancellation"). Any order of summation errs by a few
+    ulps of that magnitude, however small the result.
+
+    With |x_hat| <= (conv(|x|, |w|) + |bias| + |mean|) * invstd and the BatchNorm backward's
+    dz = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) (eval: gamma * invstd * g),
+    bounded termwise by D: the output is gamma * x_hat + ..., where z - mean cancels (a channel of
+    near-constant z: invstd -> 1/sqrt(eps) amplifies it); bn_bias sums g, bn_weight sums g * x_hat (the folded eval path sums
+    g * conv(x, w) and g * (bias - running_mean) separately, two sums that cancel), conv bias
+    sums dz (exactly 0 under batch statistics), weight sums dz * x (under batch statistics
+    sum(grad_w * w) = 0 per output channel: BatchNorm is scale invariant), x sums dz * w."""
+    t = {k: (v.detach().double() if v is not None else None) for k, v in tensors.items()}
+    conv = dict(stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 0),
+                dilation=kwargs.get("dilation", 1), groups=kwargs.get("groups", 1))
+    x, w = t["x"], t["weight"]
+    z = F.conv2d(x, w, t.get("bias"), **conv)
+    batch_stats = kwargs.get("training") or t["running_mean"] is None
+    if batch_stats:
+        mean, var = z.mean(dim=(0, 2, 3)), z.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = t["running_mean"], t["running_var"]
+    invstd = torch.rsqrt(var + kwargs.get("eps", 1e-5)).view(1, -1, 1, 1)
+    x_hat_bound = F.conv2d(x.abs(), w.abs(), None, **conv) + mean.abs().view(1, -1, 1, 1)
+    if t.get("bias") is not None:
+        x_hat_bound = x_hat_bound + t["bias"].abs().view(1, -1, 1, 1)
+    # running statistics: the batch mean sums z (cancelling conv terms); the variance squares
+    # z - mean, whose error is a few ulps of |z| + |mean|
+    z_bound = x_hat_bound.amax(dim=(0, 2, 3))
+    stats = {"running_mean": x_hat_bound.mean(dim=(0, 2, 3)).max().item(),
+             "running_var": (2 * var.sqrt() * z_bound + var).max().item()}
+    x_hat_bound = x_hat_bound * invstd
+    g = grad_y.double().abs()
+    gamma = t["bn_weight"].abs().view(1, -1, 1, 1) if t["bn_weight"] is not None else 1.0
+    dz = g
+    if batch_stats:
+        dz = g + g.mean(dim=(0, 2, 3), keepdim=True) + x_hat_bound * (g * x_hat_bound).mean(dim=(0, 2, 3), keepdim=True)
+    dz = dz * gamma * invstd
+    dz_sum = dz.sum(dim=(0, 2, 3))
+    return {
+        "output": (x_hat_bound * gamma).max().item(),
+        **stats,
+        "bn_bias": g.sum(dim=(0, 2, 3)).max().item(),
+        "bn_weight": (g * x_hat_bound).sum(dim=(0, 2, 3)).max().item(),
+        "bias": torch.maximum(dz_sum, g.sum(dim=(0, 2, 3))).max().item(),
+        "weight": torch.nn.grad.conv2d_weight(x.abs(), w.shape, dz, **conv).max().item(),
+        "x": torch.nn.grad.conv2d_input(x.shape, w.abs(), dz, **conv).max().item(),
+    }
+
+
 def check_against_eager(backend: str, expect: str | None, tensors: dict, grad_y=None, **kwargs) -> None:
     """ops.conv_bn_relu on `backend` vs eager in the same dtype vs eager in float64: output,
     the gradient of every floating input, and the running statistics (helpers.assert_close_to_ref).
@@ -92,6 +143,7 @@ def check_against_eager(backend: str, expect: str | None, tensors: dict, grad_y=
         args = {}
         for k, v in tensors.items():
             if v is None:
+                args[k] = None
                 continue
             v = v.detach() if dt is None else v.detach().to(dt)
             args[k] = v.clone() if k.startswith("running") else v.requires_grad_()
@@ -106,22 +158,20 @@ def check_against_eager(backend: str, expect: str | None, tensors: dict, grad_y=
             y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y.device)
         if g.dtype != y.dtype:
             g = g.to(y.dtype)
-        inputs = [k for k in _GRAD_ARGS if k in args]
+        inputs = [k for k in _GRAD_ARGS if args.get(k) is not None]
         with resnet_fused.use_backend(backend):
             grads = torch.autograd.grad(y, [args[k] for k in inputs], g)
-        runs.append((y, dict(zip(inputs, grads)), {k: args[k] for k in ("running_mean", "running_var") if k in args}))
+        runs.append((y, dict(zip(inputs, grads)),
+                     {k: args[k] for k in ("running_mean", "running_var") if args.get(k) is not None}))
     (y64, g64, s64), (ye, ge, se), (yf, gf, sf) = runs
-    assert_close_to_ref(yf, ye, y64, f"{backend} output")
-    use_batch_stats = kwargs.get("training") or tensors.get("running_mean") is None
-    # Under batch statistics a conv bias's gradient is a sum that cancels to ~0: judge it against
-    # the size of the summed terms (as test_ops.run_unit_case does).
-    bias_scale = g.double().abs().sum(dim=(0, 2, 3)).max().item() if use_batch_stats else None
+    scales = _reduction_scales(tensors, g, kwargs)
+    assert_close_to_ref(yf, ye, y64, f"{backend} output", scale=max(scales["output"], y64.abs().max().item()))
     for name in g64:
         assert gf[name].shape == tensors[name].shape, name
-        assert_close_to_ref(gf[name], ge[name], g64[name], f"{backend} grad {name}",
-                            scale=bias_scale if name == "bias" else None)
+        assert_close_to_ref(gf[name], ge[name], g64[name], f"{backend} grad {name}", scale=scales.get(name))
     for name in s64:
-        assert_close_to_ref(sf[name], se[name], s64[name], f"{backend} {name}")
+        assert_close_to_ref(sf[name], se[name], s64[name], f"{backend} {name}",
+                            scale=max(scales[name], s64[name].abs().max().item()))
 
 
 def _unit(n=2, c_in=4, c_out=6, hw=5, k=3, dtype=torch.float32, residual=True, bias=False, **conv):
@@ -269,6 +319,19 @@ def test_bad_arguments_of_the_good_kwargs_are_good():
 def test_add_relu_bad_arguments(backend, x, residual, error, match):
     with resnet_fused.use_backend(backend), pytest.raises(error, match=match):
         ops.add_relu(x, residual)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_meta_tensors_give_shapes_as_eager(training):
+    """Every tensor on the meta device (shape inference, deferred initialization): the output's
+    shape, dtype and device are eager's, and backward runs."""
+    tensors, conv = _unit(n=2, bias=True, stride=2)
+    meta = {k: v.to("meta").requires_grad_(k in _GRAD_ARGS) for k, v in tensors.items() if v is not None}
+    y = ops.conv_bn_relu(**meta, training=training, **conv)
+    ye = eager_conv_bn_relu(**meta, training=training, **conv)
+    assert (y.shape, y.dtype, y.device) == (ye.shape, ye.dtype, ye.device)
+    grads = torch.autograd.grad(y, [meta[k] for k in _GRAD_ARGS], torch.ones_like(y))
+    assert [g.shape for g in grads] == [meta[k].shape for k in _GRAD_ARGS]
 
 
 def test_bn_vectors_of_another_floating_dtype_are_accepted():
