@@ -136,7 +136,7 @@ def _run_case(case, backend):
     )
 
 
-_SETTINGS = dict(deadline=None, derandomize=True, print_blob=True,
+_SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
                  suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
 
