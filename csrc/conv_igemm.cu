@@ -311,7 +311,7 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (EPI == Epilogue::Eval) {
       v = fmaf(v, __ldg(ep.scale + co), __ldg(ep.shift + co));
       if (ep.residual != nullptr) v += to_float(static_cast<const T*>(ep.residual)[off]);
-      if (ep.relu) v = fmaxf(v, 0.f);
+      if (ep.relu) v = v <= 0.f ? 0.f : v;  // NaN stays NaN, as torch.relu
       out[off] = from_float<T>(v);
     } else {
       if (ep.bias != nullptr) v += __ldg(ep.bias + co);

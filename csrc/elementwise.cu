@@ -20,6 +20,9 @@ constexpr int kThreads = 256;
 // ---------------------------------------------------------------------------------------
 // add_relu: y = relu(x + r). Layout-agnostic (x, r, y share one dense layout).
 
+// Not fmaxf(v, 0): NaN must stay NaN, as torch.relu leaves it.
+__device__ __forceinline__ float relu_f(float v) { return v <= 0.f ? 0.f : v; }
+
 template <typename T, int VEC>
 __global__ void add_relu_kernel(const T* __restrict__ x, const T* __restrict__ r, T* __restrict__ y,
                                 int64_t numel) {
@@ -31,12 +34,12 @@ __global__ void add_relu_kernel(const T* __restrict__ x, const T* __restrict__ r
     const Vec<T, VEC> b = load_vec<T, VEC>(r + i * VEC);
     Vec<T, VEC> out;
 #pragma unroll
-    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(fmaxf(to_float(a.v[j]) + to_float(b.v[j]), 0.f));
+    for (int j = 0; j < VEC; ++j) out.v[j] = from_float<T>(relu_f(to_float(a.v[j]) + to_float(b.v[j])));
     store_vec<T, VEC>(y + i * VEC, out);
   }
   // Tail (numel % VEC elements), one per thread.
   const int64_t tail = n_vec * VEC + tid;
-  if (tail < numel) y[tail] = from_float<T>(fmaxf(to_float(x[tail]) + to_float(r[tail]), 0.f));
+  if (tail < numel) y[tail] = from_float<T>(relu_f(to_float(x[tail]) + to_float(r[tail])));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -59,7 +62,7 @@ __global__ void bn_apply_kernel(const T* __restrict__ z, const float* __restrict
     for (int j = 0; j < VEC; ++j) {
       float v = fmaf(to_float(a.v[j]), __ldg(scale + c0 + j), __ldg(shift + c0 + j));
       if (r != nullptr) v += to_float(res.v[j]);
-      if (relu) v = fmaxf(v, 0.f);
+      if (relu) v = relu_f(v);
       out.v[j] = from_float<T>(v);
     }
     store_vec<T, VEC>(y + i * VEC, out);
@@ -72,7 +75,7 @@ __global__ void bn_apply_kernel(const T* __restrict__ z, const float* __restrict
 // chunk blockIdx.y. The by per-thread sums are then added in ty order (deterministic).
 
 __device__ __forceinline__ float relu_mask(float g, float y_val, bool relu) {
-  return (relu && !(y_val > 0.f)) ? 0.f : g;
+  return (relu && y_val <= 0.f) ? 0.f : g;  // threshold_backward: a NaN output passes g
 }
 
 template <int VEC, int NQ>

@@ -196,7 +196,7 @@ def _make_autograd(ops):
 
     def backward_add_relu(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        grad = torch.where(y > 0, grad_y, 0)
+        grad = torch.where(y <= 0, 0, grad_y)  # as threshold_backward: NaN outputs pass grad
         return grad, grad
 
     return {

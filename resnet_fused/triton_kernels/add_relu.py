@@ -10,13 +10,19 @@ from ._config import interpret
 
 
 @triton.jit
+def _relu(v):
+    # Not tl.maximum(v, 0): NaN must stay NaN, as torch.relu leaves it.
+    return tl.where(v <= 0.0, 0.0, v)
+
+
+@triton.jit
 def _add_relu_kernel(x_ptr, r_ptr, y_ptr, numel, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, tl.maximum(x + r, 0.0).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, _relu(x + r).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def add_relu(x, residual, out):

@@ -104,7 +104,7 @@ def _bn_apply_kernel(
         y += tl.load(res_ptr + (n_idx * srn + hw * srhw)[:, None] + (offs_c * src)[None, :], mask=mask,
                      other=0.0).to(tl.float32)
     if RELU:
-        y = tl.maximum(y, 0.0)
+        y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
     tl.store(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :],
              y.to(y_ptr.dtype.element_ty), mask=mask)
 
@@ -166,7 +166,7 @@ def _bn_bwd_reduce_kernel(
                 other=0.0).to(tl.float32)
     if RELU:
         y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
-        g = tl.where(y > 0, g, 0.0)
+        g = tl.where(y <= 0, 0.0, g)  # threshold_backward: a NaN output passes its grad
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_c * szc)[None, :], mask=mask, other=0.0)
     zc = tl.where(mask, z.to(tl.float32) - mean[None, :], 0.0)
@@ -212,7 +212,7 @@ def _bn_bwd_dz_kernel(
                     other=0.0).to(tl.float32)
         if RELU:
             y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
-            g = tl.where(y > 0, g, 0.0)
+            g = tl.where(y <= 0, 0.0, g)  # threshold_backward: a NaN output passes its grad
         if WRITE_RES:
             tl.store(gres_ptr + (n_idx * srn + hw * srhw)[:, None] + (offs_c * src)[None, :],
                      g.to(gres_ptr.dtype.element_ty), mask=mask)
@@ -272,7 +272,7 @@ def _eval_bwd_g_kernel(
     g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask, other=0.0)
     if RELU:
         y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
-        g = tl.where(y > 0, g, 0.0)
+        g = tl.where(y <= 0, 0.0, g)  # threshold_backward: a NaN output passes its grad
     if WRITE_G:
         tl.store(g_ptr + (n_idx * son + hw * sohw)[:, None] + (offs_c * soc)[None, :],
                  g.to(g_ptr.dtype.element_ty), mask=mask)

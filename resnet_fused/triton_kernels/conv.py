@@ -109,7 +109,7 @@ def _conv_fwd_kernel(
             r_offs = (n_idx * srn + hw * srhw)[:, None] + (offs_co * src)[None, :]
             y += tl.load(res_ptr + r_offs, mask=mask2, other=0.0).to(tl.float32)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
         tl.store(out_ptr + out_offs, y.to(out_dtype), mask=mask2)
     else:
         z = acc
