@@ -134,10 +134,12 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             or input.device.type in _torch_sync_devices()
             or not (dist.is_available() and dist.is_initialized())
         ):
-            return super().forward(input)
+            return super().forward(input)  # torch's: its own sync, or no sync (no device check then)
         group = self.process_group if self.process_group else dist.group.WORLD
         if dist.get_world_size(group) == 1:
-            return super().forward(input)
+            # torch.nn.SyncBatchNorm's fallback for one process (F.batch_norm), without the
+            # device check it applies first.
+            return nn.modules.batchnorm._BatchNorm.forward(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         momentum = 0.0 if self.momentum is None else self.momentum  # as torch.nn.SyncBatchNorm.forward

@@ -303,6 +303,11 @@ def _sync_bn_worker(rank, sizes):
     assert isinstance(model.bn1, nn.SyncBatchNorm)
     result["ours"] = _sgd_steps(model, inputs, loss_fn, after_backward=_average_gradients)
     result["ours_state"] = _float_state(model)
+    # A process group of one (here: each rank's own) is plain BatchNorm, as torch's is.
+    groups = [dist.new_group([0]), dist.new_group([1])]
+    alone = resnet_fused.convert_sync_batchnorm(copy.deepcopy(fused), process_group=groups[rank]).train()
+    x = _global_batches(sizes)[0][-4:]
+    result["alone"] = _rel(alone(x), tv.train()(x))
     return result
 
 
@@ -333,6 +338,7 @@ def test_sync_batchnorm_two_processes_uneven(distributed_results):
     for r in results:
         for (key, a), (_, b), (_, c) in zip(_float_state(tv), r["ours_state"], _float_state(perturbed)):
             _check(key, a, b, c, 1)
+        assert r["alone"] <= 1e-12
 
 
 def test_convert_sync_batchnorm_single_process_and_back():
