@@ -439,16 +439,6 @@ NONFINITE = {
     "weight_nan": ("weight", (2, 1, 1, 1), float("nan")),
 }
 
-# The fused kernels' ReLU drops NaN, eager's relu keeps it: Triton's tl.maximum(v, 0.0) without
-# propagate_nan=tl.PropagateNan.ALL (triton_kernels/conv.py, batchnorm.py, add_relu.py), CUDA's
-# fmaxf(v, 0.f) (csrc/conv_igemm.cu, elementwise.cu); their ReLU backward masks with y > 0 where
-# eager's threshold_backward passes the gradient of a NaN output. Strict: a fix makes these pass.
-_RELU_NAN = {
-    "triton": pytest.mark.xfail(strict=True, reason="triton kernels: ReLU maps NaN to 0 (tl.maximum)"),
-    "cuda": pytest.mark.xfail(strict=True, reason="cuda kernels: ReLU maps NaN to 0 (fmaxf, read from csrc)"),
-}
-
-
 def _nonfinite_params():
     for backend in BACKENDS:
         name = backend if isinstance(backend, str) else backend.values[0]
@@ -456,12 +446,10 @@ def _nonfinite_params():
         for relu in (True, False):
             for where in NONFINITE:
                 for training in (False, True):
-                    # NaN reaches the ReLU: a NaN input, or an infinite x under batch statistics
-                    # (mean = inf, inf - inf = NaN); a single inf input stays finite or inf in eval.
-                    nan_case = "nan" in where or (training and where.startswith("x_"))
-                    extra = (_RELU_NAN[name],) if name in _RELU_NAN and relu and nan_case else ()
+                    # NaN reaches the ReLU with a NaN input, or with an infinite x under batch
+                    # statistics (mean = inf, inf - inf = NaN); the fused ReLUs once mapped it to 0.
                     mode = "train" if training else "eval"
-                    yield pytest.param(name, relu, where, training, marks=(*marks, *extra),
+                    yield pytest.param(name, relu, where, training, marks=marks,
                                        id=f"{name}-{'relu' if relu else 'noact'}-{where}-{mode}")
 
 
@@ -502,9 +490,7 @@ def test_nan_and_inf_propagate_as_in_eager(backend, relu, where, training):
         _assert_same_nonfinite(af[k], ae[k], k)
 
 
-@pytest.mark.parametrize("backend", [
-    b if isinstance(b, str) else pytest.param(b.values[0], marks=(*b.marks, _RELU_NAN[b.values[0]]))
-    for b in BACKENDS])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_add_relu_nan_and_inf_forward(backend):
     x = torch.tensor([float("nan"), float("inf"), float("-inf"), 1.0, -1.0, float("inf")], device=DEVICE)
@@ -516,15 +502,17 @@ def test_add_relu_nan_and_inf_forward(backend):
     _assert_same_nonfinite(y, torch.relu(x + r), "add_relu output")
 
 
-@pytest.mark.xfail(strict=True, reason="_library.py add_relu backward masks with y > 0: a NaN output gets a 0 "
-                                       "gradient where eager's threshold_backward passes it")
-def test_add_relu_nan_gradient_as_in_eager():
-    x = torch.tensor([float("nan"), 1.0, -1.0]).requires_grad_()
-    r = torch.zeros(3, requires_grad=True)
-    with resnet_fused.use_backend("reference"):
-        (gx,) = torch.autograd.grad(ops.add_relu(x, r), x, torch.ones(3))
-    (gx_eager,) = torch.autograd.grad(torch.relu(x + r), x, torch.ones(3))
-    assert torch.equal(gx, gx_eager), (gx, gx_eager)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_add_relu_nan_gradient_as_in_eager(backend):
+    """A NaN output passes its gradient, as eager's threshold_backward does (y <= 0 masks)."""
+    x = torch.tensor([float("nan"), 1.0, -1.0, 0.0], device=DEVICE).view(1, 1, 1, 4).requires_grad_()
+    r = torch.zeros(1, 1, 1, 4, device=DEVICE, requires_grad=True)
+    g = torch.tensor([2.0, 3.0, 4.0, 5.0], device=DEVICE).view(1, 1, 1, 4)
+    with resnet_fused.use_backend(backend), record_namespaces() as seen:
+        gx, gr = torch.autograd.grad(ops.add_relu(x, r), (x, r), g)
+    assert seen == [NAMESPACES[backend]]
+    gx_eager, gr_eager = torch.autograd.grad(torch.relu(x + r), (x, r), g)
+    assert torch.equal(gx, gx_eager) and torch.equal(gr, gr_eager), (gx, gx_eager)
 
 
 # ---------------------------------------------------------------------------------------
