@@ -124,7 +124,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     torch's implementation rejects, CPU with the gloo backend included: there it all-reduces
     the per-channel sum, count and squared deviations itself. On CUDA it is torch's.
 
-    Not fused: a block whose norm is a SyncBatchNorm runs that unit module by module."""
+    Not fused: a block whose norm is a SyncBatchNorm runs that unit module by module.
+    torch's DistributedDataParallel refuses any SyncBatchNorm in a CPU module ("SyncBatchNorm
+    layers only work with GPU modules"); on CPU, average the gradients yourself (all_reduce)."""
 
     def forward(self, input: Tensor) -> Tensor:
         import torch.distributed as dist
