@@ -16,6 +16,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -75,6 +76,12 @@ void check_channel_vector(const Tensor& t, const char* name, int64_t channels, c
   TORCH_CHECK(t.dim() == 1 && t.numel() == channels, kPrefix, op, ": ", name, " must be 1-D with ", channels,
               " elements, got shape ", t.sizes());
   TORCH_CHECK(t.is_floating_point(), kPrefix, op, ": ", name, " must be floating point, got ", t.scalar_type());
+}
+
+void check_residual(const Tensor& residual, const std::vector<int64_t>& out_size, const Tensor& x, const char* op) {
+  check_like(residual, "residual", x, op);
+  TORCH_CHECK(residual.sizes() == at::IntArrayRef(out_size), kPrefix, op, ": residual must have the conv output's shape ",
+              at::IntArrayRef(out_size), ", got ", residual.sizes());
 }
 
 // The layout the reference gives an op's activation outputs: channels_last iff x is.
@@ -204,12 +211,7 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
   check_channel_vector(scale, "scale", s.c_out, x, op);
   check_channel_vector(shift, "shift", s.c_out, x, op);
   const std::vector<int64_t> out_size{s.n, s.c_out, s.h_out, s.w_out};
-  if (residual.has_value()) {
-    check_like(*residual, "residual", x, op);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), kPrefix, op,
-                ": residual must have the conv output's shape ", at::IntArrayRef(out_size), ", got ",
-                residual->sizes());
-  }
+  if (residual.has_value()) check_residual(*residual, out_size, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
   Output y(out_size, x.options(), layout_of(x));
   if (y.out.numel() == 0) return y.out;
@@ -240,12 +242,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const 
   check_channel_vector(bn_weight, "bn_weight", s.c_out, x, op);
   check_channel_vector(bn_bias, "bn_bias", s.c_out, x, op);
   const std::vector<int64_t> out_size{s.n, s.c_out, s.h_out, s.w_out};
-  if (residual.has_value()) {
-    check_like(*residual, "residual", x, op);
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_size), kPrefix, op,
-                ": residual must have the conv output's shape ", at::IntArrayRef(out_size), ", got ",
-                residual->sizes());
-  }
+  if (residual.has_value()) check_residual(*residual, out_size, x, op);
   const c10::cuda::CUDAGuard device_guard(x.device());
   const cudaStream_t stream = current_stream(x);
   const at::MemoryFormat format = layout_of(x);
