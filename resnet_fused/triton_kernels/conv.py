@@ -27,6 +27,14 @@ from ._config import conv_block_m, conv_configs, interpret, wgrad_configs
 FLAT_K_BELOW = 16
 
 
+@triton.jit
+def _pixel_rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
+    """The GEMM rows of tile pid_m: flat pixel indices (int64), their mask, and (n, h*W+w, h, w)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    hw = offs_m % HW
+    return offs_m, offs_m < M, offs_m // HW, hw, hw // W, hw % W
+
+
 @triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
@@ -45,12 +53,7 @@ def _conv_fwd_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     grp = tl.program_id(2).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = offs_m < M
-    n_idx = offs_m // HWO
-    hw = offs_m % HWO
-    ho = hw // WO
-    wo = hw % WO
+    offs_m, m_mask, n_idx, hw, ho, wo = _pixel_rows(pid_m, M, HWO, WO, BLOCK_M)
 
     offs_co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     co_mask = offs_co_g < C_OUT_G
@@ -188,12 +191,7 @@ def _conv_dgrad_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     grp = tl.program_id(2).to(tl.int64)
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    m_mask = offs_m < M
-    n_idx = offs_m // HW
-    hw = offs_m % HW
-    h = hw // W
-    w = hw % W
+    offs_m, m_mask, n_idx, hw, h, w = _pixel_rows(pid_m, M, HW, W, BLOCK_M)
 
     offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     ci_mask = offs_ci_g < C_IN_G
