@@ -50,6 +50,14 @@ def wgrad_configs() -> list[triton.Config]:
     return conv_configs()
 
 
+def m_bucket(m: int) -> int:
+    """The GEMM row count as the autotuner sees it: rounded up to a power of two, so a new
+    batch size or resolution reuses the config tuned for its bucket instead of benchmarking
+    again and growing the cache by one entry per distinct M (bounded: ~log2(M_max) entries
+    per layer shape). Configs depend on M only through the tile-count regime."""
+    return triton.next_power_of_2(max(int(m), 1))
+
+
 def conv_block_m() -> int:
     return 64 if interpret() else 128
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import conv_block_m, conv_configs, interpret, wgrad_configs
+from ._config import conv_block_m, conv_configs, interpret, m_bucket, wgrad_configs
 
 # Input channels per group below which the K loop flattens (kh, kw, c) (see FLAT_K).
 FLAT_K_BELOW = 16
@@ -35,11 +35,11 @@ def _pixel_rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
     return offs_m, offs_m < M, offs_m // HW, hw, hw // W, hw % W
 
 
-@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
-    M, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW,
+    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
@@ -158,7 +158,7 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
     wrap_triton(_conv_fwd_kernel)[grid](
         x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
         pmean if train else dummy, pm2 if train else dummy,
-        m, ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw,
+        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
@@ -175,11 +175,11 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
 # K = (kh, kw, output channel); taps whose (h + p - kh * d) is not a multiple of s are masked.
 
 
-@triton.autotune(configs=conv_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"])
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, scale_ptr, dx_ptr,
-    M, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW,
+    M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
@@ -267,7 +267,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
     grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
     wrap_triton(_conv_dgrad_kernel)[grid](
         dz, weight, scale if scale is not None else dz, grad_x,
-        m, h * w, w, ho, wo, c_in_g, c_out // groups, kh, kw,
+        m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out // groups, kh, kw,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
@@ -283,11 +283,11 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
 # that wgrad_finalize sums in a fixed order (deterministic, no atomics).
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"])
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
-    M, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT,
+    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT,
     STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
     sdn, sdc, sdhw,
     sxn, sxc, sxh, sxw,
@@ -433,7 +433,7 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
         triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, meta["BLOCK_N"]), axis1, split)
     wrap_triton(_conv_wgrad_kernel)[grid](
         dz, x, part,
-        m, ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split,
+        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split,
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
         dz.stride(0), dz.stride(1), _hw_stride(dz),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
