@@ -1,26 +1,33 @@
 """The main job: how much faster is the fused ResNet, and is it still the same network?
 
-    python -m resnet_fused.benchmark [--model resnet50] [--batch 32] [--precision bf16]
-                                     [--mode infer|train] [--json results.json]
+    python -m resnet_fused.benchmark [--model resnet50] [--batch 64] [--precision bf16]
+                                     [--mode infer|train] [--compile] [--max-autotune] [--json PATH]
 
-Runs on the best device present. For each provider (the fused model on each usable
-backend, torchvision eager, optionally torch.compile of torchvision) it times
-inference or a training step (median of --iters, after --warmup untimed runs; CUDA
-events on GPU) and reports images/s, the speedup over torchvision eager measured in
-the same run, and the largest |logit difference| against torchvision on the same input.
-On CPU only the reference path can run: the fused kernels need a GPU, and this says so.
+Runs on the best device present. For each provider (the fused model on each fused backend,
+on `auto`, torchvision eager at its strongest: channels_last and the same precision, and
+optionally torch.compile of torchvision) it times inference or a full training step
+(forward, backward, SGD step) and prints images/s, the speedup over torchvision eager
+measured in the same run, the largest |logit difference| against torchvision on the same
+input, the peak GPU memory, and which backend the fused ops actually ran on.
+
+On CPU only the reference path can run: the fused CUDA and Triton kernels need a GPU, and
+the output says so. The pieces below (providers, steps, timing) are shared with the
+pytest-benchmark suites and the GPU report in benchmarks/.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import copy
+import gc
 import json
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torchvision
@@ -28,6 +35,292 @@ import torchvision
 import resnet_fused
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Every model provider. "fused-*" are resnet_fused models on one backend; the rest are
+# torchvision's model, eager or compiled.
+FUSED_PROVIDERS = ("fused-cuda", "fused-triton", "fused-auto", "fused-reference")
+TORCHVISION_PROVIDERS = (
+    "torchvision-eager",
+    "torchvision-compile",                     # torch.compile(model), default mode
+    "torchvision-compile-max-autotune",        # mode="max-autotune"
+    "torchvision-compile-max-autotune-freezing",  # and torch._inductor.config.freezing (inference only)
+)
+MODEL_PROVIDERS = FUSED_PROVIDERS + TORCHVISION_PROVIDERS
+EAGER = "torchvision-eager"
+
+
+def provider_backend(provider: str) -> str | None:
+    """The resnet_fused backend a provider runs on (None: torchvision's model)."""
+    return provider.removeprefix("fused-") if provider.startswith("fused-") else None
+
+
+def provider_skip_reason(provider: str, device: torch.device, mode: str = "infer") -> str | None:
+    """Why `provider` cannot run here, or None."""
+    if provider not in MODEL_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {MODEL_PROVIDERS}")
+    backend = provider_backend(provider)
+    if backend in ("cuda", "triton"):
+        if device.type != "cuda":
+            # Under TRITON_INTERPRET=1 the Triton kernels run on CPU, but the interpreter is a
+            # test vehicle: timing it would say nothing about the kernels.
+            return f"the fused {backend} kernels need a CUDA GPU"
+        return resnet_fused.available_backends()[backend]
+    if provider.endswith("-freezing") and mode != "infer":
+        return "inductor freezing applies to inference only"
+    return None
+
+
+def default_providers(device: torch.device, compile_default: bool = False, max_autotune: bool = False) -> list[str]:
+    """The providers the main job compares by default on this device (skipped ones included,
+    so the table says why they did not run)."""
+    out = ["fused-cuda", "fused-triton", "fused-auto" if device.type == "cuda" else "fused-reference", EAGER]
+    if compile_default:
+        out.append("torchvision-compile")
+    if max_autotune:
+        out += ["torchvision-compile-max-autotune", "torchvision-compile-max-autotune-freezing"]
+    return out
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of the autocast context for `precision` (fp32: none; TF32 is a global switch)."""
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def configure_device(device: torch.device) -> None:
+    """Eager at its strongest on a GPU: cuDNN autotuning, TF32 for float32 (the
+    'fp32/TF32' precision; the fused kernels follow the same flags)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Freshly initialized BatchNorm (mean 0, var 1, gamma 1, beta 0) would make the logit
+    check trivially exact; give every BN the non-trivial statistics a trained model has."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                for t, (lo, hi) in ((m.running_mean, (-0.5, 0.5)), (m.running_var, (0.5, 1.5)),
+                                    (m.weight, (0.5, 1.5)), (m.bias, (-0.5, 0.5))):
+                    t.copy_(torch.rand(t.shape, generator=gen) * (hi - lo) + lo)
+    return model
+
+
+def torchvision_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
+    """torchvision's `name` (random weights, non-trivial BatchNorm), channels_last on `device`."""
+    torch.manual_seed(seed)
+    model = randomize_batchnorm(getattr(torchvision.models, name)(), seed)
+    return model.to(device, memory_format=torch.channels_last)
+
+
+def model_input(batch: int, image_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """A fixed random image batch, channels_last."""
+    x = torch.randn(batch, 3, image_size, image_size, generator=torch.Generator().manual_seed(seed))
+    return x.to(device).contiguous(memory_format=torch.channels_last)
+
+
+def build_model(provider: str, tv_model: torch.nn.Module) -> torch.nn.Module:
+    """A fresh model for `provider` with tv_model's parameters and buffers (tv_model is left as it is)."""
+    backend = provider_backend(provider)
+    if backend is not None:
+        return resnet_fused.from_torchvision(tv_model)  # a copy
+    model = copy.deepcopy(tv_model)
+    if provider == EAGER:
+        return model
+    # Each compiled provider starts from an empty dynamo cache: every new model instance adds
+    # cache entries for the same forward code, and past torch._dynamo's recompile limit it
+    # would silently fall back to eager.
+    torch._dynamo.reset()
+    mode = None if provider == "torchvision-compile" else "max-autotune"
+    return torch.compile(model, mode=mode)
+
+
+def _provider_context(provider: str) -> contextlib.AbstractContextManager:
+    """Entered around every call of the provider's model."""
+    backend = provider_backend(provider)
+    if backend is not None:
+        return resnet_fused.use_backend(backend)
+    if provider.endswith("-freezing"):
+        # Read when inductor compiles, i.e. on the first (warm-up) call.
+        return torch._inductor.config.patch(freezing=True)
+    return contextlib.nullcontext()
+
+
+def model_step(provider: str, model: torch.nn.Module, x: torch.Tensor, mode: str,
+               autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], object]:
+    """The timed unit: one inference forward (eval, inference_mode) or one full training step
+    (forward, cross-entropy, backward, SGD step with momentum)."""
+    if mode == "infer":
+        model.eval()
+
+        def infer():
+            with _provider_context(provider), torch.inference_mode(), autocast():
+                return model(x)
+        return infer
+    if mode != "train":
+        raise ValueError(f"mode must be 'infer' or 'train', got {mode!r}")
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    target = torch.randint(0, 1000, (x.shape[0],), generator=torch.Generator().manual_seed(0)).to(x.device)
+
+    def train():
+        with _provider_context(provider):
+            opt.zero_grad(set_to_none=True)
+            with autocast():
+                loss = torch.nn.functional.cross_entropy(model(x), target)
+            loss.backward()
+            opt.step()
+        return loss
+    return train
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, rounds: int, flush_l2: bool = False) -> list[float]:
+    """Seconds per call of fn over `rounds` calls (warm fn up first: nothing here compiles).
+
+    On a GPU each call sits between two CUDA events and the host synchronizes once at the
+    end, so the times are the GPU's (plus any launch gaps the host leaves). With
+    flush_l2, a 256 MiB buffer is zeroed before each call, outside the events, so no
+    call finds its inputs in L2 from the previous one."""
+    if device.type != "cuda":
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times
+    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if flush_l2 else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
+    for start, end in zip(starts, ends):
+        if l2_flush is not None:
+            l2_flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+
+
+def rounds_for(seconds_per_call: float, target_seconds: float, lo: int, hi: int) -> int:
+    """How many timed rounds fill about target_seconds, within [lo, hi]."""
+    return int(min(hi, max(lo, target_seconds / max(seconds_per_call, 1e-6))))
+
+
+def summarize(times: list[float]) -> dict:
+    """Median and 20th/80th percentiles, in milliseconds."""
+    ordered = sorted(times)
+
+    def pct(q):
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+    return dict(median_ms=statistics.median(ordered) * 1e3, p20_ms=pct(0.2), p80_ms=pct(0.8), rounds=len(times))
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Counts, per backend name, the fused-op calls made inside the block: which backend
+    `auto` (or an explicit backend, per call) really ran. Ops that a unit runs unfused,
+    module by module, are not counted."""
+    from . import ops as ops_module
+
+    counts: collections.Counter = collections.Counter()
+    original = ops_module.select_ops
+
+    def recording(op_name, *args):
+        namespace = original(op_name, *args)
+        name = namespace.name
+        counts["reference" if name == "resnet_fused" else name.removeprefix("resnet_fused_")] += 1
+        return namespace
+    ops_module.select_ops = recording
+    try:
+        yield counts
+    finally:
+        ops_module.select_ops = original
+
+
+def max_memory_mb(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
+                     reference_logits: torch.Tensor, warmup: int) -> tuple[Callable[[], object], dict]:
+    """Builds `provider`'s model, checks its eval logits against reference_logits (before any
+    training step changes the weights), then warms its step up: the first call (torch.compile,
+    Triton autotuning, cuDNN's search) is timed on its own as warmup_s, then `warmup` more.
+    Returns (step, info)."""
+    device = x.device
+    autocast = autocast_for(device, precision)
+    model = build_model(provider, tv_model)
+    info: dict = dict(backends_used=None)
+    model.eval()
+    with _provider_context(provider), torch.inference_mode(), autocast():
+        if provider_backend(provider) is not None:
+            with record_backends() as counts:
+                logits = model(x)
+            info["backends_used"] = dict(counts)
+        else:
+            logits = model(x)
+        info["max_abs_logit_diff"] = (logits.float() - reference_logits).abs().max().item()
+    del logits
+    step = model_step(provider, model, x, mode, autocast)
+    t0 = time.perf_counter()
+    step()
+    synchronize(device)
+    info["warmup_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(max(warmup, 1)):
+        step()
+    synchronize(device)
+    info["seconds_per_call"] = (time.perf_counter() - t0) / max(warmup, 1)
+    return step, info
+
+
+def run_model_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
+                       reference_logits: torch.Tensor, *, warmup: int, rounds: int | None,
+                       target_seconds: float = 2.0, max_rounds: int = 50) -> dict:
+    """Times one provider (median over `rounds` steps; None: about target_seconds' worth) and
+    returns one result row with images/s, its logit check and, on a GPU, its peak memory."""
+    device = x.device
+    step, info = prepare_provider(provider, tv_model, x, mode, precision, reference_logits, warmup)
+    if rounds is None:
+        rounds = rounds_for(info.pop("seconds_per_call"), target_seconds, lo=5, hi=max_rounds)
+    else:
+        info.pop("seconds_per_call")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        memory_before_mb = torch.cuda.memory_allocated(device) / 2**20
+    times = measure(step, device, rounds)
+    row = dict(provider=provider, status="ok", **summarize(times), **info)
+    row["images_per_s"] = x.shape[0] / (row["median_ms"] / 1e3)
+    if device.type == "cuda":
+        row["peak_memory_mb"] = max_memory_mb(device)
+        row["memory_before_mb"] = memory_before_mb
+    del step
+    release_memory(device)
+    return row
+
+
+def release_memory(device: torch.device) -> None:
+    """Frees what the previous provider held, so peak memory is per provider."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reference_logits_for(tv_model: torch.nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
+    """torchvision eager's eval logits, float32: what every provider is compared with."""
+    tv_model.eval()
+    with torch.inference_mode(), autocast_for(x.device, precision)():
+        return tv_model(x).float()
 
 
 def _parse(argv):
@@ -37,77 +330,29 @@ def _parse(argv):
     p.add_argument("--image-size", type=int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast precision (default: bf16 on GPU, fp32 on CPU); fp32 allows TF32 on GPU")
-    p.add_argument("--mode", choices=("infer", "train"), default="infer")
+    p.add_argument("--mode", choices=("infer", "train"), default="infer",
+                   help="infer: eval forward under inference_mode; train: forward, backward, SGD step")
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 50 on GPU, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 GPU, 1 CPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision model)")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="also time torch.compile(mode='max-autotune'), and with inductor freezing for infer (slow to compile)")
+    p.add_argument("--providers", default=None,
+                   help=f"comma-separated providers to run instead of the defaults; any of {', '.join(MODEL_PROVIDERS)}")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results and provenance here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def _timer(device):
-    """Returns run(fn, iters) -> list of per-iteration seconds."""
-    if device.type == "cuda":
-        def run(fn, iters):
-            times = []
-            for _ in range(iters):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            return times
-    else:
-        def run(fn, iters):
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return times
-    return run
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "CPU")
 
 
-def _step_fn(model, x, mode, autocast):
-    if mode == "infer":
-        model.eval()
-
-        def infer():
-            with torch.inference_mode(), autocast():
-                return model(x)
-        return infer
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    target = torch.randint(0, 1000, (x.shape[0],), device=x.device) % model.fc.out_features
-
-    def train():
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            loss = torch.nn.functional.cross_entropy(model(x), target)
-        loss.backward()
-        opt.step()
-        return loss
-    return train
-
-
-def _providers(device, args):
-    """(name, backend or None for torchvision, compile?) for what can run here."""
-    out = []
-    reasons = resnet_fused.available_backends()
-    if device.type == "cuda":
-        for backend in ("cuda", "triton"):
-            if reasons[backend] is None:
-                out.append((f"fused-{backend}", backend, False))
-        out.append(("fused-auto", "auto", False))
-    else:
-        out.append(("fused-reference", "reference", False))
-    out.append(("torchvision-eager", None, False))
-    if args.compile:
-        out.append(("torchvision-compile", None, True))
-    return out
+def _format_backends(used: dict | None) -> str:
+    if not used:
+        return "-"
+    return ", ".join(f"{name} x{count}" for name, count in sorted(used.items()))
 
 
 def main(argv=None) -> int:
@@ -119,37 +364,26 @@ def main(argv=None) -> int:
     precision = args.precision or ("bf16" if on_gpu else "fp32")
     iters = args.iters or (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    dtype = PRECISIONS[precision]
-    if on_gpu:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    configure_device(device)
+    if args.providers:
+        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
+        unknown = [p for p in providers if p not in MODEL_PROVIDERS]
+        if unknown:
+            print(f"unknown provider(s) {unknown}; choose from {', '.join(MODEL_PROVIDERS)}", file=sys.stderr)
+            return 2
+        if EAGER not in providers:
+            providers.insert(0, EAGER)  # the speedup baseline
     else:
-        print("No CUDA GPU: timing the reference path on CPU. The fused CUDA and Triton kernels need a GPU; "
-              f"backends here: {resnet_fused.available_backends()}", file=sys.stderr)
+        providers = default_providers(device, args.compile, args.max_autotune)
+    if not on_gpu:
+        print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "
+              "backend (pure PyTorch) runs against torchvision. These CPU numbers say nothing about the "
+              "fused kernels.", file=sys.stderr)
 
-    def autocast():
-        if dtype == torch.float32:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=dtype)
+    tv_model = torchvision_model(args.model, device)
+    x = model_input(batch, size, device)
+    reference_logits = reference_logits_for(tv_model, x, precision)
 
-    torch.manual_seed(0)
-    tv_model = getattr(torchvision.models, args.model)()
-    with torch.no_grad():
-        # Freshly initialized BatchNorm (mean 0, var 1, gamma 1, beta 0) would make the logit
-        # check trivially exact; give every BN the non-trivial statistics a trained model has.
-        for m in tv_model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
-    tv_model = tv_model.to(device, memory_format=torch.channels_last)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad(), autocast():
-        tv_model.eval()
-        reference_logits = tv_model(x).float()
-    state = copy.deepcopy(tv_model.state_dict())
-
-    timer = _timer(device)
-    providers = _providers(device, args)
     rows = []
     try:
         from tqdm import tqdm
@@ -157,43 +391,45 @@ def main(argv=None) -> int:
                    file=sys.stderr)
     except ImportError:
         bar = providers
-    for name, backend, compiled in bar:
-        if backend is None:
-            model = copy.deepcopy(tv_model)
-        else:
-            model = resnet_fused.from_torchvision(tv_model)
-        model.load_state_dict(state)
-        if compiled:
-            model = torch.compile(model)
-        ctx = resnet_fused.use_backend(backend) if backend else contextlib.nullcontext()
-        with ctx:
-            model.eval()
-            with torch.no_grad(), autocast():
-                diff = (model(x).float() - reference_logits).abs().max().item()
-            step = _step_fn(model, x, args.mode, autocast)
-            timer(step, warmup)
-            times = timer(step, iters)
-        median = statistics.median(times)
-        rows.append(dict(provider=name, median_ms=median * 1e3, images_per_s=batch / median, max_abs_diff=diff))
-    eager = next(r for r in rows if r["provider"] == "torchvision-eager")
+    for provider in bar:
+        reason = provider_skip_reason(provider, device, args.mode)
+        if reason is not None:
+            rows.append(dict(provider=provider, status="skipped", reason=reason))
+            continue
+        rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
+                                       warmup=warmup, rounds=iters))
+    eager = next((r for r in rows if r["provider"] == EAGER and r["status"] == "ok"), None)
     for row in rows:
-        row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+        if row["status"] == "ok" and eager is not None:
+            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
 
-    print(f"\n{args.model} {args.mode} batch={batch} {size}x{size} {precision} on "
-          f"{torch.cuda.get_device_name(device) if on_gpu else platform.processor() or 'CPU'}")
-    print(f"{'provider':<22}{'ms/iter':>10}{'img/s':>10}{'speedup':>9}{'max|dlogit|':>13}")
+    print(f"\n{args.model} {args.mode} batch={batch} {size}x{size} {precision} on {_device_name(device)} "
+          f"(median of {iters} after {warmup} warm-up; speedup vs torchvision-eager, same run)")
+    header = f"{'provider':<42}{'ms/iter':>10}{'img/s':>10}{'speedup':>9}{'max|dlogit|':>13}"
+    if on_gpu:
+        header += f"{'peak MiB':>10}"
+    print(header + "  fused ops ran on")
     for r in rows:
-        print(f"{r['provider']:<22}{r['median_ms']:>10.2f}{r['images_per_s']:>10.1f}"
-              f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_diff']:>13.2e}")
+        if r["status"] != "ok":
+            print(f"{r['provider']:<42}skipped: {r['reason']}")
+            continue
+        line = (f"{r['provider']:<42}{r['median_ms']:>10.2f}{r['images_per_s']:>10.1f}"
+                f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_logit_diff']:>13.2e}")
+        if on_gpu:
+            line += f"{r['peak_memory_mb']:>10.0f}"
+        print(line + f"  {_format_backends(r['backends_used'])}")
     if args.json:
         meta = dict(
             model=args.model, mode=args.mode, batch=batch, image_size=size, precision=precision, iters=iters,
-            warmup=warmup, device=torch.cuda.get_device_name(device) if on_gpu else "cpu",
-            torch=torch.__version__, torchvision=torchvision.__version__, cuda=torch.version.cuda,
-            resnet_fused=resnet_fused.__version__, python=platform.python_version(),
+            warmup=warmup, device=_device_name(device), torch=torch.__version__,
+            torchvision=torchvision.__version__, cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version() if on_gpu else None, resnet_fused=resnet_fused.__version__,
+            python=platform.python_version(), backends=resnet_fused.available_backends(),
+            command=" ".join([sys.executable, "-m", "resnet_fused.benchmark", *(argv if argv is not None else sys.argv[1:])]),
         )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)
+        print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
