@@ -339,10 +339,10 @@ void launch_sum_partials(const float* partial, float* out, int64_t num_chunks, i
 
 void launch_bn_train_backward_dz(DType dtype, const void* grad_y, const void* y, const void* z, const float* mean,
                                  const float* invstd, const float* bn_weight, const float* sum_g,
-                                 const float* sum_gx, void* grad_z, void* g_out, int64_t rows, int64_t channels,
-                                 bool relu, cudaStream_t stream) {
+                                 const float* sum_gx, void* grad_z, void* g_out, int64_t rows, int64_t count,
+                                 int64_t channels, bool relu, cudaStream_t stream) {
   const int64_t numel = rows * channels;
-  const float inv_count = 1.f / static_cast<float>(rows);
+  const float inv_count = 1.f / static_cast<float>(count);
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     auto run = [&](auto vec_tag) {

@@ -51,10 +51,11 @@ void launch_sum_partials(const float* partial, float* out, int64_t num_chunks, i
 
 // Training backward, pass 2: grad_z = k[c] * (g - sum_g[c]/count - xhat * sum_gx[c]/count),
 // k = bn_weight * invstd, xhat = (z - mean) * invstd; also writes g to g_out when given.
+// `count` is the number of rows the sums cover: `rows`, or every process's for SyncBatchNorm.
 void launch_bn_train_backward_dz(DType dtype, const void* grad_y, const void* y, const void* z, const float* mean,
                                  const float* invstd, const float* bn_weight, const float* sum_g,
-                                 const float* sum_gx, void* grad_z, void* g_out, int64_t rows, int64_t channels,
-                                 bool relu, cudaStream_t stream);
+                                 const float* sum_gx, void* grad_z, void* g_out, int64_t rows, int64_t count,
+                                 int64_t channels, bool relu, cudaStream_t stream);
 
 // ---- conv_igemm.cu --------------------------------------------------------------------
 

@@ -227,6 +227,30 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
   return y.finish();
 }
 
+// The training conv pass and its statistics: z_buf (NHWC) = conv(x, weight) [+ bias] with
+// per-(M tile, channel) partials in the GEMM epilogue, merged in tile order into the batch
+// mean and biased variance of the stored z, and the folded scale/shift of bn_weight/bn_bias.
+void conv_and_stats(DType dtype, const ConvShape& s, const Tensor& x, const Tensor& weight,
+                    const std::optional<Tensor>& bias, const Tensor& bn_weight_f, const Tensor& bn_bias_f, double eps,
+                    const Tensor& z_buf, const Tensor& mean, const Tensor& var, const Tensor& scale,
+                    const Tensor& shift, cudaStream_t stream) {
+  const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
+  const Tensor xc = nhwc(x);
+  const Tensor wc = gemm_weight(weight, s);
+  const Tensor bias_f = bias.has_value() ? to_float_vec(*bias) : Tensor();
+  const int64_t rows = s.n * s.h_out * s.w_out;
+  const int64_t tiles = (rows + kConvTileM - 1) / kConvTileM;
+  Tensor partial_mean = at::empty({s.c_out, tiles}, stat_opts), partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
+  launch_conv_train(dtype, s, xc.data_ptr(), wc.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
+                    z_buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(),
+                    stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, rows, s.c_out,
+                     bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),
+                     var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(), stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const Tensor& weight,
                                                          const std::optional<Tensor>& bias, const Tensor& bn_weight,
                                                          const Tensor& bn_bias, const std::optional<Tensor>& residual,
@@ -259,23 +283,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const 
   }
   check_sm80(x, op);
   check_conv_supported(s, dtype, op);
-  const Tensor xc = nhwc(x);
-  const Tensor wc = gemm_weight(weight, s);
-  const Tensor bias_f = bias.has_value() ? to_float_vec(*bias) : Tensor();
   const Tensor bn_weight_f = to_float_vec(bn_weight), bn_bias_f = to_float_vec(bn_bias);
   const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
-  const int64_t tiles = (rows + kConvTileM - 1) / kConvTileM;
-  Tensor partial_mean = at::empty({s.c_out, tiles}, stat_opts), partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
   Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
-
-  launch_conv_train(dtype, s, xc.data_ptr(), wc.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                    z.buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(),
-                    stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, rows, s.c_out,
-                     bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),
-                     var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(), stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  conv_and_stats(dtype, s, x, weight, bias, bn_weight_f, bn_bias_f, eps, z.buf, mean, var, scale, shift, stream);
   launch_bn_apply(dtype, z.buf.data_ptr(), scale.data_ptr<float>(), shift.data_ptr<float>(),
                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), rows * s.c_out, s.c_out, relu, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -414,7 +425,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
     launch_bn_train_backward_dz(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
                                 mean_f.data_ptr<float>(), invstd.data_ptr<float>(), bn_weight_f.data_ptr<float>(),
                                 sum_g.data_ptr<float>(), sum_gx.data_ptr<float>(), grad_z.buf.data_ptr(),
-                                need_residual ? g.buf.data_ptr() : nullptr, rows, channels, relu, stream);
+                                need_residual ? g.buf.data_ptr() : nullptr, rows, rows, channels, relu, stream);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     grad_z.buf.zero_();
@@ -431,6 +442,150 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
           or_empty(grad_bn_weight), or_empty(grad_bn_bias), or_empty(grad_residual)};
 }
 
+
+// --------------------------------------------------------------------------------------
+// Building blocks of the synchronized BatchNorm path (resnet_fused/sync_batchnorm.py): the
+// kernels above, split where the statistics and the gradient sums are all-reduced.
+
+// Checks the (grad_y, z, y?) activations of the BatchNorm backward building blocks.
+void check_bn_activations(const Tensor& grad_y, const Tensor& z, const std::optional<Tensor>& y, bool relu,
+                          const char* op) {
+  check_cuda(z, "z", op);
+  TORCH_CHECK(z.dim() == 4, kPrefix, op, ": z must be 4-D (N, C, H, W), got shape ", z.sizes());
+  check_like(grad_y, "grad_y", z, op);
+  TORCH_CHECK(grad_y.sizes() == z.sizes(), kPrefix, op, ": grad_y must have z's shape ", z.sizes(), ", got ",
+              grad_y.sizes());
+  TORCH_CHECK(!relu || y.has_value(), kPrefix, op, ": relu=True needs the forward output y");
+  if (relu) {
+    check_like(*y, "y", z, op);
+    TORCH_CHECK(y->sizes() == z.sizes(), kPrefix, op, ": y must have z's shape ", z.sizes(), ", got ", y->sizes());
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> conv_bn_stats(const Tensor& x, const Tensor& weight,
+                                                 const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                 at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  constexpr const char* op = "conv_bn_stats";
+  check_cuda(x, "x", op);
+  check_like(weight, "weight", x, op);
+  const DType dtype = dtype_of(x, op);
+  const ConvShape s = conv_shape(x, weight, stride, padding, dilation, groups, op);
+  if (bias.has_value()) check_channel_vector(*bias, "bias", s.c_out, x, op);
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  Output z({s.n, s.c_out, s.h_out, s.w_out}, x.options(), layout_of(x));
+  const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
+  Tensor mean = at::empty({s.c_out}, stat_opts), var = at::empty({s.c_out}, stat_opts);
+  if (s.n * s.h_out * s.w_out == 0 || s.c_out == 0) {
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());  // as the reference: a mean over no elements
+    var.fill_(std::numeric_limits<float>::quiet_NaN());
+    return {z.out, mean, var};
+  }
+  check_sm80(x, op);
+  check_conv_supported(s, dtype, op);
+  // The folded scale/shift are not needed here: identity BatchNorm parameters, scratch outputs.
+  const Tensor ones = at::ones({s.c_out}, stat_opts), zeros = at::zeros({s.c_out}, stat_opts);
+  Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
+  conv_and_stats(dtype, s, x, weight, bias, ones, zeros, 0.0, z.buf, mean, var, scale, shift, current_stream(x));
+  return {z.finish(), mean, var};
+}
+
+Tensor bn_apply(const Tensor& z, const Tensor& mean, const Tensor& var, const Tensor& bn_weight,
+                const Tensor& bn_bias, const std::optional<Tensor>& residual, double eps, bool relu) {
+  constexpr const char* op = "bn_apply";
+  check_cuda(z, "z", op);
+  TORCH_CHECK(z.dim() == 4, kPrefix, op, ": z must be 4-D (N, C, H, W), got shape ", z.sizes());
+  const DType dtype = dtype_of(z, op);
+  const int64_t channels = z.size(1);
+  check_channel_vector(mean, "mean", channels, z, op);
+  check_channel_vector(var, "var", channels, z, op);
+  check_channel_vector(bn_weight, "bn_weight", channels, z, op);
+  check_channel_vector(bn_bias, "bn_bias", channels, z, op);
+  if (residual.has_value()) check_residual(*residual, z.sizes().vec(), z, op);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  Output y(z.sizes(), z.options(), layout_of(z));
+  if (y.out.numel() == 0) return y.out;
+  // Fold as launch_bn_finalize does: scale = bn_weight * rsqrt(var + eps), shift = bn_bias - mean * scale.
+  const Tensor scale = (bn_weight.to(at::kFloat) * at::rsqrt(var.to(at::kFloat) + eps)).contiguous();
+  const Tensor shift = (bn_bias.to(at::kFloat) - mean.to(at::kFloat) * scale).contiguous();
+  const Tensor zc = nhwc(z);
+  const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
+  launch_bn_apply(dtype, zc.data_ptr(), scale.data_ptr<float>(), shift.data_ptr<float>(),
+                  rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), y.out.numel(), channels, relu,
+                  current_stream(z));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y.finish();
+}
+
+std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,
+                                                    const std::optional<Tensor>& y, const Tensor& mean, bool relu) {
+  constexpr const char* op = "bn_apply_backward_reduce";
+  check_bn_activations(grad_y, z, y, relu, op);
+  const DType dtype = dtype_of(z, op);
+  const int64_t channels = z.size(1);
+  check_channel_vector(mean, "mean", channels, z, op);
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const at::TensorOptions stat_opts = z.options().dtype(at::kFloat);
+  Tensor sum_g = at::zeros({channels}, stat_opts), sum_g_zc = at::zeros({channels}, stat_opts);
+  const int64_t rows = channels == 0 ? 0 : z.numel() / channels;
+  if (rows == 0 || channels == 0) return {sum_g, sum_g_zc};
+  const cudaStream_t stream = current_stream(z);
+  const Tensor gy = nhwc(grad_y), zc = nhwc(z);
+  const Tensor yc = relu ? nhwc(*y) : Tensor();
+  const Tensor mean_f = to_float_vec(mean);
+  // invstd = 1 turns the kernel's sum(g * (z - mean) * invstd) into sum(g * (z - mean)).
+  const Tensor ones = at::ones({channels}, stat_opts);
+  const int64_t chunks = bn_backward_num_chunks(rows);
+  Tensor partial_g = at::empty({chunks, channels}, stat_opts), partial_gzc = at::empty({chunks, channels}, stat_opts);
+  launch_bn_train_backward_reduce(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
+                                  mean_f.data_ptr<float>(), ones.data_ptr<float>(), partial_g.data_ptr<float>(),
+                                  partial_gzc.data_ptr<float>(), rows, channels, relu, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sum_partials(partial_g.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sum_partials(partial_gzc.data_ptr<float>(), sum_g_zc.data_ptr<float>(), chunks, channels, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {sum_g, sum_g_zc};
+}
+
+std::tuple<Tensor, Tensor> bn_apply_backward(const Tensor& grad_y, const Tensor& z, const std::optional<Tensor>& y,
+                                             const Tensor& mean, const Tensor& var, const Tensor& bn_weight,
+                                             const Tensor& sum_g, const Tensor& sum_g_zc, int64_t count, double eps,
+                                             bool relu, std::array<bool, 2> output_mask) {
+  constexpr const char* op = "bn_apply_backward";
+  check_bn_activations(grad_y, z, y, relu, op);
+  const DType dtype = dtype_of(z, op);
+  const int64_t channels = z.size(1);
+  check_channel_vector(mean, "mean", channels, z, op);
+  check_channel_vector(var, "var", channels, z, op);
+  check_channel_vector(bn_weight, "bn_weight", channels, z, op);
+  check_channel_vector(sum_g, "sum_g", channels, z, op);
+  check_channel_vector(sum_g_zc, "sum_g_zc", channels, z, op);
+  TORCH_CHECK(count > 0, kPrefix, op, ": count must be positive, got ", count);
+  const auto [need_dz, need_residual] = output_mask;
+  const c10::cuda::CUDAGuard device_guard(z.device());
+  const at::MemoryFormat format = layout_of(z);
+  Output dz(z.sizes(), z.options(), format), g(z.sizes(), z.options(), format);
+  const int64_t rows = channels == 0 ? 0 : z.numel() / channels;
+  if (rows > 0 && channels > 0 && (need_dz || need_residual)) {
+    const Tensor gy = nhwc(grad_y), zc = nhwc(z);
+    const Tensor yc = relu ? nhwc(*y) : Tensor();
+    const Tensor mean_f = to_float_vec(mean);
+    const Tensor invstd = at::rsqrt(var.to(at::kFloat) + eps).contiguous();
+    const Tensor bn_weight_f = to_float_vec(bn_weight);
+    const Tensor sum_g_f = to_float_vec(sum_g);
+    const Tensor sum_gx = (sum_g_zc.to(at::kFloat) * invstd).contiguous();  // the kernel's sum(g * xhat)
+    launch_bn_train_backward_dz(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
+                                mean_f.data_ptr<float>(), invstd.data_ptr<float>(), bn_weight_f.data_ptr<float>(),
+                                sum_g_f.data_ptr<float>(), sum_gx.data_ptr<float>(), dz.buf.data_ptr(),
+                                need_residual ? g.buf.data_ptr() : nullptr, rows, count, channels, relu,
+                                current_stream(z));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const Tensor dz_t = need_dz ? dz.finish() : empty_grad(z);
+  const Tensor g_t = need_residual ? g.finish() : empty_grad(z);
+  return {dz_t, g_t};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(resnet_fused_cuda, CUDA, m) {
@@ -439,6 +594,10 @@ TORCH_LIBRARY_IMPL(resnet_fused_cuda, CUDA, m) {
   m.impl("conv_bn_train", &conv_bn_train);
   m.impl("conv_bn_train_backward", &conv_bn_train_backward);
   m.impl("add_relu", &add_relu);
+  m.impl("conv_bn_stats", &conv_bn_stats);
+  m.impl("bn_apply", &bn_apply);
+  m.impl("bn_apply_backward_reduce", &bn_apply_backward_reduce);
+  m.impl("bn_apply_backward", &bn_apply_backward);
 }
 
 }  // namespace resnet_fused

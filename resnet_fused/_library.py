@@ -1,6 +1,6 @@
 """Op schemas, fake kernels and autograd formulas, shared by every backend.
 
-Each backend registers the same five ops under its own namespace:
+Each backend registers the same ops (SCHEMAS below) under its own namespace:
 
     resnet_fused          pure-PyTorch reference (CPU and CUDA), this package
     resnet_fused_triton   Triton kernels (torch.library.triton_op)
@@ -37,6 +37,24 @@ Decomposition (one autograd node per fused unit, one op per direction):
       PyTorch keeps (BN input, ReLU output), not three.
   add_relu(x, residual) -> relu(x + residual); its backward is one torch.where.
 
+Synchronized BatchNorm (SyncBatchNorm over several processes) needs the collectives
+between the passes of conv_bn_train and of its backward, so it runs the same kernels as
+four building-block ops, composed by the autograd.Function in sync_batchnorm.py:
+
+  conv_bn_stats(x, weight, bias?, ...) -> z, mean, var
+      the implicit-GEMM conv storing z with this process's per-channel statistics
+      (biased var, float32/float64), merged from per-tile partials as conv_bn_train does.
+  bn_apply(z, mean, var, bn_weight, bn_bias, residual?, eps, relu) -> y
+      act((z - mean) * bn_weight / sqrt(var + eps) + bn_bias [+ residual]), given (global) stats.
+  bn_apply_backward_reduce(grad_y, z, y?, mean, relu) -> sum_g, sum_g_zc
+      g = ReLU-masked grad_y; per-channel sum(g) and sum(g * (z - mean)), this process's rows.
+  bn_apply_backward(grad_y, z, y?, mean, var, bn_weight, sum_g, sum_g_zc, count, eps, relu,
+                    output_mask) -> dz, grad_residual
+      dz = bn_weight * invstd * (g - sum_g / count - xhat * invstd * sum_g_zc / count), with the
+      sums and the count of every process. The conv gradients then come from
+      conv_bn_eval_backward(dz, x, weight, ones, ...).
+These have no autograd formula of their own (the autograd.Function is their backward).
+
 Gradients an op was not asked for (output_mask False) come back as empty tensors,
 because a custom-op schema cannot return None for a Tensor.
 """
@@ -69,7 +87,20 @@ SCHEMAS: dict[str, str] = {
         " -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
     "add_relu": "(Tensor x, Tensor residual) -> Tensor",
+    "conv_bn_stats": f"(Tensor x, Tensor weight, Tensor? bias, {CONV_ARGS}) -> (Tensor, Tensor, Tensor)",
+    "bn_apply": (
+        "(Tensor z, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, Tensor? residual, float eps,"
+        " bool relu) -> Tensor"
+    ),
+    "bn_apply_backward_reduce": "(Tensor grad_y, Tensor z, Tensor? y, Tensor mean, bool relu) -> (Tensor, Tensor)",
+    "bn_apply_backward": (
+        "(Tensor grad_y, Tensor z, Tensor? y, Tensor mean, Tensor var, Tensor bn_weight, Tensor sum_g,"
+        " Tensor sum_g_zc, int count, float eps, bool relu, bool[2] output_mask) -> (Tensor, Tensor)"
+    ),
 }
+
+# The building blocks of the synchronized BatchNorm path (no autograd formula of their own).
+SYNC_OP_NAMES = ("conv_bn_stats", "bn_apply", "bn_apply_backward_reduce", "bn_apply_backward")
 
 OP_NAMES = tuple(SCHEMAS)
 
@@ -135,12 +166,35 @@ def _fake_add_relu(x, residual):
     return _empty_like_format(x.shape, x)
 
 
+def _fake_conv_bn_stats(x, weight, bias, stride, padding, dilation, groups):
+    size = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    acc = reference.stat_dtype(x.dtype)
+    return _empty_like_format(size, x), x.new_empty(size[1], dtype=acc), x.new_empty(size[1], dtype=acc)
+
+
+def _fake_bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu):
+    return _empty_like_format(z.shape, z)
+
+
+def _fake_bn_apply_backward_reduce(grad_y, z, y, mean, relu):
+    acc = reference.stat_dtype(z.dtype)
+    return z.new_empty(z.size(1), dtype=acc), z.new_empty(z.size(1), dtype=acc)
+
+
+def _fake_bn_apply_backward(grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, count, eps, relu, output_mask):
+    return tuple(_empty_like_format(z.shape, z) if need else z.new_empty(0) for need in output_mask)
+
+
 FAKES = {
     "conv_bn_eval": _fake_conv_bn_eval,
     "conv_bn_eval_backward": _fake_conv_bn_eval_backward,
     "conv_bn_train": _fake_conv_bn_train,
     "conv_bn_train_backward": _fake_conv_bn_train_backward,
     "add_relu": _fake_add_relu,
+    "conv_bn_stats": _fake_conv_bn_stats,
+    "bn_apply": _fake_bn_apply,
+    "bn_apply_backward_reduce": _fake_bn_apply_backward_reduce,
+    "bn_apply_backward": _fake_bn_apply_backward,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -219,6 +273,19 @@ def _no_double_backward(name):
     return backward, setup
 
 
+def _sync_building_block(name):
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"resnet_fused: {name} is a building block of the synchronized BatchNorm path and has no "
+            "autograd formula of its own; call ops.conv_bn_relu(..., process_group=...) instead."
+        )
+
+    return backward, setup
+
+
 def register_fake_and_autograd(namespace: str) -> None:
     """Give every op of `namespace` the shared fake kernels and autograd formulas."""
     ops = getattr(torch.ops, namespace)
@@ -226,7 +293,10 @@ def register_fake_and_autograd(namespace: str) -> None:
     for name in OP_NAMES:
         qualname = f"{namespace}::{name}"
         torch.library.register_fake(qualname, FAKES[name])
-        backward, setup = formulas.get(name) or _no_double_backward(name)
+        if name in SYNC_OP_NAMES:
+            backward, setup = _sync_building_block(name)
+        else:
+            backward, setup = formulas.get(name) or _no_double_backward(name)
         torch.library.register_autograd(qualname, backward, setup_context=setup)
 
 

@@ -18,6 +18,8 @@ Support matrix (inputs outside it take the reference path, see `covers`):
   layouts     channels_last is the fast path; NCHW inputs are converted (extra copies)
   backward    BatchNorm/ReLU/residual part in CUDA kernels; conv dgrad/wgrad through
               at::convolution_backward (cuDNN)
+  SyncBatchNorm  the same kernels as four building-block ops (conv_bn_stats, bn_apply,
+              bn_apply_backward_reduce, bn_apply_backward; see _library.py)
 """
 
 from __future__ import annotations
@@ -96,7 +98,11 @@ _CONV_ARG_POSITIONS = {
     "conv_bn_eval_backward": (1, 2, 8),
     "conv_bn_train": (0, 1, 9),
     "conv_bn_train_backward": (1, 2, 11),
+    "conv_bn_stats": (0, 1, 6),
 }
+
+# Elementwise/reduction ops: position of their activation tensor (z).
+_ACTIVATION_ARG_POSITION = {"bn_apply": 0, "bn_apply_backward_reduce": 1, "bn_apply_backward": 1}
 
 
 def covers(op_name: str, *op_args) -> bool:
@@ -109,6 +115,9 @@ def covers(op_name: str, *op_args) -> bool:
             and residual.dtype == x.dtype
             and residual.device == x.device
         )
+    if op_name in _ACTIVATION_ARG_POSITION:
+        z = op_args[_ACTIVATION_ARG_POSITION[op_name]]
+        return _x_supported(z) and z.dim() == 4
     positions = _CONV_ARG_POSITIONS.get(op_name)
     if positions is None:
         return False

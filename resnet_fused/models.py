@@ -12,11 +12,12 @@ from torch import Tensor, nn
 from torchvision.models._api import WeightsEnum
 
 from .nn import BasicBlock, Bottleneck, conv_bn_act
+from .sync_batchnorm import SyncBatchNorm
 
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-    "from_torchvision", "to_torchvision", "convert_sync_batchnorm", "SyncBatchNorm",
+    "from_torchvision", "to_torchvision",
 ]
 
 
@@ -63,112 +64,6 @@ def from_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
 def to_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Plain torchvision modules again (for ONNX, torch.export, or sharing), identical weights."""
     return _swap_classes(model, _TO_TORCHVISION, inplace)
-
-
-# torch.nn.SyncBatchNorm runs its synchronized path on these device types only (it raises
-# ValueError for others, CPU included).
-def _torch_sync_devices() -> tuple[str, ...]:
-    return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the process group; the backward sums the gradients the same way (each
-    process's loss depends on every process's input through the reduced sum)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:
-        import torch.distributed as dist
-
-        ctx.group = group
-        tensor = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(tensor, group=group)
-        return tensor
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return _AllReduceSum.apply(grad, ctx.group), None
-
-
-def _all_reduce_batch_norm(bn: nn.SyncBatchNorm, x: Tensor, momentum: float, group) -> Tensor:
-    """Training-mode BatchNorm over the union of every process's batch: the count, the
-    per-channel sum and then the sum of squared deviations from the global mean are
-    all-reduced (differentiably, so the backward all-reduces the gradients of those sums).
-    Uneven and empty per-process batches are handled by the all-reduced count."""
-    import torch.distributed as dist
-
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    dims = [0] + list(range(2, x.dim()))
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    count = torch.tensor([x.numel() // x.size(1)], dtype=torch.int64, device=x.device)
-    dist.all_reduce(count, group=group)
-    total = int(count.item())
-    if total <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {total} across all processes")
-    xa = x.to(acc)
-    mean = _AllReduceSum.apply(xa.sum(dims), group) / total
-    centered = xa - mean.view(shape)
-    var = _AllReduceSum.apply(centered.square().sum(dims), group) / total
-    y = centered * torch.rsqrt(var + bn.eps).view(shape)
-    if bn.weight is not None:
-        y = y * bn.weight.to(acc).view(shape) + bn.bias.to(acc).view(shape)
-    if bn.track_running_stats:
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
-    return y.to(x.dtype)
-
-
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch.nn.SyncBatchNorm (same state, same results) that also synchronizes on devices
-    torch's implementation rejects, CPU with the gloo backend included: there it all-reduces
-    the per-channel sum, count and squared deviations itself. On CUDA it is torch's.
-
-    Not fused: a block whose norm is a SyncBatchNorm runs that unit module by module.
-    torch's DistributedDataParallel refuses any SyncBatchNorm in a CPU module ("SyncBatchNorm
-    layers only work with GPU modules"); on CPU, average the gradients yourself (all_reduce)."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        if (
-            not self.training
-            or input.device.type in _torch_sync_devices()
-            or not (dist.is_available() and dist.is_initialized())
-        ):
-            return super().forward(input)  # torch's: its own sync, or no sync (no device check then)
-        group = self.process_group if self.process_group else dist.group.WORLD
-        if dist.get_world_size(group) == 1:
-            # torch.nn.SyncBatchNorm's fallback for one process (F.batch_norm), without the
-            # device check it applies first.
-            return nn.modules.batchnorm._BatchNorm.forward(self, input)
-        self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
-        momentum = 0.0 if self.momentum is None else self.momentum  # as torch.nn.SyncBatchNorm.forward
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / self.num_batches_tracked.item()
-        return _all_reduce_batch_norm(self, input, momentum, group)
-
-
-def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
-    """Replace every BatchNorm*d in `module` by a `resnet_fused.SyncBatchNorm` (in place, like
-    torch.nn.SyncBatchNorm.convert_sync_batchnorm, whose result it returns), so batch
-    statistics are reduced over `process_group` (default: the whole world), in forward and
-    backward, with uneven per-process batches.
-
-    OPEN WORK: the synchronized units are NOT fused. A block whose norm is a SyncBatchNorm runs
-    that conv + norm (+ residual) + ReLU unit module by module (correct, at unfused speed);
-    a fused SyncBatchNorm (sum, sum of squares and count all-reduced inside the fused op)
-    does not exist yet. Units in eval mode run as torch.nn.SyncBatchNorm does (running
-    statistics, no communication). On CUDA the statistics are torch.nn.SyncBatchNorm's; on
-    other devices (CPU with gloo) they are all-reduced by `SyncBatchNorm` above."""
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    for m in module.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm
-    return module
 
 
 _TO_TORCHVISION[SyncBatchNorm] = nn.SyncBatchNorm  # to_torchvision gives torch's own class back

@@ -4,18 +4,21 @@ The blocks subclass torchvision's and keep its submodules (conv1, bn1, ..., down
 so parameters, buffers, state_dict keys and initialization are torchvision's. Only
 `forward` differs: each conv + norm (+ residual) (+ ReLU) unit runs as one fused op,
 reading every hyperparameter from the submodules at call time. A user who swaps a
-submodule (a 3x3 stem, GroupNorm, SiLU, SyncBatchNorm) gets that submodule's own
-behaviour for the affected unit, unfused but correct.
+submodule (a 3x3 stem, GroupNorm, SiLU) gets that submodule's own behaviour for the
+affected unit, unfused but correct. SyncBatchNorm (torch's or resnet_fused's) stays fused,
+with statistics synchronized across its process group (sync_batchnorm.py).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import ops
+from .sync_batchnorm import is_sync_batch_norm
 
 __all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
 
@@ -31,12 +34,12 @@ def _fusable_conv(conv: nn.Module) -> bool:
 def _batch_norm_args(bn: nn.Module) -> dict | None:
     """ops.conv_bn_relu arguments reproducing `bn.forward`, or None if `bn` is not fusable.
 
-    Exact types only: a subclass (SyncBatchNorm is not one, but a user's may be) could
-    override forward, so it runs as itself."""
+    Exact types only (BatchNorm2d, FrozenBatchNorm2d, torch's or our SyncBatchNorm): a
+    user's subclass could override forward, so it runs as itself."""
     if type(bn) is FrozenBatchNorm2d:
         return dict(bn_weight=bn.weight, bn_bias=bn.bias, running_mean=bn.running_mean,
                     running_var=bn.running_var, training=False, eps=bn.eps)
-    if type(bn) is not nn.BatchNorm2d:
+    if type(bn) is not nn.BatchNorm2d and not is_sync_batch_norm(bn):
         return None
     # Mirrors torch.nn.modules.batchnorm._BatchNorm.forward.
     momentum = 0.0 if bn.momentum is None else bn.momentum
@@ -44,12 +47,17 @@ def _batch_norm_args(bn: nn.Module) -> dict | None:
         bn.num_batches_tracked.add_(1)
         momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
     use_running = not bn.training or bn.track_running_stats
-    return dict(
+    args = dict(
         bn_weight=bn.weight, bn_bias=bn.bias,
         running_mean=bn.running_mean if use_running else None,
         running_var=bn.running_var if use_running else None,
         training=bn.training, momentum=momentum, eps=bn.eps,
     )
+    if is_sync_batch_norm(bn) and bn.training and dist.is_available() and dist.is_initialized():
+        # As torch.nn.SyncBatchNorm.forward: statistics over its group (default: the world) in
+        # training; a group of one process is plain BatchNorm (ops.conv_bn_relu decides).
+        args["process_group"] = bn.process_group or dist.group.WORLD
+    return args
 
 
 def conv_bn_act(

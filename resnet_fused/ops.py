@@ -16,6 +16,7 @@ from torch.nn.modules.utils import _pair
 from . import _library  # noqa: F401  (defines torch.ops.resnet_fused.*)
 from .backends import select_ops
 from .reference import conv_output_size, stat_dtype
+from .sync_batchnorm import sync_conv_bn_train
 
 __all__ = ["conv_bn_relu", "add_relu"]
 
@@ -79,6 +80,20 @@ def _autocast(x: Tensor, *tensors: Tensor | None):
     )
 
 
+def _sync_group_size(process_group) -> int:
+    """Processes in `process_group` (1 for None); a clear error for anything else."""
+    if process_group is None:
+        return 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("process_group was given but torch.distributed is not initialized "
+                           "(call torch.distributed.init_process_group first)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+    return dist.get_world_size(process_group)
+
+
 def conv_bn_relu(
     x: Tensor,
     weight: Tensor,
@@ -97,6 +112,7 @@ def conv_bn_relu(
     bias: Tensor | None = None,
     residual: Tensor | None = None,
     relu: bool = True,
+    process_group=None,
 ) -> Tensor:
     """act(batch_norm(conv2d(x, weight, bias)) [+ residual]), act = ReLU if `relu` else identity.
 
@@ -104,6 +120,11 @@ def conv_bn_relu(
     arguments) and ReLU: with `training=True`, or with no running statistics, the
     batch statistics normalize and the running statistics (if given, and training) are
     updated in place with `momentum`; otherwise the running statistics normalize.
+
+    process_group: a torch.distributed process group whose processes' batches share the
+    batch statistics (SyncBatchNorm: uneven per-process batches allowed, every process of
+    the group must call this for the unit, forward and backward). None, or a group of one
+    process, normalizes with this process's batch alone. Only used with batch statistics.
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
@@ -142,6 +163,7 @@ def conv_bn_relu(
         _check_channel_vector(name, t, c_out, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
+    sync = _sync_group_size(process_group) > 1
     out_size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
     if out_size[2] <= 0 or out_size[3] <= 0:
         raise ValueError(
@@ -166,15 +188,19 @@ def conv_bn_relu(
         return ops.conv_bn_eval(x, weight, scale, shift, residual, *conv_args, relu)
 
     count = out_size[0] * out_size[2] * out_size[3]
-    if count == 1:
+    if count == 1 and not sync:
         # The same error (type and text) nn.BatchNorm2d gives.
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(out_size)}")
     if bn_weight is None:
         bn_weight = torch.ones(c_out, dtype=acc, device=x.device)
     if bn_bias is None:
         bn_bias = torch.zeros(c_out, dtype=acc, device=x.device)
-    args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
-    y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
+    if sync:
+        y, mean, var, count = sync_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, conv_args, eps, relu,
+                                                 process_group)
+    else:
+        args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
+        y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
     if training and running_mean is not None and count > 0:
         with torch.no_grad():
             # nn.BatchNorm2d: the running variance tracks the unbiased batch variance.

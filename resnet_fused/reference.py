@@ -164,3 +164,66 @@ def conv_bn_train_backward(
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     acc = stat_dtype(x.dtype)
     return torch.relu(x.to(acc) + residual.to(acc)).to(x.dtype).contiguous(memory_format=memory_format(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Building blocks of the synchronized BatchNorm path (see _library.py).
+
+
+def conv_bn_stats(
+    x: Tensor, weight: Tensor, bias: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    z = _conv(x, weight, bias, stride, padding, dilation, groups)
+    z_acc = z.to(stat_dtype(x.dtype))
+    mean = z_acc.mean(dim=_CHANNEL_DIMS)
+    var = (z_acc - _channel(mean)).square().mean(dim=_CHANNEL_DIMS)
+    return z, mean, var
+
+
+def bn_apply(
+    z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+    eps: float, relu: bool,
+) -> Tensor:
+    acc = stat_dtype(z.dtype)
+    scale = bn_weight.to(acc) * torch.rsqrt(var.to(acc) + eps)
+    y = (z.to(acc) - _channel(mean.to(acc))) * _channel(scale) + _channel(bn_bias.to(acc))
+    if residual is not None:
+        y = y + residual.to(acc)
+    if relu:
+        y = torch.relu(y)
+    return y.to(z.dtype).contiguous(memory_format=memory_format(z))
+
+
+def _masked_grad(grad_y: Tensor, y: Tensor | None, relu: bool, acc: torch.dtype) -> Tensor:
+    g = grad_y.to(acc)
+    return torch.where(y <= 0, 0, g) if relu else g  # threshold_backward: a NaN output passes its grad
+
+
+def bn_apply_backward_reduce(
+    grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
+    acc = stat_dtype(z.dtype)
+    g = _masked_grad(grad_y, y, relu, acc)
+    return g.sum(dim=_CHANNEL_DIMS), (g * (z.to(acc) - _channel(mean.to(acc)))).sum(dim=_CHANNEL_DIMS)
+
+
+def bn_apply_backward(
+    grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor, sum_g: Tensor,
+    sum_g_zc: Tensor, count: int, eps: float, relu: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    need_dz, need_residual = output_mask
+    acc = stat_dtype(z.dtype)
+    g = _masked_grad(grad_y, y, relu, acc)
+    fmt = memory_format(z)
+    dz = grad_residual = None
+    if need_dz:
+        invstd = torch.rsqrt(var.to(acc) + eps)
+        x_hat = (z.to(acc) - _channel(mean.to(acc))) * _channel(invstd)
+        mean_g = sum_g.to(acc) / count
+        mean_g_xhat = sum_g_zc.to(acc) * invstd / count
+        dz = _channel(bn_weight.to(acc) * invstd) * (g - _channel(mean_g) - x_hat * _channel(mean_g_xhat))
+        dz = dz.to(z.dtype).contiguous(memory_format=fmt)
+    if need_residual:
+        grad_residual = g.to(z.dtype).contiguous(memory_format=fmt)
+    return tuple(t if t is not None else _empty(z) for t in (dz, grad_residual))

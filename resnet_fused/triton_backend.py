@@ -11,6 +11,9 @@ Kernels (resnet_fused/triton_kernels/):
   conv_bn_train_backward  fused ReLU mask + residual grad + BatchNorm backward (reduce pass
                           + dz pass); Triton dgrad and wgrad.
   add_relu                one flat pass.
+  SyncBatchNorm blocks    conv_bn_stats (the training conv + finalize), bn_apply,
+                          bn_apply_backward_reduce / bn_apply_backward (the two passes of the
+                          BatchNorm backward, split where sync_batchnorm.py all-reduces).
 Every reduction is deterministic (no atomics; fixed merge order).
 
 Coverage (`covers`): float16, bfloat16 and float32 tensors on CUDA (compute capability
@@ -88,13 +91,11 @@ def conv_bn_eval(
     return y
 
 
-def conv_bn_train(
-    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float, relu: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _conv_stats(x, weight, bias, stride, padding, dilation, groups):
+    """z = conv(x, weight) (+ bias) with per-tile (mean, M2) partials in the GEMM epilogue, merged
+    in tile order (Chan) into the per-channel mean and biased variance of the stored z."""
     size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
     z = _new(size, x)
-    y = _new(size, x)
     c_out = size[1]
     m = size[0] * size[2] * size[3]
     tile_m = conv_block_m()
@@ -107,8 +108,15 @@ def conv_bn_train(
     mean = torch.empty(c_out, dtype=acc, device=x.device)
     var = torch.empty(c_out, dtype=acc, device=x.device)
     _k_bn.finalize_stats(pmean, pm2, mean, var, m, tile_m)
-    res = _in_format(residual, x) if residual is not None else None
-    _k_bn.bn_apply(z, y, res, mean, var, bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
+    return z, mean, var
+
+
+def conv_bn_train(
+    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    z, mean, var = _conv_stats(x, weight, bias, stride, padding, dilation, groups)
+    y = bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu)
     return y, z, mean, var
 
 
@@ -184,12 +192,62 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     return out
 
 
+# Building blocks of the synchronized BatchNorm path (sync_batchnorm.py).
+
+
+def conv_bn_stats(
+    x: Tensor, weight: Tensor, bias: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _conv_stats(x, weight, bias, stride, padding, dilation, groups)
+
+
+def bn_apply(
+    z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+    eps: float, relu: bool,
+) -> Tensor:
+    z = _in_format(z, z)
+    y = _new(z.shape, z)
+    res = _in_format(residual, z) if residual is not None else None
+    _k_bn.bn_apply(z, y, res, mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
+                   eps, relu)
+    return y
+
+
+def bn_apply_backward_reduce(
+    grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, relu: bool
+) -> tuple[Tensor, Tensor]:
+    z = _in_format(z, z)
+    sums = _k_bn.bn_backward_sums(_in_format(grad_y, z), _in_format(y, z) if relu else None, z,
+                                  mean.contiguous(), relu)
+    return sums[0].clone(), sums[1].clone()  # custom-op outputs may not alias each other
+
+
+def bn_apply_backward(
+    grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor, sum_g: Tensor,
+    sum_g_zc: Tensor, count: int, eps: float, relu: bool, output_mask: list[bool],
+) -> tuple[Tensor, Tensor]:
+    need_dz, need_residual = output_mask
+    z = _in_format(z, z)
+    dz = _new(z.shape, z) if need_dz else None
+    grad_res = _new(z.shape, z) if need_residual else None
+    if need_dz or need_residual:
+        sums = torch.stack([sum_g, sum_g_zc]).to(torch.float32)
+        _k_bn.bn_backward_dz(_in_format(grad_y, z), _in_format(y, z) if relu else None, z, mean.contiguous(),
+                             var.contiguous(), bn_weight.contiguous(), sums, count, eps, relu, dz, grad_res)
+    return tuple(t if t is not None else z.new_empty(0) for t in (dz, grad_res))
+
+
 _IMPLS = {
     "conv_bn_eval": conv_bn_eval,
     "conv_bn_eval_backward": conv_bn_eval_backward,
     "conv_bn_train": conv_bn_train,
     "conv_bn_train_backward": conv_bn_train_backward,
     "add_relu": add_relu,
+    "conv_bn_stats": conv_bn_stats,
+    "bn_apply": bn_apply,
+    "bn_apply_backward_reduce": bn_apply_backward_reduce,
+    "bn_apply_backward": bn_apply_backward,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -277,16 +335,16 @@ def covers(op_name: str, *args) -> bool:
             return False
     if op_name == "add_relu":
         return args[1].dtype == x.dtype
-    if op_name in ("conv_bn_eval", "conv_bn_train"):
+    if op_name in ("conv_bn_eval", "conv_bn_train", "conv_bn_stats"):
         weight = args[1]
         if x.dim() != 4 or weight.dim() != 4 or weight.dtype != x.dtype or weight.numel() == 0:
             return False
-        residual = args[4] if op_name == "conv_bn_eval" else args[5]
+        residual = {"conv_bn_eval": args[4], "conv_bn_train": args[5]}.get(op_name)
         if residual is not None and residual.dtype != x.dtype:
             return False
-        if op_name == "conv_bn_train" and args[2] is not None and args[2].dtype != x.dtype:
+        if op_name != "conv_bn_eval" and args[2] is not None and args[2].dtype != x.dtype:
             return False
-        i = 5 if op_name == "conv_bn_eval" else 6
+        i = {"conv_bn_eval": 5, "conv_bn_train": 6, "conv_bn_stats": 3}[op_name]
         stride, padding, dilation = args[i], args[i + 1], args[i + 2]
         size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
         return size[0] * size[1] * size[2] * size[3] > 0

@@ -393,10 +393,21 @@ def test_statistics_are_numerically_sound(cuda_backend_on):
 
 
 @pytest.mark.needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_sync_batchnorm_building_blocks(cuda_backend_on, dtype, channels_last):
+    from test_ops import check_sync_building_blocks
+
+    with tf32(False):
+        check_sync_building_blocks(getattr(torch.ops, NS), dtype, "cuda", channels_last)
+
+
+@pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_opcheck(cuda_backend_on, dtype):
+    positions = cuda_backend._CONV_ARG_POSITIONS
     samples = [(name, args) for name, args in op_samples(dtype, "cuda")
-               if not any(isinstance(a, int) and not isinstance(a, bool) and a > 1 for a in args)]  # groups == 1
+               if name not in positions or args[positions[name][2]] == 1]  # groups == 1 only
     assert {name for name, _ in samples} == set(_library.SCHEMAS)
     with tf32(False):
         for name, args in samples:

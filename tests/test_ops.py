@@ -203,6 +203,20 @@ def op_samples(dtype=torch.float64, device="cpu"):
         ("conv_bn_train_backward", (torch.randn_like(y), x.detach(), w.detach(), z, y, *stats, stats[1], *conv,
                                     1e-5, True, [True, False, True, True, True, True])),
     ]
+    # SyncBatchNorm building blocks: no autograd of their own, so inputs without grad.
+    xd, wd, r = x.detach(), w.detach(), torch.randn(2, 6, 5, 5, dtype=dtype, device=device)
+    samples += [
+        ("conv_bn_stats", (xd, wd, stats[0], *conv)),
+        ("conv_bn_stats", (xg.detach(), wg.detach(), None, *conv_s2)),
+        ("bn_apply", (z, *stats, stats[1], stats[0], r, 1e-5, True)),
+        ("bn_apply", (z, *stats, stats[1], stats[0], None, 1e-3, False)),
+        ("bn_apply_backward_reduce", (torch.randn_like(y), z, y, stats[0], True)),
+        ("bn_apply_backward_reduce", (torch.randn_like(y), z, None, stats[0], False)),
+        ("bn_apply_backward", (torch.randn_like(y), z, y, *stats, stats[1], stats[0], stats[1], 100, 1e-5, True,
+                               [True, True])),
+        ("bn_apply_backward", (torch.randn_like(y), z, None, *stats, stats[1], stats[0], stats[1], 50, 1e-5, False,
+                               [True, False])),
+    ]
     return samples
 
 
@@ -216,7 +230,8 @@ def test_opcheck(sample):
     torch.library.opcheck(getattr(torch.ops.resnet_fused, name).default, args)
 
 
-@pytest.mark.parametrize("sample", [s for s in op_samples() if not s[0].endswith("backward")], ids=_sample_id)
+@pytest.mark.parametrize("sample", [s for s in op_samples() if not s[0].endswith("backward")
+                                    and s[0] not in _library.SYNC_OP_NAMES], ids=_sample_id)
 def test_gradcheck_float64(sample):
     name, args = sample
     op = getattr(torch.ops.resnet_fused, name)
@@ -236,6 +251,78 @@ def test_double_backward_raises_clearly():
     (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         gx.sum().backward()
+
+
+def test_sync_building_blocks_compose_to_the_training_ops():
+    """conv_bn_stats + bn_apply is conv_bn_train; bn_apply_backward_reduce + bn_apply_backward
+    with this batch's sums and count give conv_bn_train_backward's dz and residual grad (the
+    synchronized path runs the same arithmetic with every process's sums)."""
+    ref = torch.ops.resnet_fused
+    x, w, bias = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(5)
+    bn_w, bn_b, res = torch.rand(5) + 0.5, torch.randn(5), torch.randn(2, 5, 6, 6)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    y, z, mean, var = ref.conv_bn_train(x, w, bias, bn_w, bn_b, res, *conv, 1e-5, True)
+    z2, mean2, var2 = ref.conv_bn_stats(x, w, bias, *conv)
+    for a, b in ((z2, z), (mean2, mean), (var2, var)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ref.bn_apply(z, mean, var, bn_w, bn_b, res, 1e-5, True), y)
+    gy = torch.randn_like(y)
+    grads = ref.conv_bn_train_backward(gy, x, w, z, y, mean, var, bn_w, *conv, 1e-5, True, [True] * 6)
+    sum_g, sum_g_zc = ref.bn_apply_backward_reduce(gy, z, y, mean, True)
+    torch.testing.assert_close(sum_g, grads[4])  # grad of bn_bias
+    torch.testing.assert_close(sum_g_zc * torch.rsqrt(var + 1e-5), grads[3])  # grad of bn_weight
+    dz, g = ref.bn_apply_backward(gy, z, y, mean, var, bn_w, sum_g, sum_g_zc, 72, 1e-5, True, [True, True])
+    torch.testing.assert_close(g, grads[5])
+    gx, gw, *_ = ref.conv_bn_eval_backward(dz, x, w, torch.ones(5), None, *conv, False, [True, True] + [False] * 3)
+    torch.testing.assert_close(gx, grads[0])
+    torch.testing.assert_close(gw, grads[1])
+    with pytest.raises(NotImplementedError, match="building block"):
+        xg = x.clone().requires_grad_()
+        ref.conv_bn_stats(xg, w, None, *conv)[0].sum().backward()
+
+
+def check_sync_building_blocks(ns, dtype, device, channels_last=False):
+    """The SyncBatchNorm building blocks of namespace `ns` against the reference ops: each
+    output within 2x the error the reference makes in `dtype` against float64 (the reference
+    in `dtype` runs F.conv2d and float32 BatchNorm arithmetic, i.e. eager PyTorch)."""
+    ref = torch.ops.resnet_fused
+    g = torch.Generator().manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def rand(*shape, positive=False):
+        v = torch.rand(*shape, generator=g) + 0.5 if positive else torch.randn(*shape, generator=g)
+        return v.double().to(device)
+
+    x, w, bias = rand(3, 8, 7, 7), rand(12, 8, 3, 3) * 0.3, rand(12)
+    res, gy = rand(3, 12, 4, 4), rand(3, 12, 4, 4)
+    bn_w, bn_b = rand(12, positive=True), rand(12)
+    conv = ([2, 2], [1, 1], [1, 1], 1)
+
+    def run(ops, low):
+        def cast(t):  # activations and conv operands in `dtype` (float64 for the exact run)
+            t = t.to(dtype) if low else t
+            return t.contiguous(memory_format=fmt) if t.dim() == 4 else t
+
+        def cvec(t):  # BatchNorm parameters stay float32 (float64 for the exact run)
+            return t.float() if low else t
+
+        z, mean, var = ops.conv_bn_stats(cast(x), cast(w), cast(bias), *conv)
+        y = ops.bn_apply(z, mean, var, cvec(bn_w), cvec(bn_b), cast(res), 1e-5, True)
+        sum_g, sum_g_zc = ops.bn_apply_backward_reduce(cast(gy), z, y, mean, True)
+        # A count larger than this batch's, as with several processes.
+        dz, g_res = ops.bn_apply_backward(cast(gy), z, y, mean, var, cvec(bn_w), sum_g * 1.5, sum_g_zc * 1.5, 72, 1e-5,
+                                          True, [True, True])
+        return dict(z=z, mean=mean, var=var, y=y, sum_g=sum_g, sum_g_zc=sum_g_zc, dz=dz, g_res=g_res)
+
+    got, eager, exact = run(ns, True), run(ref, True), run(ref, False)
+    for key, value in got.items():
+        assert value.device.type == torch.device(device).type, key
+        if value.dim() == 4:
+            assert value.is_contiguous(memory_format=fmt), f"{key}: layout differs from the input's"
+        scale = None
+        if key in ("sum_g_zc", "sum_g"):  # sums: the floor scales with the summed terms' magnitude
+            scale = gy.abs().sum((0, 2, 3)).max().item() * exact["z"].abs().max().item()
+        assert_close_to_ref(value, eager[key], exact[key], key, scale=scale)
 
 
 def test_backend_namespaces_share_schemas():

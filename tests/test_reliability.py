@@ -284,6 +284,8 @@ BAD.update({
     "momentum-str": (lambda kw: kw.update(momentum="0.1", training=True), TypeError, "momentum must be a real"),
     "momentum-tensor": (lambda kw: kw.update(momentum=torch.tensor(0.1)), TypeError, "momentum must be a real"),
     "running-stats-half-given": (lambda kw: kw.update(running_mean=None), ValueError, "both be tensors or both"),
+    "process_group-without-init": (lambda kw: kw.update(process_group="world", training=True), RuntimeError,
+                                   "process_group was given but torch.distributed is not initialized"),
     "batch-of-one-training": (lambda kw: kw.update(x=kw["x"][:1, :, :1, :1], padding=0, residual=None,
                                                    weight=kw["weight"][:, :, :1, :1], training=True),
                               ValueError, "Expected more than 1 value per channel when training"),

@@ -278,6 +278,16 @@ def test_training_statistics_are_deterministic():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_sync_batchnorm_building_blocks(channels_last):
+    """conv_bn_stats, bn_apply, bn_apply_backward_reduce and bn_apply_backward (the fused
+    SyncBatchNorm path) against the reference ops, float32."""
+    from test_ops import check_sync_building_blocks
+
+    check_sync_building_blocks(_triton_ops(), torch.float32, "cpu" if not torch.cuda.is_available() else "cuda",
+                               channels_last)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_add_relu_op(triton_backend, channels_last):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 5, 7, 3, device=DEVICE).contiguous(memory_format=fmt)

@@ -224,9 +224,9 @@ def _bn_bwd_dz_kernel(
                      dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
-def bn_backward(grad_y, y, z, mean, var, bn_weight, eps, relu, dz, grad_res, grad_bn_w, grad_bn_b, grad_bias):
-    """Fused ReLU-mask + residual grad + BatchNorm backward. Outputs that are None are not written
-    (the per-channel vector grads are written together: pass all three or none)."""
+def bn_backward_sums(grad_y, y, z, mean, relu):
+    """Per-channel float32 sums over this tensor's rows, [3, C]: sum(g), sum(g * (z - mean)) and
+    sum(z - mean), g = grad_y masked by ReLU (y may be None when not relu)."""
     n, c, h, w = z.shape
     m = n * h * w
     bm, bc = elementwise_block()
@@ -238,13 +238,25 @@ def bn_backward(grad_y, y, z, mean, var, bn_weight, eps, relu, dz, grad_res, gra
         *act_strides(grad_y), *act_strides(yy), *act_strides(z),
         RELU=relu, BLOCK_M=bm, BLOCK_C=bc,
     )
-    sums = sum_partials(part)
+    return sum_partials(part)
+
+
+def bn_backward_dz(grad_y, y, z, mean, var, bn_weight, sums, count, eps, relu, dz, grad_res,
+                   grad_bn_w=None, grad_bn_b=None, grad_bias=None):
+    """dz and the residual gradient g from `sums` (rows 0 and 1 of bn_backward_sums, summed over
+    `count` rows: this tensor's, or every process's for SyncBatchNorm); outputs that are None are
+    not written. The per-channel vector grads need row 2 and are written together (all or none)."""
+    n, c, h, w = z.shape
+    m = n * h * w
+    bm, bc = elementwise_block()
+    t = triton.cdiv(m, bm)
+    yy = y if y is not None else z
     write_vec = grad_bn_w is not None
     dzz = dz if dz is not None else z
     res = grad_res if grad_res is not None else z
     vec = sums if not write_vec else None
     wrap_triton(_bn_bwd_dz_kernel)[(t, triton.cdiv(c, bc))](
-        grad_y, yy, z, mean, var, bn_weight, sums, eps, float(m),
+        grad_y, yy, z, mean, var, bn_weight, sums, eps, float(count),
         dzz, res, grad_bn_w if write_vec else vec, grad_bn_b if write_vec else vec,
         grad_bias if write_vec else vec,
         m, c, h * w,
@@ -252,6 +264,15 @@ def bn_backward(grad_y, y, z, mean, var, bn_weight, eps, relu, dz, grad_res, gra
         RELU=relu, WRITE_DZ=dz is not None, WRITE_RES=grad_res is not None, WRITE_VEC=write_vec,
         BLOCK_M=bm, BLOCK_C=bc,
     )
+
+
+def bn_backward(grad_y, y, z, mean, var, bn_weight, eps, relu, dz, grad_res, grad_bn_w, grad_bn_b, grad_bias):
+    """Fused ReLU-mask + residual grad + BatchNorm backward. Outputs that are None are not written
+    (the per-channel vector grads are written together: pass all three or none)."""
+    n, _, h, w = z.shape
+    sums = bn_backward_sums(grad_y, y, z, mean, relu)
+    bn_backward_dz(grad_y, y, z, mean, var, bn_weight, sums, n * h * w, eps, relu, dz, grad_res,
+                   grad_bn_w, grad_bn_b, grad_bias)
 
 
 @triton.jit
