@@ -374,6 +374,26 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_eval_backward(
   return {or_empty(grad_x), or_empty(grad_w), or_empty(grad_scale), or_empty(grad_shift), or_empty(grad_residual)};
 }
 
+// Training backward, pass 1 (NHWC-dense activations, float32 vectors; yc undefined when !relu):
+// sum_g[c] = sum of g and sum_gx[c] = sum of g * (z - mean) * invstd, g = ReLU-masked grad_y,
+// through per-chunk partials summed in chunk order (deterministic).
+void bn_backward_sums(DType dtype, const Tensor& gy, const Tensor& yc, const Tensor& zc, const Tensor& mean_f,
+                      const Tensor& invstd, const Tensor& sum_g, const Tensor& sum_gx, bool relu,
+                      cudaStream_t stream) {
+  const int64_t channels = zc.size(1), rows = zc.numel() / channels;
+  const at::TensorOptions stat_opts = zc.options().dtype(at::kFloat);
+  const int64_t chunks = bn_backward_num_chunks(rows);
+  Tensor partial_g = at::empty({chunks, channels}, stat_opts), partial_gx = at::empty({chunks, channels}, stat_opts);
+  launch_bn_train_backward_reduce(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
+                                  mean_f.data_ptr<float>(), invstd.data_ptr<float>(), partial_g.data_ptr<float>(),
+                                  partial_gx.data_ptr<float>(), rows, channels, relu, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sum_partials(partial_g.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_sum_partials(partial_gx.data_ptr<float>(), sum_gx.data_ptr<float>(), chunks, channels, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backward(
     const Tensor& grad_y, const Tensor& x, const Tensor& weight, const Tensor& z, const std::optional<Tensor>& y,
     const Tensor& mean, const Tensor& var, const Tensor& bn_weight, at::IntArrayRef stride, at::IntArrayRef padding,
@@ -410,17 +430,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
     const Tensor mean_f = to_float_vec(mean);
     const Tensor invstd = at::rsqrt(var.to(at::kFloat) + eps).contiguous();
     const Tensor bn_weight_f = to_float_vec(bn_weight);
-    const int64_t chunks = bn_backward_num_chunks(rows);
-    Tensor partial_g = at::empty({chunks, channels}, stat_opts), partial_gx = at::empty({chunks, channels}, stat_opts);
     // Pass 1: ReLU mask + the two BatchNorm reductions (sum g, sum g * x_hat).
-    launch_bn_train_backward_reduce(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
-                                    mean_f.data_ptr<float>(), invstd.data_ptr<float>(), partial_g.data_ptr<float>(),
-                                    partial_gx.data_ptr<float>(), rows, channels, relu, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_partials(partial_g.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launch_sum_partials(partial_gx.data_ptr<float>(), sum_gx.data_ptr<float>(), chunks, channels, stream);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    bn_backward_sums(dtype, gy, yc, zc, mean_f, invstd, sum_g, sum_gx, relu, stream);
     // Pass 2: dz (and the residual gradient g) in one elementwise pass.
     launch_bn_train_backward_dz(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
                                 mean_f.data_ptr<float>(), invstd.data_ptr<float>(), bn_weight_f.data_ptr<float>(),
@@ -531,19 +542,9 @@ std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const 
   const cudaStream_t stream = current_stream(z);
   const Tensor gy = nhwc(grad_y), zc = nhwc(z);
   const Tensor yc = relu ? nhwc(*y) : Tensor();
-  const Tensor mean_f = to_float_vec(mean);
   // invstd = 1 turns the kernel's sum(g * (z - mean) * invstd) into sum(g * (z - mean)).
-  const Tensor ones = at::ones({channels}, stat_opts);
-  const int64_t chunks = bn_backward_num_chunks(rows);
-  Tensor partial_g = at::empty({chunks, channels}, stat_opts), partial_gzc = at::empty({chunks, channels}, stat_opts);
-  launch_bn_train_backward_reduce(dtype, gy.data_ptr(), relu ? yc.data_ptr() : nullptr, zc.data_ptr(),
-                                  mean_f.data_ptr<float>(), ones.data_ptr<float>(), partial_g.data_ptr<float>(),
-                                  partial_gzc.data_ptr<float>(), rows, channels, relu, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_sum_partials(partial_g.data_ptr<float>(), sum_g.data_ptr<float>(), chunks, channels, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_sum_partials(partial_gzc.data_ptr<float>(), sum_g_zc.data_ptr<float>(), chunks, channels, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  bn_backward_sums(dtype, gy, yc, zc, to_float_vec(mean), at::ones({channels}, stat_opts), sum_g, sum_g_zc, relu,
+                   stream);
   return {sum_g, sum_g_zc};
 }
 

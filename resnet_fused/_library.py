@@ -260,30 +260,28 @@ def _make_autograd(ops):
     }
 
 
-def _no_double_backward(name):
+def _raising_autograd(message: str):
+    """An autograd formula whose backward raises NotImplementedError(message)."""
+
     def setup(ctx, inputs, output):
         pass
 
     def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"resnet_fused: double backward through {name} is not supported. Use torch.autograd.grad "
-            "without create_graph=True, or convert the model with resnet_fused.to_torchvision()."
-        )
+        raise NotImplementedError(message)
 
     return backward, setup
 
 
-def _sync_building_block(name):
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(
+def _no_formula(name: str):
+    if name in SYNC_OP_NAMES:
+        return _raising_autograd(
             f"resnet_fused: {name} is a building block of the synchronized BatchNorm path and has no "
             "autograd formula of its own; call ops.conv_bn_relu(..., process_group=...) instead."
         )
-
-    return backward, setup
+    return _raising_autograd(  # the backward ops: reached by double backward only
+        f"resnet_fused: double backward through {name} is not supported. Use torch.autograd.grad "
+        "without create_graph=True, or convert the model with resnet_fused.to_torchvision()."
+    )
 
 
 def register_fake_and_autograd(namespace: str) -> None:
@@ -293,10 +291,7 @@ def register_fake_and_autograd(namespace: str) -> None:
     for name in OP_NAMES:
         qualname = f"{namespace}::{name}"
         torch.library.register_fake(qualname, FAKES[name])
-        if name in SYNC_OP_NAMES:
-            backward, setup = _sync_building_block(name)
-        else:
-            backward, setup = formulas.get(name) or _no_double_backward(name)
+        backward, setup = formulas.get(name) or _no_formula(name)
         torch.library.register_autograd(qualname, backward, setup_context=setup)
 
 
