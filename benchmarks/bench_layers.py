@@ -340,7 +340,7 @@ def _contexts(*managers):
 
 def max_abs_diff(outputs: tuple, reference: tuple) -> tuple[float, float]:
     """(largest |output - reference| over all output tensors, largest |reference|)."""
-    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, reference))
+    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(outputs, reference, strict=True))
     scale = max(b.float().abs().max().item() for b in reference)
     return diff, scale
 

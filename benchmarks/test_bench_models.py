@@ -50,5 +50,5 @@ def test_model(benchmark, device, on_gpu, timed, record_median, config, provider
     benchmark.pedantic(timed(step), rounds=(50 if config.batch < 256 else 20) if on_gpu else 3,
                        warmup_rounds=1, iterations=1)
     if on_gpu:
-        benchmark.extra_info["peak_memory_mb"] = mb.max_memory_mb(device)
+        benchmark.extra_info["peak_memory_mib"] = mb.max_memory_mib(device)
     record_median(images_per_s=config.batch)

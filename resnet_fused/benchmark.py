@@ -201,14 +201,14 @@ def measure(fn: Callable[[], object], device: torch.device, rounds: int, flush_l
     l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=True):
         if l2_flush is not None:
             l2_flush.zero_()
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
-    return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
+    return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)]
 
 
 def rounds_for(seconds_per_call: float, target_seconds: float, lo: int, hi: int) -> int:
@@ -247,20 +247,21 @@ def record_backends():
         ops_module.select_ops = original
 
 
-def max_memory_mb(device: torch.device) -> float | None:
+def max_memory_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
                      reference_logits: torch.Tensor, warmup: int) -> tuple[Callable[[], object], dict]:
     """Builds `provider`'s model, checks its eval logits against reference_logits (before any
-    training step changes the weights), then warms its step up: the first call (torch.compile,
-    Triton autotuning, cuDNN's search) is timed on its own as warmup_s, then `warmup` more.
-    Returns (step, info)."""
+    training step changes the weights), then warms its step up. The logit check and the first
+    step (torch.compile, Triton autotuning, cuDNN's search happen there) are timed together as
+    warmup_s; then `warmup` more steps. Returns (step, info)."""
     device = x.device
     autocast = autocast_for(device, precision)
     model = build_model(provider, tv_model)
     info: dict = dict(backends_used=None)
+    t_first = time.perf_counter()
     model.eval()
     with _provider_context(provider), torch.inference_mode(), autocast():
         if provider_backend(provider) is not None:
@@ -272,10 +273,9 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
         info["max_abs_logit_diff"] = (logits.float() - reference_logits).abs().max().item()
     del logits
     step = model_step(provider, model, x, mode, autocast)
-    t0 = time.perf_counter()
     step()
     synchronize(device)
-    info["warmup_s"] = time.perf_counter() - t0
+    info["warmup_s"] = time.perf_counter() - t_first
     t0 = time.perf_counter()
     for _ in range(max(warmup, 1)):
         step()
@@ -297,13 +297,15 @@ def run_model_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor
         info.pop("seconds_per_call")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        memory_before_mb = torch.cuda.memory_allocated(device) / 2**20
+        memory_before_mib = torch.cuda.memory_allocated(device) / 2**20
     times = measure(step, device, rounds)
     row = dict(provider=provider, status="ok", **summarize(times), **info)
     row["images_per_s"] = x.shape[0] / (row["median_ms"] / 1e3)
     if device.type == "cuda":
-        row["peak_memory_mb"] = max_memory_mb(device)
-        row["memory_before_mb"] = memory_before_mb
+        # Peak over the timed steps; memory_before: what was held when they began (the model,
+        # its gradients and optimizer state, the input), so peak - before is the step's own.
+        row["peak_memory_mib"] = max_memory_mib(device)
+        row["memory_before_mib"] = memory_before_mib
     del step
     release_memory(device)
     return row
@@ -336,9 +338,11 @@ def _parse(argv):
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 GPU, 1 CPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision model)")
     p.add_argument("--max-autotune", action="store_true",
-                   help="also time torch.compile(mode='max-autotune'), and with inductor freezing for infer (slow to compile)")
+                   help="also time torch.compile(mode='max-autotune'), and with inductor freezing for infer "
+                        "(slow to compile)")
     p.add_argument("--providers", default=None,
-                   help=f"comma-separated providers to run instead of the defaults; any of {', '.join(MODEL_PROVIDERS)}")
+                   help="comma-separated providers to run instead of the defaults; any of "
+                        + ", ".join(MODEL_PROVIDERS))
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results and provenance here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -416,7 +420,7 @@ def main(argv=None) -> int:
         line = (f"{r['provider']:<42}{r['median_ms']:>10.2f}{r['images_per_s']:>10.1f}"
                 f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_logit_diff']:>13.2e}")
         if on_gpu:
-            line += f"{r['peak_memory_mb']:>10.0f}"
+            line += f"{r['peak_memory_mib']:>10.0f}"
         print(line + f"  {_format_backends(r['backends_used'])}")
     if args.json:
         meta = dict(
@@ -425,7 +429,8 @@ def main(argv=None) -> int:
             torchvision=torchvision.__version__, cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version() if on_gpu else None, resnet_fused=resnet_fused.__version__,
             python=platform.python_version(), backends=resnet_fused.available_backends(),
-            command=" ".join([sys.executable, "-m", "resnet_fused.benchmark", *(argv if argv is not None else sys.argv[1:])]),
+            command=" ".join(["python", "-m", "resnet_fused.benchmark",
+                              *(argv if argv is not None else sys.argv[1:])]),
         )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)

@@ -1,0 +1,127 @@
+"""CPU checks of gpu_report.py: one --cpu-smoke run through every phase (tests, models, per-layer
+ops; the build is GPU-only), with two injected faults to exercise the crash isolation that a
+first GPU run may need: a worker that dies abruptly, and a case that loses its CUDA context.
+
+Plain tests, not benchmarks: `python -m pytest benchmarks/` runs them, `--benchmark-only`
+skips them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import gpu_report
+
+SCRIPT = Path(gpu_report.__file__)
+CRASHING_MODEL_CASE = "resnet18-train-b2-64px-fp32-fused-reference"
+LOST_CONTEXT_OP_CASE = "eval-b2-fp32-64x64-k3s1-h8-relu-conv-alone"
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env[gpu_report.INJECT_FAULT_ENV] = f"exit:{CRASHING_MODEL_CASE},cuda-error:{LOST_CONTEXT_OP_CASE}"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], cwd=gpu_report.ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    [path] = out.glob("cpu-smoke-*.json")
+    return json.loads(path.read_text()), path
+
+
+def _rows(report, kind):
+    return report["models" if kind == "model" else "ops"]
+
+
+def test_every_phase_ran_and_the_report_is_complete(smoke):
+    report, path = smoke
+    assert report["complete"] and report["schema"] == gpu_report.SCHEMA
+    assert [p["name"] for p in report["phases"]] == ["build", "tests", "models-core", "ops-core", "models-extra",
+                                                     "ops-extra"]
+    phases = {p["name"]: p for p in report["phases"]}
+    assert phases["build"]["status"] == "skipped"
+    assert report["tests"]["command"].endswith("pytest tests -m needs_cuda -q -rfE --tb=short -p no:cacheprovider")
+    assert report["tests"]["counts"], "the pytest summary line was not parsed"
+    prov = report["provenance"]
+    for key in ("date_utc", "command", "git_commit", "torch", "torchvision", "triton", "cuda", "cudnn", "python",
+                "backends"):
+        assert key in prov
+    assert prov["gpu"] is None and "--cpu-smoke" in prov["command"]
+    for name in report["files"]:
+        assert (path.parent / name).exists()
+
+
+def test_rows_carry_times_rates_and_checks(smoke):
+    report, _ = smoke
+    ok_models = [r for r in _rows(report, "model") if r["status"] == "ok"]
+    assert {r["provider"] for r in ok_models} == {"torchvision-eager", "fused-reference"}
+    for r in ok_models:
+        assert r["images_per_s"] > 0 and r["median_ms"] > 0 and r["rounds"] >= 3
+        assert r["max_abs_logit_diff"] < 1e-3
+    assert next(r for r in ok_models if r["provider"] == "fused-reference")["backends_used"] == {"reference": 20}
+    gpu_only = [r for r in _rows(report, "model") if r["provider"] in ("fused-cuda", "fused-triton")]
+    assert gpu_only and all(r["status"] == "skipped" and "GPU" in r["reason"] for r in gpu_only)
+    ok_ops = [r for r in _rows(report, "op") if r["status"] == "ok"]
+    assert {r["case"]["op"] for r in ok_ops} == {"eval", "train_fwd", "train_bwd", "add_relu"}
+    for r in ok_ops:
+        assert r["median_ms"] > 0
+        assert ("gbps" in r) if r["case"]["op"] == "add_relu" else ("tflops" in r)
+        if r["provider"] == "fused-reference":
+            assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["reference_max_abs"])
+
+
+def test_a_worker_that_dies_costs_one_case(smoke):
+    report, _ = smoke
+    by_id = {r["id"]: r for r in _rows(report, "model")}
+    crashed = by_id[CRASHING_MODEL_CASE]
+    assert crashed["status"] == "error" and "exit status 70" in crashed["reason"]
+    # The next worker ran the cases after it.
+    assert by_id["resnet18-infer-b1-64px-fp32-fused-reference"]["status"] == "ok"
+    assert next(p for p in report["phases"] if p["name"] == "models-core")["workers"] == 2
+
+
+def test_a_lost_cuda_context_restarts_the_worker(smoke):
+    report, _ = smoke
+    rows = _rows(report, "op")
+    lost = next(r for r in rows if r["id"] == LOST_CONTEXT_OP_CASE)
+    assert lost["status"] == "error" and lost["sticky_cuda_error"]
+    after = rows[rows.index(lost) + 1:]
+    assert after and all(r["status"] in ("ok", "skipped") for r in after)
+    assert next(p for p in report["phases"] if p["name"] == "ops-core")["workers"] == 2
+
+
+def test_markdown_and_plot(smoke):
+    report, path = smoke
+    md = path.with_suffix(".md").read_text()
+    assert "do not edit by hand" in md
+    assert "## Targets (resnet50, bf16, batch 256, 224x224)" in md and "not measured" in md
+    assert "| layer | shape | x | conv alone ms (TFLOP/s) | eager unit ms (TFLOP/s) | fused-reference ms" in md
+    assert "## Not measured" in md and "exit status 70" in md
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert report["plot"] == path.with_suffix(".png").name and path.with_suffix(".png").stat().st_size > 0
+    else:
+        assert report["plot"] is None and "matplotlib" in report["plot_note"]
+
+
+def test_without_matplotlib_the_plot_is_a_note(smoke, tmp_path, monkeypatch):
+    report, _ = smoke
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    note = gpu_report.render_plot(report, tmp_path / "plot.png")
+    assert "matplotlib is not installed" in note and not (tmp_path / "plot.png").exists()
+    gpu_report.write_report(dict(report), tmp_path, plot=True)
+    assert "Plot: no PNG: matplotlib is not installed" in (tmp_path / f"{report['stem']}.md").read_text()
+
+
+def test_render_rewrites_the_markdown_from_the_json(smoke, tmp_path):
+    report, path = smoke
+    copy = tmp_path / path.name
+    copy.write_text(path.read_text())
+    subprocess.run([sys.executable, str(SCRIPT), "--render", str(copy)], check=True, capture_output=True, timeout=120)
+    assert copy.with_suffix(".md").read_text() == path.with_suffix(".md").read_text()
