@@ -14,6 +14,7 @@ import pytest
 import torch
 import torchvision
 from helpers import assert_close_to_ref, randomize_bn, randomize_model_bn
+from test_models import _aggregate_rel_l2
 from test_ops import CONFIGS, run_unit_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -304,44 +305,48 @@ def test_add_relu_op(triton_backend, channels_last):
 # A whole model on the Triton backend against torchvision.
 
 
-def test_resnet18_matches_torchvision(triton_backend):
-    """Eval logits, then one training step: logits, every parameter gradient, running stats."""
-    tv = torchvision.models.resnet18(num_classes=10)
-    randomize_model_bn(tv)
-    fused = resnet_fused.resnet18(num_classes=10)
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "resnext50_32x4d"])
+def test_model_matches_torchvision(triton_backend, name):
+    """Eval logits, then one training step (logits, every parameter gradient, running
+    statistics) through the Triton kernels against torchvision, error within 2x float32
+    eager's against float64. resnet18 is held to it tensor by tensor (elementwise maxima).
+    The Bottleneck models (53 convs, 1.5-3 min each in the interpreter) are held to it in
+    aggregate, as in tests/test_models.py: with batch-2 BatchNorm in training, float32
+    rounding is amplified chaotically through 50 layers, so one tensor's error is a noisy
+    sample (measured here, per tensor: 2.0x eager's for resnet50's layer2.3.bn2.weight
+    gradient, 2.5x for resnext50's layer4.1.bn2.running_mean, with all other tensors within
+    2x), while the aggregate over all of them is stable."""
+    tv = randomize_model_bn(getattr(torchvision.models, name)(num_classes=10))
+    fused = getattr(resnet_fused, name)(num_classes=10)
     fused.load_state_dict(tv.state_dict())
     tv64 = copy.deepcopy(tv).double()
+    # Batch 2 at 32x32: layer4 is 1x1, so its BatchNorm sees 2 values per channel.
     x = torch.randn(2, 3, 32, 32)
     models = (tv, tv64, fused)
+    metric = "max" if name == "resnet18" else "l2"
     for training in (False, True):
         for m in models:
             m.train(training)
         with torch.set_grad_enabled(training):
             outs = [m(x.double() if m is tv64 else x) for m in models]
-        assert_close_to_ref(outs[2], outs[0], outs[1], f"logits (training={training})")
+        assert_close_to_ref(outs[2], outs[0], outs[1], f"logits (training={training})", metric=metric)
     for o in outs:
         o.square().sum().backward()
     params = [dict(m.named_parameters()) for m in models]
-    buffers = [dict(m.named_buffers()) for m in models]
-    for name, p_tv in params[0].items():
-        assert_close_to_ref(params[2][name].grad, p_tv.grad, params[1][name].grad, f"grad {name}")
-    for name, b_tv in buffers[0].items():
-        if b_tv.is_floating_point():
-            assert_close_to_ref(buffers[2][name], b_tv, buffers[1][name], name)
-
-
-@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
-def test_bottleneck_models_eval_match_torchvision(triton_backend, name):
-    """Eval logits of the Bottleneck and grouped (ResNeXt) models through the Triton kernels.
-    Their training step costs 1.5-2 min each in the interpreter, so training at model level
-    is covered by resnet18 here and by every unit configuration above; on a GPU, run both."""
-    tv = randomize_model_bn(getattr(torchvision.models, name)(num_classes=10)).eval()
-    fused = getattr(resnet_fused, name)(num_classes=10).eval()
-    fused.load_state_dict(tv.state_dict())
-    tv64 = copy.deepcopy(tv).double()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        assert_close_to_ref(fused(x), tv(x), tv64(x.double()), f"{name} eval logits")
+    states = [{k: b for k, b in m.named_buffers() if b.is_floating_point()} for m in models]
+    grads = [{k: p.grad for k, p in ps.items()} for ps in params]
+    if name == "resnet18":
+        for group in (grads, states):
+            for key, value in group[0].items():
+                assert_close_to_ref(group[2][key], value, group[1][key], key)
+        return
+    floor = 16 * torch.finfo(torch.float32).eps
+    for what, group in (("gradients", grads), ("running statistics", states)):
+        keys = list(group[1])
+        refs = [group[1][k] for k in keys]
+        err_fused = _aggregate_rel_l2([group[2][k] for k in keys], refs)
+        err_eager = _aggregate_rel_l2([group[0][k] for k in keys], refs)
+        assert err_fused <= 2 * err_eager + floor, f"{what}: error {err_fused:.2e} > 2x eager's {err_eager:.2e}"
 
 
 # --------------------------------------------------------------------------------------
