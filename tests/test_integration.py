@@ -381,7 +381,11 @@ def _sync_unit_worker(rank):
             with resnet_fused.use_backend(backend):
                 y = unit(xs, rs)
                 y.backward(grad_y[lo:lo + n])
-            out[backend, sizes] = dict(
+                conv = unit.conv
+                ran = resnet_fused.backends.resolved_backend(
+                    "conv_bn_stats", xs, conv.weight, conv.bias, list(conv.stride), list(conv.padding),
+                    list(conv.dilation), conv.groups)
+            out[backend, sizes] = dict(ran=ran,
                 y=y.detach(), grad_x=xs.grad, grad_res=rs.grad,
                 grads={k: p.grad for k, p in unit.named_parameters()},
                 buffers={k: b for k, b in unit.named_buffers() if b.is_floating_point()},
@@ -417,6 +421,8 @@ def test_sync_batchnorm_unit_two_processes(distributed_results, backend, sizes):
     e32 = _eager_unit(unit, x, res, grad_y)
     e64 = _eager_unit(unit.double(), x.double(), res.double(), grad_y.double())
     got = [r[backend, sizes] for r in runs]
+    for rank, g in enumerate(got):  # the named backend's kernels ran (empty batches go to the reference)
+        assert g["ran"] == (backend if sizes[rank] > 0 else "reference"), (rank, g["ran"])
     for key in ("y", "grad_x", "grad_res"):
         assert_close_to_ref(torch.cat([g[key] for g in got]), e32[key], e64[key], key)
     for key in e64["grads"]:
