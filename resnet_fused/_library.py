@@ -61,6 +61,8 @@ because a custom-op schema cannot return None for a Tensor.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -284,8 +286,80 @@ def _no_formula(name: str):
     )
 
 
+# ---------------------------------------------------------------------------------------
+# Autocast, registered per op at the dispatcher (AutocastCPU, AutocastCUDA), so a direct
+# torch.ops call, the functional API and a compiled graph all get the same dtypes as eager
+# nn.Conv2d -> nn.BatchNorm2d -> ReLU under torch.autocast:
+#   * the ops that contain the convolution cast its operands (x, weight, conv bias, and the
+#     residual, which joins the conv-dtype output) to the autocast dtype, as aten::conv2d's
+#     lower-precision rule does (floating tensors other than float64); BatchNorm vectors,
+#     scale/shift and statistics keep their dtype, as eager BatchNorm keeps its float32
+#     parameters under autocast. The output has the autocast dtype, as eager's BN output.
+#   * add_relu promotes its two inputs to their common dtype, as eager `x + residual` does.
+#   * the backward ops and the SyncBatchNorm apply/reduce ops have no autocast rule: they
+#     are called with the dtypes their forward produced (autocast does not apply to
+#     backward), and run with autocast's fallthrough.
+# The op then runs with autocast excluded, so a backend's internal float32 math stays
+# float32.
+
+AUTOCAST_DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
+# op -> positions of the arguments cast to the autocast dtype
+AUTOCAST_CAST_ARGS = {"conv_bn_eval": (0, 1, 4), "conv_bn_train": (0, 1, 2, 5), "conv_bn_stats": (0, 1, 2)}
+AUTOCAST_PROMOTE_ARGS = {"add_relu": (0, 1)}
+
+
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """torch.autocast's lower-precision dtype when it is enabled for device_type, else None."""
+    # Devices without autocast (meta) would make is_autocast_enabled raise.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def autocast_args(op_name: str, args: tuple, device_type: str) -> tuple:
+    """`args` of op `op_name` as its autocast rule (above) gives them on device_type."""
+    dtype = autocast_dtype(device_type)
+    if dtype is None:
+        return args
+    args = list(args)
+    if op_name in AUTOCAST_CAST_ARGS:
+        for i in AUTOCAST_CAST_ARGS[op_name]:
+            t = args[i]
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+                args[i] = t.to(dtype)
+    elif op_name in AUTOCAST_PROMOTE_ARGS:
+        positions = AUTOCAST_PROMOTE_ARGS[op_name]
+        common = functools.reduce(torch.promote_types, (args[i].dtype for i in positions))
+        for i in positions:
+            args[i] = args[i].to(common)
+    return tuple(args)
+
+
+_autocast_libs: list[torch.library.Library] = []  # registrations live as long as their Library
+
+
+def register_autocast(namespace: str) -> None:
+    """Register the autocast rules above for the ops of `namespace`."""
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    _autocast_libs.append(lib)
+    for name in (*AUTOCAST_CAST_ARGS, *AUTOCAST_PROMOTE_ARGS):
+        op = getattr(getattr(torch.ops, namespace), name).default
+        for device_type, key in AUTOCAST_DISPATCH_KEYS.items():
+            dispatch_key = getattr(torch._C.DispatchKey, key)
+
+            def autocast_kernel(*args, op=op, name=name, device_type=device_type, dispatch_key=dispatch_key):
+                cast = autocast_args(name, args, device_type)
+                with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(dispatch_key)):
+                    return op(*cast)
+
+            # The C++ dispatcher (eager) and the Python dispatcher (torch.compile's tracing)
+            # each look the kernel up in their own table, so it goes into both.
+            lib.impl(name, lambda _keyset, *args, kernel=autocast_kernel: kernel(*args), key, with_keyset=True)
+            op.py_impl(dispatch_key)(autocast_kernel)
+
+
 def register_fake_and_autograd(namespace: str) -> None:
-    """Give every op of `namespace` the shared fake kernels and autograd formulas."""
+    """Give every op of `namespace` the shared fake kernels, autograd formulas and autocast rules."""
     ops = getattr(torch.ops, namespace)
     formulas = _make_autograd(ops)
     for name in OP_NAMES:
@@ -293,6 +367,7 @@ def register_fake_and_autograd(namespace: str) -> None:
         torch.library.register_fake(qualname, FAKES[name])
         backward, setup = formulas.get(name) or _no_formula(name)
         torch.library.register_autograd(qualname, backward, setup_context=setup)
+    register_autocast(namespace)
 
 
 def define_library(namespace: str, impls: dict, dispatch_keys=("CPU", "CUDA")) -> torch.library.Library:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import OrderedDict
 from typing import Any
 
 import torch
 import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 from torchvision.models._api import WeightsEnum
+from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .nn import BasicBlock, Bottleneck, conv_bn_act
 from .sync_batchnorm import SyncBatchNorm
@@ -17,7 +20,7 @@ from .sync_batchnorm import SyncBatchNorm
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
     "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
-    "from_torchvision", "to_torchvision",
+    "from_torchvision", "to_torchvision", "FusedIntermediateLayerGetter",
 ]
 
 
@@ -37,9 +40,50 @@ class ResNet(tv_resnet.ResNet):
         return self.fc(x)
 
 
+def _fused_unit_at(modules: list, i: int, returned) -> tuple[nn.Module, nn.Module, nn.Module | None] | None:
+    """(conv, norm, relu-or-None) when modules[i:] start with nn.Conv2d, a BatchNorm and
+    optionally nn.ReLU, none of whose outputs but the last is returned, else None."""
+    if i + 1 >= len(modules) or type(modules[i][1]) is not nn.Conv2d or modules[i][0] in returned:
+        return None
+    if not isinstance(modules[i + 1][1], (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)):
+        return None
+    has_relu = (i + 2 < len(modules) and type(modules[i + 2][1]) is nn.ReLU and modules[i + 1][0] not in returned)
+    return modules[i][1], modules[i + 1][1], modules[i + 2][1] if has_relu else None
+
+
+class FusedIntermediateLayerGetter(IntermediateLayerGetter):
+    """torchvision's IntermediateLayerGetter (the ResNet body of its detection and segmentation
+    models: conv1, bn1, relu, maxpool, layer1..4 as separate children) whose stem runs as
+    one fused unit: any child nn.Conv2d followed by a BatchNorm (and nn.ReLU) whose
+    intermediate outputs are not returned. Same children and state_dict."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        out = OrderedDict()
+        modules = list(self.items())
+        i = 0
+        while i < len(modules):
+            unit = _fused_unit_at(modules, i, self.return_layers)
+            if unit is None:
+                x = modules[i][1](x)
+                step = 1
+            else:
+                conv, norm, relu = unit
+                # conv_bn_act runs non-fusable pairs (a BatchNorm2d subclass, ...) module by module.
+                x = conv_bn_act(conv, norm, x, act=relu)
+                step = 2 if relu is None else 3
+            i += step
+            name = modules[i - 1][0]
+            if name in self.return_layers:
+                out[self.return_layers[name]] = x
+        return out
+
+
 # torchvision class -> fused class. The fused classes add no state, so converting is a
 # class swap that keeps every parameter and buffer object.
-_TO_FUSED = {tv_resnet.ResNet: ResNet, tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck}
+_TO_FUSED = {
+    tv_resnet.ResNet: ResNet, tv_resnet.BasicBlock: BasicBlock, tv_resnet.Bottleneck: Bottleneck,
+    IntermediateLayerGetter: FusedIntermediateLayerGetter,
+}
 _TO_TORCHVISION = {fused: tv for tv, fused in _TO_FUSED.items()}
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import _library  # noqa: F401  (defines torch.ops.resnet_fused.*)
+from . import _library  # also defines torch.ops.resnet_fused.*
 from .backends import select_ops
 from .reference import conv_output_size, stat_dtype
 from .sync_batchnorm import sync_conv_bn_train
@@ -61,23 +61,6 @@ def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor)
     _check_tensor(name, t, x, dims=1, same_dtype=False)
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
-
-
-def _autocast(x: Tensor, *tensors: Tensor | None):
-    """Under torch.autocast, cast the convolution operands to the autocast dtype, as nn.Conv2d
-    does (autocast's rule: every floating-point tensor except float64). It runs before the
-    dtype checks, so a bfloat16 x with a float32 weight is accepted under autocast, as
-    F.conv2d accepts it. BatchNorm parameters and statistics keep their own (float32) dtype,
-    as eager BatchNorm does under autocast; the output takes the conv dtype, as eager's."""
-    # Devices without autocast (meta) would make is_autocast_enabled raise.
-    if (not isinstance(x, Tensor) or not torch.amp.is_autocast_available(x.device.type)
-            or not torch.is_autocast_enabled(x.device.type)):
-        return (x, *tensors)
-    dtype = torch.get_autocast_dtype(x.device.type)
-    return tuple(
-        t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
-        for t in (x, *tensors)
-    )
 
 
 def _sync_group_size(process_group) -> int:
@@ -128,7 +111,11 @@ def conv_bn_relu(
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    x, weight, bias, residual = _autocast(x, weight, bias, residual)
+    # Autocast first (the rule the ops register, _library.autocast_args), then the dtype
+    # checks: a bfloat16 x with float32 weights is accepted under autocast, as F.conv2d
+    # accepts it, and is an error outside.
+    x, weight, bias, _, _, residual = _library.autocast_args(
+        "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
     _check_tensor("x", x, x, dims=4)
     _check_tensor("weight", weight, x, dims=4)
     stride = _check_pair("stride", stride, 1)
@@ -214,6 +201,8 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     """relu(x + residual), in one pass over memory on the fused backends."""
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
+    if isinstance(residual, Tensor) and x.is_floating_point() and residual.is_floating_point():
+        x, residual = _library.autocast_args("add_relu", (x, residual), x.device.type)  # promote, as x + residual
     _check_tensor("x", x, x)
     _check_tensor("residual", residual, x)
     if residual.shape != x.shape:

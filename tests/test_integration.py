@@ -182,6 +182,95 @@ def test_autocast_functional_op_accepts_mixed_dtypes():
         unit(x)
 
 
+def _namespaces():
+    """The op namespaces registered in this process (the cuda one when its extension loaded)."""
+    names = ["resnet_fused", "resnet_fused_triton"]
+    if resnet_fused.cuda_backend._load_error is None:
+        names.append("resnet_fused_cuda")
+    return names
+
+
+@pytest.mark.parametrize("namespace", _namespaces())
+def test_autocast_rule_registered_per_op(namespace):
+    """Autocast is registered at the dispatcher, not left to the fallthrough: the forward ops
+    have AutocastCPU and AutocastCUDA kernels on every backend; the backward ops and the
+    SyncBatchNorm apply/reduce ops deliberately have none (they run in their inputs' dtypes)."""
+    from resnet_fused import _library
+
+    with_rule = set(_library.AUTOCAST_CAST_ARGS) | set(_library.AUTOCAST_PROMOTE_ARGS)
+    assert with_rule == {"conv_bn_eval", "conv_bn_train", "conv_bn_stats", "add_relu"}
+    for name in _library.OP_NAMES:
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            has = torch._C._dispatch_has_kernel_for_dispatch_key(f"{namespace}::{name}", key)
+            assert has == (name in with_rule), (namespace, name, key)
+
+
+CONV = ([1, 1], [1, 1], [1, 1], 1)  # stride, padding, dilation, groups
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_autocast_direct_op_calls(backend):
+    """torch.ops calls under torch.autocast('cpu', bfloat16), without the functional API: the
+    conv operands (x, weight, conv bias, residual) are cast, the BatchNorm vectors are not
+    (a float32 scale that bfloat16 cannot represent gives the float32-scale result, bitwise),
+    the statistics stay float32, add_relu promotes as `x + residual` does; the backward runs."""
+    from resnet_fused.backends import _MODULES
+
+    ns = {"reference": torch.ops.resnet_fused, "triton": getattr(torch.ops, _MODULES["triton"][0].NAMESPACE)}[backend]
+    x, w, res = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(2, 5, 6, 6)
+    scale = torch.full((5,), 1 + 2**-12)  # rounds to 1.0 in bfloat16
+    shift = torch.rand(5)
+    bf = torch.bfloat16
+    with torch.autocast("cpu", dtype=bf):
+        y = ns.conv_bn_eval(x, w, scale, shift, res, *CONV, True)
+        y_train, z, mean, var = ns.conv_bn_train(x, w, shift, scale, shift, res, *CONV, 1e-5, True)
+        z_stats, mean_s, var_s = ns.conv_bn_stats(x, w, shift, *CONV)
+        r = ns.add_relu(torch.randn(7).to(bf), torch.randn(7))
+    assert y.dtype == y_train.dtype == z.dtype == z_stats.dtype == bf
+    assert mean.dtype == var.dtype == mean_s.dtype == var_s.dtype == torch.float32
+    assert r.dtype == torch.float32
+    expected = ns.conv_bn_eval(x.to(bf), w.to(bf), scale, shift, res.to(bf), *CONV, True)
+    assert torch.equal(y, expected)
+    assert not torch.equal(y, ns.conv_bn_eval(x.to(bf), w.to(bf), scale.to(bf).float(), shift, res.to(bf), *CONV,
+                                              True)), "the scale was rounded to bfloat16"
+    expected_train = ns.conv_bn_train(x.to(bf), w.to(bf), shift.to(bf), scale, shift, res.to(bf), *CONV, 1e-5, True)
+    for got, want in zip((y_train, z, mean, var), expected_train):
+        assert torch.equal(got, want)
+    # autograd through the autocast kernel: gradients in the leaves' dtypes
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=bf):
+        out = ns.conv_bn_eval(xg, wg, scale, shift, None, *CONV, True)
+    out.float().sum().backward()
+    assert xg.grad.dtype == wg.grad.dtype == torch.float32
+
+
+def test_autocast_direct_op_call_compiled():
+    """The autocast rule also applies in a torch.compile(fullgraph=True) graph: same dtype and
+    values as the eager call."""
+    x, w = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3)
+    scale, shift = torch.rand(5) + 0.5, torch.rand(5)
+
+    def fn(x):
+        return torch.ops.resnet_fused.conv_bn_eval(x, w, scale, shift, None, *CONV, True)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, got = fn(x), compiled(x)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    assert torch.equal(got, eager)
+
+
+def test_autocast_add_relu_functional_promotes():
+    """ops.add_relu under autocast accepts mixed dtypes and promotes, as relu(x + residual);
+    outside autocast mixed dtypes stay an error."""
+    a, b = torch.randn(2, 3, 4, 4).bfloat16(), torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = resnet_fused.ops.add_relu(a, b), torch.relu(a + b)
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    with pytest.raises(TypeError, match="dtype"):
+        resnet_fused.ops.add_relu(a, b)
+
+
 # ------------------------------------------------------------------------------------------
 # DDP and SyncBatchNorm: 2 processes on gloo
 
@@ -519,11 +608,29 @@ def _converted_blocks(model):
     return sum(type(m) in fused_types for m in model.modules())
 
 
+def _assert_stem_fused(tv_body, fused_body, x):
+    """The getter's conv1 -> bn1 -> relu runs as one fused op: their module forwards (which
+    torchvision's getter calls) are not called, and the ops of the fused path are."""
+    assert type(fused_body) is resnet_fused.models.FusedIntermediateLayerGetter
+    for body, expect_calls in ((tv_body, 1), (fused_body, 0)):
+        calls = []
+        hooks = [getattr(body, name).register_forward_hook(lambda *a, name=name: calls.append(name))
+                 for name in ("conv1", "bn1", "relu")]
+        try:
+            with torch.no_grad():
+                body(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        # torchvision's relu module is shared with nothing in the getter: 1 call each
+        assert calls == (["conv1", "bn1", "relu"] if expect_calls else []), calls
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["batchnorm", "frozen_batchnorm"])
 def test_fasterrcnn_resnet50_fpn_backbone(frozen):
     """from_torchvision(inplace=True) converts the 16 Bottlenecks inside the
-    IntermediateLayerGetter; detections (boxes, scores, labels) in eval stay the same.
-    The stem (conv1, bn1, relu as separate modules of the getter) stays unfused."""
+    IntermediateLayerGetter, whose stem (conv1, bn1, relu as separate modules of the
+    getter) runs fused; detections (boxes, scores, labels) in eval stay the same."""
     torch.manual_seed(0)
     tv = _fasterrcnn(frozen).eval()
     randomize_model_bn(tv), _randomize_frozen(tv)
@@ -532,6 +639,7 @@ def test_fasterrcnn_resnet50_fpn_backbone(frozen):
     assert _converted_blocks(fused) == 16
     images = [torch.rand(3, 80, 96, dtype=F64), torch.rand(3, 96, 72, dtype=F64)]
     x = torch.rand(1, 3, 64, 64, dtype=F64)
+    _assert_stem_fused(tv.backbone.body, fused.backbone.body, x)
     with torch.no_grad():
         out_tv, out_f = tv(images), fused(images)
         feats_tv, feats_f = tv.backbone(x), fused.backbone(x)
@@ -547,8 +655,9 @@ def test_fasterrcnn_resnet50_fpn_backbone(frozen):
 
 def test_deeplabv3_resnet50_backbone():
     """deeplabv3_resnet50 (dilated layer3/4 inside an IntermediateLayerGetter): the 16
-    Bottlenecks convert, and the eval output and aux maps stay the same; one training step's
-    gradients too."""
+    Bottlenecks and the stem convert, and the eval output and aux maps stay the same; one
+    training step's gradients too (the stem's BatchNorm in training mode, fused);
+    to_torchvision gives torchvision's classes back."""
     torch.manual_seed(0)
     tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=4,
                                                             aux_loss=True)
@@ -558,6 +667,7 @@ def test_deeplabv3_resnet50_backbone():
     assert _converted_blocks(fused) == 16
     x = torch.randn(2, 3, 48, 48, dtype=F64)
     tv.eval(), fused.eval()
+    _assert_stem_fused(tv.backbone, fused.backbone, x)
     with torch.no_grad():
         out_tv, out_f = tv(x), fused(x)
     for key in ("out", "aux"):
@@ -573,6 +683,31 @@ def test_deeplabv3_resnet50_backbone():
     for (name, a), b in zip(tv.named_parameters(), fused.parameters()):
         if a.grad is not None:
             assert _rel(b.grad, a.grad) <= 1e-9, name
+    for (key, a), b in zip(tv.state_dict().items(), fused.state_dict().values()):
+        assert _rel(b, a) <= 1e-9, key  # running statistics, the stem's included
+    back = resnet_fused.to_torchvision(fused)
+    assert type(back.backbone) is torchvision.models._utils.IntermediateLayerGetter
+    assert _converted_blocks(resnet_fused.from_torchvision(back)) == 16
+
+
+@pytest.mark.parametrize("return_layers", [{"bn1": "stem_bn", "layer2": "c3"}, {"relu": "stem", "layer1": "c2"},
+                                           {"conv1": "stem_conv", "layer1": "c2"}])
+def test_intermediate_layer_getter_returning_stem_outputs(return_layers):
+    """A getter that returns an intermediate of the stem fuses only what is not returned, and
+    every returned map equals torchvision's getter's, in eval and training (BatchNorm2d)."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    torch.manual_seed(0)
+    body = randomize_model_bn(torchvision.models.resnet18()).double()
+    tv = IntermediateLayerGetter(body, return_layers=dict(return_layers))
+    fused = resnet_fused.from_torchvision(tv)
+    x = torch.randn(2, 3, 32, 32, dtype=F64)
+    for training in (False, True):
+        tv.train(training), fused.train(training)
+        out_tv, out_f = tv(x), fused(x)
+        assert list(out_f) == list(out_tv) == list(return_layers.values())
+        for key in out_tv:
+            assert _rel(out_f[key], out_tv[key]) <= 1e-12, (training, key)
 
 
 # ------------------------------------------------------------------------------------------
