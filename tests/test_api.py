@@ -96,3 +96,175 @@ def test_add_relu_rejects_mismatch():
 def test_reference_half_precision_on_gpu(cfg, training, dtype):
     with resnet_fused.use_backend("reference"):
         run_unit_case(cfg, training, residual=True, relu=True, channels_last=True, dtype=dtype, device="cuda")
+
+
+# ---------------------------------------------------------------------------------------
+# auto's per-shape choice between two covering backends. On CPU, two fake fused backends
+# stand in for cuda and triton: they run the reference and the Triton (interpreter)
+# namespaces, and a fake timer says which is faster.
+
+from types import SimpleNamespace  # noqa: E402
+
+from resnet_fused import backends  # noqa: E402
+from resnet_fused.benchmark import record_backends  # noqa: E402
+
+
+@pytest.fixture
+def two_auto_backends(monkeypatch):
+    """auto sees 'cuda' (running torch.ops.resnet_fused) and 'triton' (torch.ops.resnet_fused_triton)
+    on CPU tensors; returns the fake timer's table {backend: ms} and its call log."""
+    table = {"cuda": 2.0, "triton": 1.0}
+    calls = []
+    namespaces = {"resnet_fused": "cuda", backends._MODULES["triton"][0].NAMESPACE: "triton"}
+
+    def fake_time(op_name, op_args, ops):
+        calls.append((op_name, namespaces[ops.name]))
+        return table[namespaces[ops.name]]
+
+    for name, ns in (("cuda", "resnet_fused"), ("triton", backends._MODULES["triton"][0].NAMESPACE)):
+        monkeypatch.setitem(backends._MODULES, name,
+                            (SimpleNamespace(NAMESPACE=ns, AUTO=True, covers=lambda *a: True), None))
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
+    monkeypatch.setattr(backends, "_auto_candidates", lambda x: ("cuda", "triton"))
+    monkeypatch.setattr(backends, "_time_call", fake_time)
+    monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
+    backends.clear_auto_choices()
+    resnet_fused.set_backend("auto")
+    yield table, calls
+    backends.clear_auto_choices()
+
+
+def _eval_unit(c_in=4, c_out=6, dtype=torch.float32):
+    unit = resnet_fused.nn.ConvBNReLU2d(c_in, c_out, 3, padding=1).to(dtype).eval()
+    return unit
+
+
+def test_auto_times_each_shape_once_and_runs_the_faster(two_auto_backends):
+    table, calls = two_auto_backends
+    unit = _eval_unit()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad(), record_backends() as used:
+        y = unit(x)
+        unit(x)
+    assert dict(used) == {"triton": 2}
+    assert calls == [("conv_bn_eval", "cuda"), ("conv_bn_eval", "triton")], "timed once per backend, then cached"
+    (key, choice), = backends.auto_choices().items()
+    assert choice == {"backend": "triton", "ms": {"cuda": 2.0, "triton": 1.0}}
+    torch.testing.assert_close(y, torch.relu(unit.bn(unit.conv(x))))
+    # a new shape, a new dtype, a new memory layout: timed again; the faster one may differ
+    table.update(cuda=0.5)
+    with torch.no_grad(), record_backends() as used:
+        unit(torch.randn(3, 4, 8, 8))
+        unit.double()(torch.randn(2, 4, 8, 8, dtype=torch.float64))
+        unit.float()(x.to(memory_format=torch.channels_last))
+    assert len(calls) == 8 and len(backends.auto_choices()) == 4
+    assert dict(used) == {"reference": 3}  # record_backends names the fake cuda by its namespace
+
+
+def test_auto_times_training_ops_and_backward_follows_forward(two_auto_backends):
+    """A training unit: conv_bn_train timed (the key records that autograd runs), its backward runs
+    on the backend the forward picked, and the result matches eager."""
+    _, calls = two_auto_backends
+    unit = _eval_unit().train()
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with record_backends() as used:
+        y = unit(x)
+    y.sum().backward()
+    assert calls == [("conv_bn_train", "cuda"), ("conv_bn_train", "triton")]
+    assert dict(used) == {"triton": 1}
+    (key, _), = backends.auto_choices().items()
+    assert key[0] == "conv_bn_train" and key[1] is True  # grad mode is part of the key
+
+
+@pytest.mark.parametrize("why", ["deterministic", "env", "compile"])
+def test_auto_does_not_time_when_it_must_not(two_auto_backends, monkeypatch, why):
+    """Under torch.use_deterministic_algorithms, with RESNET_FUSED_AUTO_TIMING=0 and while
+    torch.compile traces, auto takes the first candidate (cuda) without timing; outside
+    compile a choice already timed is still used."""
+    _, calls = two_auto_backends
+    unit = _eval_unit()
+    x = torch.randn(2, 4, 8, 8)
+    run = unit
+    if why == "env":
+        monkeypatch.setenv(backends.TIMING_ENV_VAR, "0")
+    if why == "compile":
+        run = torch.compile(unit, fullgraph=True, backend="aot_eager")
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(why == "deterministic")
+    try:
+        with torch.no_grad(), record_backends() as used:
+            y = run(x)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert calls == [] and backends.auto_choices() == {}
+    torch.testing.assert_close(y, torch.relu(unit.bn(unit.conv(x))))
+    if why != "compile":  # compiled code does not go through select_ops at run time
+        assert dict(used) == {"reference": 1}  # the fake cuda, by its namespace
+        monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
+        with torch.no_grad():
+            unit(x)  # timed now: triton is faster
+        torch.use_deterministic_algorithms(why == "deterministic")
+        if why == "env":
+            monkeypatch.setenv(backends.TIMING_ENV_VAR, "0")
+        try:
+            with torch.no_grad():  # the same key as the call above
+                assert backends.resolved_backend("conv_bn_eval", *_eval_args(unit, x)) == "triton"
+        finally:
+            torch.use_deterministic_algorithms(previous)
+
+
+def _eval_args(unit, x):
+    bn = unit.bn
+    invstd = torch.rsqrt(bn.running_var + bn.eps)
+    scale = bn.weight * invstd
+    shift = bn.bias - bn.running_mean * scale
+    return (x, unit.conv.weight, scale, shift, None, [1, 1], [1, 1], [1, 1], 1, True)
+
+
+@pytest.mark.parametrize("op_name", ["conv_bn_eval", "conv_bn_train", "add_relu"])
+def test_time_call_runs_forward_and_backward_on_cpu(op_name):
+    """backends._time_call (the real timer; wall clock on CPU) on the reference ops: a positive
+    median, and its backward call, built as autograd builds it, runs."""
+    x = torch.randn(2, 4, 6, 6, requires_grad=True)
+    w = torch.randn(5, 4, 3, 3, requires_grad=True)
+    c = torch.rand(5, requires_grad=True)
+    args = {
+        "conv_bn_eval": (x, w, c, c, None, [1, 1], [1, 1], [1, 1], 1, True),
+        "conv_bn_train": (x, w, c, c, c, torch.randn(2, 5, 6, 6), [1, 1], [1, 1], [1, 1], 1, 1e-5, True),
+        "add_relu": (x, torch.randn(2, 4, 6, 6)),
+    }[op_name]
+    ops_ns = torch.ops.resnet_fused
+    assert backends._time_call(op_name, args, ops_ns) > 0
+    with torch.no_grad():
+        outputs = getattr(ops_ns, op_name)(*args)
+    backward = backends._backward_call(op_name, args, outputs, ops_ns)
+    if op_name == "add_relu":
+        assert backward is None
+    else:
+        grads = backward()
+        assert grads[0].shape == x.shape and grads[1].shape == w.shape
+
+
+@pytest.mark.needs_cuda
+def test_auto_per_shape_choice_on_gpu(monkeypatch):
+    """With cuda and triton both enabled for auto, a training unit's forward and backward on the
+    GPU: each shape is timed on both (real CUDA-event timer), the faster runs, and the result
+    is the eager one's within tolerance (run_unit_case's checks)."""
+    reasons = resnet_fused.available_backends()
+    for name in ("cuda", "triton"):
+        if reasons[name] is not None:
+            pytest.skip(f"{name}: {reasons[name]}")
+        monkeypatch.setattr(backends._MODULES[name][0], "AUTO", True)
+    monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
+    backends.clear_auto_choices()
+    try:
+        with resnet_fused.use_backend("auto"):
+            run_unit_case(CONFIGS["3x3"], True, residual=True, relu=True, channels_last=True,
+                          dtype=torch.bfloat16, device="cuda")
+        choices = backends.auto_choices()
+        assert choices, "nothing was timed"
+        for key, choice in choices.items():
+            assert set(choice["ms"]) == {"cuda", "triton"}, key
+            assert choice["backend"] == min(choice["ms"], key=choice["ms"].get), key
+    finally:
+        backends.clear_auto_choices()
