@@ -638,6 +638,37 @@ def test_missing_triton_clear_error_and_auto_falls_back():
     assert _run_python(code).strip() == "ok"
 
 
+def test_extension_built_against_another_torch_clear_message():
+    """An extension that fails to load the way one built against another torch does (an
+    ImportError naming an undefined C++ symbol) gives a clear reason naming the rebuild
+    command; import works, and the reference and triton backends still run."""
+    code = (
+        "import sys, importlib.abc\n"
+        "class Stale(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'resnet_fused._C':\n"
+        "            raise ImportError(name + '.so: undefined symbol: _ZN3c1017RegisterOperatorsD1Ev')\n"
+        "sys.meta_path.insert(0, Stale())\n"
+        "import torch, resnet_fused\n"
+        "reason = resnet_fused.available_backends()['cuda']\n"
+        "assert 'failed to load' in reason and 'undefined symbol' in reason and 'another torch' in reason, reason\n"
+        "assert 'pip install --no-build-isolation -e .' in reason, reason\n"
+        "try:\n"
+        "    resnet_fused.set_backend('cuda')\n"
+        "except RuntimeError as e:\n"
+        "    assert \"backend 'cuda' is unavailable\" in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('set_backend(cuda) did not raise')\n"
+        "x = torch.randn(2, 3, 4, 4); w = torch.randn(5, 3, 3, 3)\n"
+        "for name in ('reference', 'triton'):\n"
+        "    with resnet_fused.use_backend(name):\n"
+        "        y = resnet_fused.ops.conv_bn_relu(x, w, None, None, None, None, training=True, padding=1)\n"
+        "    assert y.shape == (2, 5, 4, 4)\n"
+        "print('ok')\n"
+    )
+    assert _run_python(code, {"TRITON_INTERPRET": "1"}, drop=()).strip() == "ok"
+
+
 def test_env_var_naming_an_unavailable_backend_fails_clearly():
     code = (
         "import sys; sys.modules['triton'] = None\n"
