@@ -17,7 +17,7 @@ import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import ops
+from . import _library, ops
 from .sync_batchnorm import is_sync_batch_norm
 
 __all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
@@ -60,6 +60,18 @@ def _batch_norm_args(bn: nn.Module) -> dict | None:
     return args
 
 
+def _frozen_bn_autocast_dtype(norm: nn.Module, x: Tensor) -> torch.dtype | None:
+    """The dtype eager FrozenBatchNorm2d gives under autocast when it is wider than the
+    autocast dtype the fused unit would output, else None."""
+    if type(norm) is not FrozenBatchNorm2d or not isinstance(x, Tensor):
+        return None
+    dtype = _library.autocast_dtype(x.device.type)
+    if dtype is None:
+        return None
+    wider = torch.promote_types(dtype, torch.promote_types(norm.weight.dtype, norm.running_var.dtype))
+    return wider if wider != dtype else None
+
+
 def conv_bn_act(
     conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None = None, act: nn.Module | None = None
 ) -> Tensor:
@@ -68,6 +80,18 @@ def conv_bn_act(
     otherwise the same computation module by module."""
     relu = type(act) is nn.ReLU
     bn_args = _batch_norm_args(norm) if _fusable_conv(conv) else None
+    eager_dtype = _frozen_bn_autocast_dtype(norm, x) if bn_args is not None else None
+    if eager_dtype is not None:
+        # FrozenBatchNorm2d is plain arithmetic with its float32 buffers, so under autocast
+        # eager's output (and a residual sum after it) is float32, not the conv's dtype: the
+        # conv + BN stays fused, the wider output and residual add follow eager.
+        y = ops.conv_bn_relu(
+            x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            bias=conv.bias, relu=False, **bn_args,
+        ).to(eager_dtype)
+        if residual is not None:
+            y = y + residual
+        return act(y) if act is not None else y
     if bn_args is None:
         y = norm(conv(x))
         if residual is not None:

@@ -653,6 +653,32 @@ def test_fasterrcnn_resnet50_fpn_backbone(frozen):
         torch.testing.assert_close(b["scores"], a["scores"], rtol=1e-9, atol=1e-9)
 
 
+def test_frozen_batchnorm_backbone_under_autocast():
+    """A detection backbone (resnet50 body with FrozenBatchNorm2d + FPN) under
+    torch.autocast('cpu', bfloat16): every block's, the body's and the FPN's outputs have
+    torchvision's dtypes (FrozenBatchNorm2d's float32 buffers make eager's units float32),
+    and the FPN maps' error against float64 is at most 2x torchvision-under-autocast's."""
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+    torch.manual_seed(0)
+    tv = _randomize_frozen(_resnet_fpn_extractor(torchvision.models.resnet50(norm_layer=FrozenBatchNorm2d), 3)).eval()
+    fused = resnet_fused.from_torchvision(tv)
+    tv64 = copy.deepcopy(tv).double()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = tv64(x.double())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            (out_tv, dtypes_tv), (out_f, dtypes_f) = _block_dtypes(tv.body, x), _block_dtypes(fused.body, x)
+            fpn_tv, fpn_f = tv(x), fused(x)
+    assert dtypes_f == dtypes_tv and dtypes_tv["layer1.0"] == torch.float32, (dtypes_f, dtypes_tv)
+    assert {k: v.dtype for k, v in out_f.items()} == {k: v.dtype for k, v in out_tv.items()}
+    assert {k: v.dtype for k, v in fpn_f.items()} == {k: v.dtype for k, v in fpn_tv.items()}
+    floor = FLOOR_ULPS * torch.finfo(torch.bfloat16).eps
+    for key in ref:
+        err_f, err_tv = _aggregate_rel_l2([fpn_f[key]], [ref[key]]), _aggregate_rel_l2([fpn_tv[key]], [ref[key]])
+        assert err_f <= 2 * err_tv + floor, f"{key}: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+
+
 def test_deeplabv3_resnet50_backbone():
     """deeplabv3_resnet50 (dilated layer3/4 inside an IntermediateLayerGetter): the 16
     Bottlenecks and the stem convert, and the eval output and aux maps stay the same; one
