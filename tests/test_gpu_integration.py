@@ -63,6 +63,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
 
+def _assert_within_2x(what, got, baseline, ref64, floor):
+    """Aggregate relative L2 error of the tensors `got` against `ref64` at most 2x that of
+    `baseline` (eager, or torchvision) plus `floor`."""
+    err, err_base = _aggregate_rel_l2(got, ref64), _aggregate_rel_l2(baseline, ref64)
+    assert err <= 2 * err_base + floor, f"{what}: error {err:.2e} > 2x the baseline's {err_base:.2e}"
+
+
 BACKENDS = ["reference", "triton", "cuda"]
 NAMESPACES = {"reference": "resnet_fused", "triton": "resnet_fused_triton", "cuda": "resnet_fused_cuda"}
 # The Triton kernels (resnet_fused/triton_kernels/) Inductor emits when it traces into the
@@ -372,11 +379,9 @@ def compile_check(backend, training, device="cuda", dtype=torch.float32, batch=4
     floor = FLOOR_ULPS * torch.finfo(dtype).eps
     grads = [[p.grad for p in m.parameters()] for m in (model, eager, ref64)]
     assert all(g is not None for g in grads[0]), "a parameter of the compiled model got no gradient"
-    err_c, err_e = _aggregate_rel_l2(grads[0], grads[2]), _aggregate_rel_l2(grads[1], grads[2])
-    assert err_c <= 2 * err_e + floor, f"gradients: error {err_c:.2e} > 2x eager's {err_e:.2e}"
+    _assert_within_2x("gradients", grads[0], grads[1], grads[2], floor)
     states = [[v for _, v in _float_state(m)] for m in (model, eager, ref64)]
-    err_c, err_e = _aggregate_rel_l2(states[0], states[2]), _aggregate_rel_l2(states[1], states[2])
-    assert err_c <= 2 * err_e + floor, f"parameters and running statistics: error {err_c:.2e} > 2x eager's {err_e:.2e}"
+    _assert_within_2x("parameters and running statistics", states[0], states[1], states[2], floor)
     for (key, a), (_, b) in zip(_buffers(model), _buffers(eager)):
         if not a.is_floating_point():
             assert torch.equal(a, b), key  # num_batches_tracked
@@ -410,8 +415,7 @@ def autocast_check(backend, device, dtype, training, batch=4, hw=48):
             out_f, dtypes_f = _block_dtypes(fused, x)
     assert dtypes_f == dtypes_tv and out_f.dtype == out_tv.dtype == dtype, (dtypes_f, dtypes_tv)
     floor = FLOOR_ULPS * torch.finfo(dtype).eps
-    err_f, err_tv = _aggregate_rel_l2([out_f], [ref]), _aggregate_rel_l2([out_tv], [ref])
-    assert err_f <= 2 * err_tv + floor, f"logits: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+    _assert_within_2x("logits", [out_f], [out_tv], [ref], floor)
     _loss(out_tv, "sum").backward()
     _loss(ref, "sum").backward()
     with rec:
@@ -420,12 +424,10 @@ def autocast_check(backend, device, dtype, training, batch=4, hw=48):
     rec.assert_ran(backend, op, f"{op}_backward")
     grads = [[p.grad for p in m.parameters()] for m in (tv, fused, tv64)]
     assert [g.dtype for g in grads[1]] == [g.dtype for g in grads[0]]
-    err_f, err_tv = _aggregate_rel_l2(grads[1], grads[2]), _aggregate_rel_l2(grads[0], grads[2])
-    assert err_f <= 2 * err_tv + floor, f"gradients: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+    _assert_within_2x("gradients", grads[1], grads[0], grads[2], floor)
     states = [[v for _, v in _float_state(m)] for m in (tv, fused, tv64)]
     assert [v.dtype for v in states[1]] == [v.dtype for v in states[0]]
-    err_f, err_tv = _aggregate_rel_l2(states[1], states[2]), _aggregate_rel_l2(states[0], states[2])
-    assert err_f <= 2 * err_tv + floor, f"running statistics: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+    _assert_within_2x("running statistics", states[1], states[0], states[2], floor)
     for (key, a), (_, b) in zip(_buffers(tv), _buffers(fused)):
         if not a.is_floating_point():
             assert torch.equal(a, b), key  # num_batches_tracked
