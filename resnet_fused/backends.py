@@ -6,9 +6,10 @@ cuda and triton both, it times each on the call's own arguments the first time a
 is seen (CUDA events, median of a few runs, forward plus backward for a training op) and
 runs the faster, remembering the choice per shape in memory (`auto_choices()`). It does
 not time, and takes the first of (cuda, triton) unless the shape was already timed, when
-timing is impossible or unwanted: while torch.compile traces, during CUDA graph capture,
-under torch.use_deterministic_algorithms (the choice must not vary run to run), and with
-RESNET_FUSED_AUTO_TIMING=0. With none, the reference runs.
+timing is impossible or unwanted: while torch.compile traces, during CUDA graph capture
+and with RESNET_FUSED_AUTO_TIMING=0. Under torch.use_deterministic_algorithms it always
+takes the first (the choice must not vary run to run, nor with what was timed before).
+With none, the reference runs.
 
 An explicitly requested backend must be available (`set_backend` raises with the reason
 otherwise); inputs its kernels do not cover (see each backend's `covers` and the README's
@@ -172,8 +173,9 @@ def _may_time() -> bool:
 
 def _timed_choice(op_name: str, op_args, covering: list[str]) -> str:
     if not _may_time():
-        # Not even a dictionary lookup on shapes here: under torch.compile they may be symbolic.
-        if torch.compiler.is_compiling():
+        # Under torch.compile not even a dictionary lookup on shapes (they may be symbolic);
+        # in deterministic mode the pick must not depend on timings taken earlier.
+        if torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
             return covering[0]
         known = _auto_choices.get(_shape_key(op_name, op_args))
         return known["backend"] if known is not None and known["backend"] in covering else covering[0]
