@@ -188,11 +188,14 @@ def conv_bn_relu(
     else:
         args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
         y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
-    if training and running_mean is not None and count > 0:
+    # The synchronized count is a device tensor (no host read, for CUDA graphs), > 1 as
+    # sync_conv_bn_train checked; the local one an int, 0 for an empty batch.
+    if training and running_mean is not None and (sync or count > 0):
         with torch.no_grad():
             # nn.BatchNorm2d: the running variance tracks the unbiased batch variance.
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (count / (count - 1))
+            correction = (count / (count - 1)).to(var.dtype) if sync else count / (count - 1)
+            unbiased = var * correction
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
     return y
 

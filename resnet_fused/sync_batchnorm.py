@@ -12,9 +12,11 @@ path runs the same kernels split where the collectives go (ops in _library.py):
             dgrad/wgrad of dz)
 
 as torch.nn.SyncBatchNorm does: the gradients of gamma, beta and the conv bias are this
-process's (DistributedDataParallel averages them). The total count is read on the host
-(one synchronization per unit and step), so a synchronized training step cannot be
-captured in a CUDA graph.
+process's (DistributedDataParallel averages them). The global count stays on the device
+(bn_apply_backward gets the all-reduced sums already divided by it, with count=1), so
+nothing reads back to the host and a synchronized step can be captured in a CUDA graph
+(with NCCL). The check that the group has more than one value per channel reads the count
+on the host, so it is skipped during capture, as torch.nn.SyncBatchNorm skips its own.
 """
 
 from __future__ import annotations
@@ -28,10 +30,15 @@ from .backends import select_ops
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_conv_bn_train"]
 
 
-def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, int]:
+def _capturing(t: Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor, Tensor, Tensor]:
     """Every process's (count, mean, biased var) all-gathered and merged in rank order in
     float64: mean = sum n_r mean_r / N, var = sum n_r (var_r + (mean_r - mean)^2) / N.
-    A process with an empty batch (NaN statistics) contributes nothing."""
+    A process with an empty batch (NaN statistics) contributes nothing. N is returned as a
+    float64 device tensor of one element."""
     c = mean.numel()
     packed = torch.cat([mean.new_full((1,), count, dtype=torch.float64), mean.double(), var.double()])
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
@@ -41,11 +48,13 @@ def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor,
     present = counts > 0
     means = torch.where(present, means, 0.0)
     variances = torch.where(present, variances, 0.0)
-    total = int(counts.sum().item())
-    if total <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got {total} across all processes of the group"
-        )
+    total = counts.sum(0)
+    if not _capturing(total):
+        n = int(total.item())  # the host read that capture must not do
+        if n <= 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got {n} across all processes of the group"
+            )
     global_mean = (counts * means).sum(0) / total
     global_var = (counts * (variances + (means - global_mean).square())).sum(0) / total
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total
@@ -60,16 +69,16 @@ class _SyncConvBN(torch.autograd.Function):
         local_count = z.numel() // z.size(1)
         mean, var, total = _global_stats(local_mean, local_var, local_count, group)
         y = ops.bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu)
-        ctx.save_for_backward(x, weight, z, y if relu else None, mean, var, bn_weight, local_mean)
         ctx.ops, ctx.conv_args, ctx.eps, ctx.relu, ctx.group = ops, conv_args, eps, relu, group
-        ctx.local_count, ctx.total = local_count, total
+        ctx.local_count = local_count
         ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
-        ctx.mark_non_differentiable(mean, var)
+        ctx.save_for_backward(x, weight, z, y if relu else None, mean, var, bn_weight, local_mean, total)
+        ctx.mark_non_differentiable(mean, var, total)
         return y, mean, var, total
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_total):
-        x, weight, z, y, mean, var, bn_weight, local_mean = ctx.saved_tensors
+        x, weight, z, y, mean, var, bn_weight, local_mean, total = ctx.saved_tensors
         ops = ctx.ops
         need = ctx.needs_input_grad
         need_x, need_w = need[0], need[1]
@@ -80,9 +89,12 @@ class _SyncConvBN(torch.autograd.Function):
         sums = torch.cat([sum_g, sum_g_zc])
         dist.all_reduce(sums, group=ctx.group)
         all_sum_g, all_sum_g_zc = sums.split(sum_g.numel())
+        total = total.to(sums.dtype)
         need_dz = need_x or need_w
+        # The sums divided by the global count on the device, and count=1: the op's
+        # `sum / count` is then these means, without reading the count on the host.
         dz, grad_residual = ops.bn_apply_backward(
-            grad_y, z, y, mean, var, bn_weight, all_sum_g, all_sum_g_zc, ctx.total, ctx.eps, ctx.relu,
+            grad_y, z, y, mean, var, bn_weight, all_sum_g / total, all_sum_g_zc / total, 1, ctx.eps, ctx.relu,
             [need_dz, need_residual],
         )
         grad_x = grad_w = None
@@ -98,8 +110,8 @@ class _SyncConvBN(torch.autograd.Function):
             # This process's sum of dz, from the sums (sum of x_hat over its rows = n (mean_r - mean) invstd).
             local_sum_xhat = (local_mean - mean) * invstd * ctx.local_count if ctx.local_count else 0.0
             grad_bias = bn_weight.to(mean.dtype) * invstd * (
-                sum_g - ctx.local_count * all_sum_g / ctx.total
-                - local_sum_xhat * all_sum_g_zc * invstd / ctx.total)
+                sum_g - ctx.local_count * all_sum_g / total
+                - local_sum_xhat * all_sum_g_zc * invstd / total)
             grad_bias = grad_bias.to(weight.dtype)
         grad_bn_weight = (sum_g_zc * invstd).to(bn_weight.dtype) if need[3] else None
         grad_bn_bias = sum_g.to(bn_weight.dtype) if need[4] else None
@@ -110,9 +122,10 @@ class _SyncConvBN(torch.autograd.Function):
 def sync_conv_bn_train(
     x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
     conv_args: tuple, eps: float, relu: bool, group,
-) -> tuple[Tensor, Tensor, Tensor, int]:
-    """(y, global mean, global biased var, global count) of a training-mode unit whose batch
-    statistics span every process of `group`; arguments already validated (ops.conv_bn_relu)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, global mean, global biased var, global count as a one-element float64 tensor) of a
+    training-mode unit whose batch statistics span every process of `group`; arguments
+    already validated (ops.conv_bn_relu)."""
     ops = select_ops("conv_bn_stats", x, weight, bias, *conv_args)
     return _SyncConvBN.apply(x, weight, bias, bn_weight, bn_bias, residual, ops, tuple(conv_args), eps, relu,
                              group)

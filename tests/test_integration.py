@@ -13,6 +13,7 @@ the Triton kernels through the interpreter (unit level).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import os
@@ -437,6 +438,27 @@ def _sync_unit_case(sizes, dtype):
     return unit.to(dtype), x.to(dtype), res.to(dtype), grad_y.to(dtype)
 
 
+@contextlib.contextmanager
+def _as_if_capturing(monkeypatch_target):
+    """The sync path as it runs during CUDA graph capture (`_capturing` True), with every way of
+    reading a tensor's value on the host made to raise: a CPU stand-in for
+    torch.cuda.set_sync_debug_mode("error"), which gloo cannot use."""
+    def forbidden(self, *args):
+        raise AssertionError("a host read of a tensor value in the synchronized path")
+
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__int__", "__float__")}
+    saved_capturing = monkeypatch_target._capturing
+    monkeypatch_target._capturing = lambda t: True
+    for name in saved:
+        setattr(torch.Tensor, name, forbidden)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+        monkeypatch_target._capturing = saved_capturing
+
+
 def _sync_unit_worker(rank):
     out = {}
     for backend in SYNC_UNIT_BACKENDS:
@@ -445,17 +467,27 @@ def _sync_unit_worker(rank):
         for sizes in SYNC_UNIT_SIZES:
             unit, x, res, grad_y = _sync_unit_case(sizes, torch.float32)
             unit = resnet_fused.convert_sync_batchnorm(unit).train()
+            twin = copy.deepcopy(unit)
             lo, n = sum(sizes[:rank]), sizes[rank]
             xs = x[lo:lo + n].clone().requires_grad_()
             rs = res[lo:lo + n].clone().requires_grad_()
+            xs2, rs2 = xs.detach().clone().requires_grad_(), rs.detach().clone().requires_grad_()
             with resnet_fused.use_backend(backend):
                 y = unit(xs, rs)
                 y.backward(grad_y[lo:lo + n])
+                # The same step as under CUDA graph capture: no host reads, the same results.
+                with _as_if_capturing(resnet_fused.sync_batchnorm):
+                    y2 = twin(xs2, rs2)
+                    y2.backward(grad_y[lo:lo + n])
+                pairs = [(y, y2), (xs.grad, xs2.grad), (rs.grad, rs2.grad)]
+                pairs += [(a.grad, b.grad) for a, b in zip(unit.parameters(), twin.parameters())]
+                pairs += list(zip(unit.buffers(), twin.buffers()))
+                same_when_capturing = all(torch.equal(a, b) for a, b in pairs)
                 conv = unit.conv
                 ran = resnet_fused.backends.resolved_backend(
                     "conv_bn_stats", xs, conv.weight, conv.bias, list(conv.stride), list(conv.padding),
                     list(conv.dilation), conv.groups)
-            out[backend, sizes] = dict(ran=ran,
+            out[backend, sizes] = dict(ran=ran, same_when_capturing=same_when_capturing,
                 y=y.detach(), grad_x=xs.grad, grad_res=rs.grad,
                 grads={k: p.grad for k, p in unit.named_parameters()},
                 buffers={k: b for k, b in unit.named_buffers() if b.is_floating_point()},
@@ -493,6 +525,8 @@ def test_sync_batchnorm_unit_two_processes(distributed_results, backend, sizes):
     got = [r[backend, sizes] for r in runs]
     for rank, g in enumerate(got):  # the named backend's kernels ran (empty batches go to the reference)
         assert g["ran"] == (backend if sizes[rank] > 0 else "reference"), (rank, g["ran"])
+        # as under CUDA graph capture (no host reads of tensor values): identical outputs and state
+        assert g["same_when_capturing"], rank
     for key in ("y", "grad_x", "grad_res"):
         assert_close_to_ref(torch.cat([g[key] for g in got]), e32[key], e64[key], key)
     for key in e64["grads"]:
