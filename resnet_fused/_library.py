@@ -308,10 +308,17 @@ AUTOCAST_CAST_ARGS = {"conv_bn_eval": (0, 1, 4), "conv_bn_train": (0, 1, 2, 5), 
 AUTOCAST_PROMOTE_ARGS = {"add_relu": (0, 1)}
 
 
+@torch.compiler.assume_constant_result
+def _has_autocast(device_type: str) -> bool:
+    # A constant for torch.compile: Dynamo in torch 2.11 cannot trace
+    # torch._C._is_autocast_available (a graph break, an error under fullgraph=True).
+    return torch.amp.is_autocast_available(device_type)
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """torch.autocast's lower-precision dtype when it is enabled for device_type, else None."""
     # Devices without autocast (meta) would make is_autocast_enabled raise.
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not _has_autocast(device_type) or not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 

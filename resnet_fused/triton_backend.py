@@ -305,6 +305,15 @@ _REGISTRATION_ERROR = _register()
 @functools.cache
 def _device_reason() -> str | None:
     if _interpret():
+        # Launching interpreted kernels through wrap_triton needs a torch that accepts them:
+        # 2.14 does; 2.11 raises "wrap_triton only works on functions annotated with triton.jit"
+        # for every kernel without an autotuner. (On a GPU the kernels are JIT-compiled, and
+        # wrap_triton accepts them on every torch >= 2.6.)
+        try:
+            torch.library.wrap_triton(_k_add_relu._add_relu_kernel)
+        except RuntimeError as exc:
+            return (f"under TRITON_INTERPRET=1, torch {torch.__version__}'s wrap_triton rejects interpreted "
+                    f"kernels ({exc}); the interpreter tests need a newer torch (2.14 works)")
         return None
     if not torch.cuda.is_available():
         return "no CUDA GPU is available and TRITON_INTERPRET is not '1'"

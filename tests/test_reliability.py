@@ -661,6 +661,8 @@ def test_extension_built_against_another_torch_clear_message():
         "    raise AssertionError('set_backend(cuda) did not raise')\n"
         "x = torch.randn(2, 3, 4, 4); w = torch.randn(5, 3, 3, 3)\n"
         "for name in ('reference', 'triton'):\n"
+        "    if name == 'triton' and resnet_fused.available_backends()['triton'] is not None:\n"
+        "        continue  # e.g. a torch whose wrap_triton rejects interpreted kernels\n"
         "    with resnet_fused.use_backend(name):\n"
         "        y = resnet_fused.ops.conv_bn_relu(x, w, None, None, None, None, training=True, padding=1)\n"
         "    assert y.shape == (2, 5, 4, 4)\n"
