@@ -80,32 +80,31 @@ def conv_bn_act(
     otherwise the same computation module by module."""
     relu = type(act) is nn.ReLU
     bn_args = _batch_norm_args(norm) if _fusable_conv(conv) else None
-    eager_dtype = _frozen_bn_autocast_dtype(norm, x) if bn_args is not None else None
-    if eager_dtype is not None:
-        # FrozenBatchNorm2d is plain arithmetic with its float32 buffers, so under autocast
-        # eager's output (and a residual sum after it) is float32, not the conv's dtype: the
-        # conv + BN stays fused, the wider output and residual add follow eager.
-        y = ops.conv_bn_relu(
-            x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias, relu=False, **bn_args,
-        ).to(eager_dtype)
-        if residual is not None:
-            y = y + residual
-        return act(y) if act is not None else y
     if bn_args is None:
-        y = norm(conv(x))
-        if residual is not None:
-            if relu and y.dtype == residual.dtype:
-                return ops.add_relu(y, residual)
-            y = y + residual
-        return act(y) if act is not None else y
+        return _add_act(norm(conv(x)), residual, act)
+    # FrozenBatchNorm2d is plain arithmetic with its float32 buffers, so under autocast eager's
+    # output (and a residual sum after it) is float32, not the conv's dtype: the conv + BN
+    # stay fused, the wider output and the residual add and act follow eager.
+    eager_dtype = _frozen_bn_autocast_dtype(norm, x)
+    fuse_tail = eager_dtype is None
     y = ops.conv_bn_relu(
         x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        bias=conv.bias, residual=residual, relu=relu, **bn_args,
+        bias=conv.bias, residual=residual if fuse_tail else None, relu=relu and fuse_tail, **bn_args,
     )
+    if not fuse_tail:
+        return _add_act(y.to(eager_dtype), residual, act)
     if act is not None and not relu and type(act) is not nn.Identity:
         y = act(y)
     return y
+
+
+def _add_act(y: Tensor, residual: Tensor | None, act: nn.Module | None) -> Tensor:
+    """act(y [+ residual]), unfused but for add + ReLU."""
+    if residual is not None:
+        if type(act) is nn.ReLU and y.dtype == residual.dtype:
+            return ops.add_relu(y, residual)
+        y = y + residual
+    return act(y) if act is not None else y
 
 
 class ConvBNReLU2d(nn.Module):
