@@ -191,9 +191,12 @@ def _timed_choice(op_name: str, op_args, covering: list[str]) -> str:
 def _backward_call(op_name: str, op_args, outputs, ops):
     """The backward op of a training or eval forward, as autograd would call it, or None."""
     if op_name == "conv_bn_train":
-        x, weight, bias, bn_weight, _, residual, stride, padding, dilation, groups, eps, relu = op_args
+        x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu = op_args
         y, z, mean, var = outputs
-        mask = [True, True, bias is not None, True, True, residual is not None]
+        # The mask autograd's formula passes: what requires a gradient.
+        mask = [t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual)]
+        if not any(mask):
+            return None
         return lambda: ops.conv_bn_train_backward(torch.ones_like(y), x, weight, z, y if relu else None, mean, var,
                                                   bn_weight, stride, padding, dilation, groups, eps, relu, mask)
     if op_name == "conv_bn_eval":
