@@ -1,28 +1,55 @@
-"""CPU smoke of the main job (`python -m resnet_fused.benchmark`), as a user runs it: the table,
-the plain statement that the fused kernels need a GPU, and the --json file. A plain test, not a
-benchmark (no timing is checked)."""
+"""CPU smoke of the main job (`python -m resnet_fused.benchmark`, or the `resnet-fused-benchmark`
+console script), as a user runs it: the table with its spread columns, the plain statement that the
+fused kernels need a GPU, the train-mode label of the logit check, and the --json file; plus unit
+tests of the spread warning (on synthetic timings), the progress count and the recorded command.
+Plain tests, not benchmarks: no timing is checked."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from resnet_fused import benchmark as mb
+
+SMALL_RUN = ["--model", "resnet18", "--batch", "2", "--image-size", "64", "--iters", "2", "--warmup", "1"]
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+
+
+def _check_spread(result):
+    """The spread fields agree with the timings and with the warning (whatever the timings were)."""
+    meta = result["meta"]
+    assert meta["spread_warn_ratio"] == mb.SPREAD_WARN_RATIO
+    assert isinstance(meta["threads"], int) and meta["threads"] >= 1
+    ok = [row for row in result["results"] if row["status"] == "ok"]
+    for row in ok:
+        assert row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert math.isclose(row["spread"], row["p80_ms"] / row["p20_ms"])
+        assert row["wide_spread"] == (row["spread"] > mb.SPREAD_WARN_RATIO)
+    wide = [row["provider"] for row in ok if row["wide_spread"]]
+    if wide:
+        assert all(provider in meta["timing_warning"] for provider in wide)
+    else:
+        assert meta["timing_warning"] is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of the main job")
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_main_job_on_cpu(tmp_path, mode):
     out = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(
-        [sys.executable, "-m", "resnet_fused.benchmark", "--model", "resnet18", "--mode", mode, "--batch", "2",
-         "--image-size", "64", "--iters", "2", "--warmup", "1", "--no-progress", "--json", str(out)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    args = [*SMALL_RUN, "--mode", mode, "--no-progress", "--json", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "resnet_fused.benchmark", *args],
+                          env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "No CUDA GPU here: the fused CUDA and Triton backends need one" in proc.stderr
     result = json.loads(out.read_text())
@@ -37,3 +64,102 @@ def test_main_job_on_cpu(tmp_path, mode):
     assert rows["fused-reference"]["backends_used"] == {"reference": 20}  # all 20 units of resnet18 ran fused ops
     for provider in rows:
         assert provider in proc.stdout, f"{provider} missing from the printed table"
+
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("provider"))
+    for column in ("ms/iter", "p20", "p80", "spread", "speedup"):
+        assert column in header
+    _check_spread(result)
+    if result["meta"]["timing_warning"] is not None:  # timing noise decides whether it is there; not checked
+        assert "WARNING: noisy timings" in proc.stderr and "run nothing else on the machine" in proc.stderr
+    assert result["meta"]["command"] == "python -m resnet_fused.benchmark " + " ".join(args)
+
+    # In train mode the logit column is the eval check made before training, and the table says so.
+    footnote = "* max|dlogit|: the eval-mode logits against torchvision eager's, checked once before training"
+    if mode == "train":
+        assert "max|dlogit|*" in header and footnote in proc.stdout
+        assert "before training" in result["meta"]["logit_check"]
+    else:
+        assert "max|dlogit|*" not in header and footnote not in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of the main job")
+def test_console_script_records_its_name_and_shows_progress(tmp_path):
+    script = shutil.which("resnet-fused-benchmark", path=str(Path(sys.executable).parent)) \
+        or shutil.which("resnet-fused-benchmark")
+    if script is None:
+        pytest.skip("the resnet-fused-benchmark console script is not installed (pip install -e .)")
+    out = tmp_path / "result.json"
+    args = ["--model", "resnet18", "--batch", "2", "--image-size", "32", "--iters", "2", "--warmup", "1",
+            "--providers", "fused-reference", "--json", str(out)]  # progress on
+    proc = subprocess.run([script, *args], env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(out.read_text())["meta"]["command"] == "resnet-fused-benchmark " + " ".join(args)
+    # Per-call progress, naming the provider (torchvision-eager is put first as the baseline).
+    total = mb.calls_per_provider(1, 2)
+    assert "[1/2] torchvision-eager:" in proc.stderr and "[2/2] fused-reference:" in proc.stderr
+    assert f"/{total} [" in proc.stderr  # the bar counts the provider's calls, warm-up included
+    help_text = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=600).stdout
+    assert help_text.startswith("usage: resnet-fused-benchmark")
+
+
+def _row(provider, p20, p80, status="ok"):
+    return dict(provider=provider, status=status, p20_ms=p20, median_ms=(p20 + p80) / 2, p80_ms=p80)
+
+
+def test_timing_warning_decision():
+    tight = [_row("fused-reference", 10.0, 11.0), _row("torchvision-eager", 20.0, 24.0),
+             dict(provider="fused-cuda", status="skipped", reason="no GPU")]
+    assert mb.timing_warning(tight) is None
+    # The threshold itself is not wide; just above it is.
+    assert mb.timing_warning([_row("a", 10.0, 10.0 * mb.SPREAD_WARN_RATIO)]) is None
+    assert mb.timing_warning([_row("a", 10.0, 10.0 * mb.SPREAD_WARN_RATIO + 0.01)]) is not None
+    assert mb.timing_warning(tight, threshold=1.05) is not None
+
+    # The issue's case: one provider's timings swing many times.
+    noisy = tight + [_row("torchvision-compile", 35.5, 679.0)]
+    text = mb.timing_warning(noisy, "cpu", threads=2, cpus=2)
+    assert "torchvision-compile 19.13" in text
+    assert "fused-reference" not in text and "fused-cuda" not in text  # only the wide rows are named
+    assert "OMP_NUM_THREADS=1" in text and "torch.set_num_threads" in text and "2 threads on 2 CPUs" in text
+    alone = mb.timing_warning(noisy, "cpu", threads=1, cpus=2)  # one thread already: other work is the cause
+    assert "other work on the machine" in alone and "OMP_NUM_THREADS" not in alone
+    gpu_text = mb.timing_warning(noisy, "cuda")
+    assert "torchvision-compile" in gpu_text and "OMP_NUM_THREADS" not in gpu_text
+
+    assert mb.spread(_row("a", 10.0, 12.5)) == 1.25
+    assert mb.spread(_row("a", 0.0, 1.0)) == math.inf
+
+
+def test_recorded_command():
+    args = ["--model", "resnet18", "--json", "my results.json"]
+    module_run = mb.command_line(None, run_as_main=True, module="resnet_fused.benchmark",
+                                 argv0="/x/resnet_fused/benchmark.py")
+    assert module_run.startswith("python -m resnet_fused.benchmark")
+    assert mb.program_name(False, "resnet_fused.benchmark", "/venv/bin/resnet-fused-benchmark") \
+        == "resnet-fused-benchmark"
+    assert mb.program_name(False, None, r"C:\venv\Scripts\resnet-fused-benchmark.exe".replace("\\", "/")) \
+        == "resnet-fused-benchmark"
+    assert mb.program_name(True, None, "resnet_fused/benchmark.py") == "python resnet_fused/benchmark.py"
+    old = sys.argv
+    sys.argv = ["/venv/bin/resnet-fused-benchmark", *args]
+    try:
+        assert mb.command_line(None, run_as_main=False, module="resnet_fused.benchmark", argv0=sys.argv[0]) \
+            == "resnet-fused-benchmark --model resnet18 --json 'my results.json'"
+    finally:
+        sys.argv = old
+    # Called from Python: that call is recorded, not the caller's command line.
+    assert mb.command_line(args, run_as_main=False, module="resnet_fused.benchmark", argv0="pytest") \
+        == f"resnet_fused.benchmark.main({args!r})"
+
+
+def test_progress_counts_every_model_call():
+    device = torch.device("cpu")
+    tv_model = mb.torchvision_model("resnet18", device)
+    x = mb.model_input(2, 32, device)
+    reference_logits = mb.reference_logits_for(tv_model, x, "fp32")
+    phases = []
+    row = mb.run_model_provider("fused-reference", tv_model, x, "train", "fp32", reference_logits,
+                                warmup=2, rounds=3, progress=phases.append)
+    assert row["rounds"] == 3
+    assert phases == ["check"] + ["warm-up"] * 3 + ["timed"] * 3
+    assert len(phases) == mb.calls_per_provider(2, 3)

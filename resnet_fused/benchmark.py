@@ -6,9 +6,11 @@
 Runs on the best device present. For each provider (the fused model on each fused backend,
 on `auto`, torchvision eager at its strongest: channels_last and the same precision, and
 optionally torch.compile of torchvision) it times inference or a full training step
-(forward, backward, SGD step) and prints images/s, the speedup over torchvision eager
-measured in the same run, the largest |logit difference| against torchvision on the same
-input, the peak GPU memory, and which backend the fused ops actually ran on.
+(forward, backward, SGD step) and prints the median time with its 20th/80th percentiles and
+their ratio (a warning, with a hint, when that spread is wide), images/s, the speedup over
+torchvision eager measured in the same run, the largest |logit difference| against torchvision
+on the same input (eval mode, checked before any timed step), the peak GPU memory, and which
+backend the fused ops actually ran on.
 
 On CPU only the reference path can run: the fused CUDA and Triton kernels need a GPU, and
 the output says so. The pieces below (providers, steps, timing) are shared with the
@@ -23,7 +25,9 @@ import contextlib
 import copy
 import gc
 import json
+import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -184,19 +188,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, rounds: int, flush_l2: bool = False) -> list[float]:
+def measure(fn: Callable[[], object], device: torch.device, rounds: int, flush_l2: bool = False,
+            progress: Callable[[], object] | None = None) -> list[float]:
     """Seconds per call of fn over `rounds` calls (warm fn up first: nothing here compiles).
 
     On a GPU each call sits between two CUDA events and the host synchronizes once at the
     end, so the times are the GPU's (plus any launch gaps the host leaves). With
     flush_l2, a 256 MiB buffer is zeroed before each call, outside the events, so no
-    call finds its inputs in L2 from the previous one."""
+    call finds its inputs in L2 from the previous one. progress, if given, is called after
+    each call, outside the timed region (on a GPU: once the host has queued the call)."""
     if device.type != "cuda":
         times = []
         for _ in range(rounds):
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+            if progress is not None:
+                progress()
         return times
     l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device=device) if flush_l2 else None
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(rounds)]
@@ -207,6 +215,8 @@ def measure(fn: Callable[[], object], device: torch.device, rounds: int, flush_l
         start.record()
         fn()
         end.record()
+        if progress is not None:
+            progress()
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends, strict=True)]
 
@@ -223,6 +233,53 @@ def summarize(times: list[float]) -> dict:
     def pct(q):
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
     return dict(median_ms=statistics.median(ordered) * 1e3, p20_ms=pct(0.2), p80_ms=pct(0.8), rounds=len(times))
+
+
+# Above this p80/p20 ratio the main job warns that its timings are noisy. On a quiet machine with
+# one thread per core the ratio stays within a few percent; CPU thread oversubscription or
+# other work on the machine spreads it 1.3 to 3 times (and moves the median 5 to 20 times).
+# At 1.25 the middle 60% of the timings span 25%: as wide as the differences the speedup
+# column is meant to resolve, so past it the medians and the speedups are not to be trusted.
+SPREAD_WARN_RATIO = 1.25
+
+
+def spread(row: dict) -> float:
+    """p80/p20 of a timed result row (1.0: every timing the same)."""
+    return row["p80_ms"] / row["p20_ms"] if row["p20_ms"] > 0 else float("inf")
+
+
+def timing_warning(rows: list[dict], device_type: str = "cpu", threshold: float = SPREAD_WARN_RATIO,
+                   threads: int | None = None, cpus: int | None = None) -> str | None:
+    """The warning the main job gives when any timed row's p80/p20 exceeds threshold, with a hint
+    how to get stable numbers on device_type; None when every spread is within it. threads and
+    cpus (torch's intra-op threads, the machine's CPUs) go into the CPU hint when given."""
+    wide = [(r["provider"], spread(r)) for r in rows if r.get("status") == "ok" and spread(r) > threshold]
+    if not wide:
+        return None
+    listed = ", ".join(f"{provider} {ratio:.2f}" for provider, ratio in wide)
+    text = (f"noisy timings: p80/p20 exceeds {threshold:.2f} for {listed}; the medians and the speedup "
+            "column can be off by that much. ")
+    if device_type == "cpu":
+        text += "For stable CPU numbers, run nothing else on the machine"
+        if threads == 1:
+            text += (" (torch already ran one thread here, so other work on the machine is the likely cause); "
+                     "more --iters also help.")
+        else:
+            used = f" (torch used {threads} threads on {cpus} CPUs here)" if threads and cpus else ""
+            text += (f" and do not oversubscribe its cores{used}: set OMP_NUM_THREADS=1 (or "
+                     "torch.set_num_threads(1)) when the machine is shared, at most the number of physical "
+                     "cores when it is not; more --iters also help.")
+    else:
+        text += ("For stable GPU numbers, run nothing else on the GPU or the host, and give it more --iters "
+                 "and --warmup.")
+    return text
+
+
+def calls_per_provider(warmup: int, rounds: int) -> int:
+    """How many model calls prepare_provider and run_model_provider make for one provider: the
+    logit check, the first step, max(warmup, 1) warm-up steps, then `rounds` timed steps (what
+    their progress callback counts)."""
+    return 2 + max(warmup, 1) + rounds
 
 
 @contextlib.contextmanager
@@ -252,11 +309,16 @@ def max_memory_mib(device: torch.device) -> float | None:
 
 
 def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
-                     reference_logits: torch.Tensor, warmup: int) -> tuple[Callable[[], object], dict]:
+                     reference_logits: torch.Tensor, warmup: int,
+                     progress: Callable[[str], object] | None = None) -> tuple[Callable[[], object], dict]:
     """Builds `provider`'s model, checks its eval logits against reference_logits (before any
     training step changes the weights), then warms its step up. The logit check and the first
     step (torch.compile, Triton autotuning, cuDNN's search happen there) are timed together as
-    warmup_s; then `warmup` more steps. Returns (step, info)."""
+    warmup_s; then `warmup` more steps. progress, if given, is called after each model call
+    with its phase ("check", then "warm-up"). Returns (step, info)."""
+    if progress is None:
+        def progress(phase):
+            pass
     device = x.device
     autocast = autocast_for(device, precision)
     model = build_model(provider, tv_model)
@@ -272,13 +334,16 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
             logits = model(x)
         info["max_abs_logit_diff"] = (logits.float() - reference_logits).abs().max().item()
     del logits
+    progress("check")
     step = model_step(provider, model, x, mode, autocast)
     step()
     synchronize(device)
+    progress("warm-up")
     info["warmup_s"] = time.perf_counter() - t_first
     t0 = time.perf_counter()
     for _ in range(max(warmup, 1)):
         step()
+        progress("warm-up")
     synchronize(device)
     info["seconds_per_call"] = (time.perf_counter() - t0) / max(warmup, 1)
     return step, info
@@ -286,11 +351,14 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
 
 def run_model_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
                        reference_logits: torch.Tensor, *, warmup: int, rounds: int | None,
-                       target_seconds: float = 2.0, max_rounds: int = 50) -> dict:
+                       target_seconds: float = 2.0, max_rounds: int = 50,
+                       progress: Callable[[str], object] | None = None) -> dict:
     """Times one provider (median over `rounds` steps; None: about target_seconds' worth) and
-    returns one result row with images/s, its logit check and, on a GPU, its peak memory."""
+    returns one result row with images/s, its logit check and, on a GPU, its peak memory.
+    progress, if given, is called after each model call with its phase ("check", "warm-up",
+    "timed"): calls_per_provider(warmup, rounds) calls in all."""
     device = x.device
-    step, info = prepare_provider(provider, tv_model, x, mode, precision, reference_logits, warmup)
+    step, info = prepare_provider(provider, tv_model, x, mode, precision, reference_logits, warmup, progress)
     if rounds is None:
         rounds = rounds_for(info.pop("seconds_per_call"), target_seconds, lo=5, hi=max_rounds)
     else:
@@ -298,7 +366,7 @@ def run_model_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         memory_before_mib = torch.cuda.memory_allocated(device) / 2**20
-    times = measure(step, device, rounds)
+    times = measure(step, device, rounds, progress=None if progress is None else lambda: progress("timed"))
     row = dict(provider=provider, status="ok", **summarize(times), **info)
     row["images_per_s"] = x.shape[0] / (row["median_ms"] / 1e3)
     if device.type == "cuda":
@@ -325,8 +393,33 @@ def reference_logits_for(tv_model: torch.nn.Module, x: torch.Tensor, precision: 
         return tv_model(x).float()
 
 
+def program_name(run_as_main: bool, module: str | None, argv0: str) -> str:
+    """How the main job was started, as a user would type it: `python -m resnet_fused.benchmark`
+    (run_as_main, module: the -m module name), `python path/to/benchmark.py` (run_as_main, no
+    module), or the console script's name (resnet-fused-benchmark: argv0's basename)."""
+    if run_as_main:
+        return f"python -m {module}" if module else f"python {argv0}"
+    name = os.path.basename(argv0)
+    for suffix in (".exe", "-script.py"):  # Windows console-script launchers
+        name = name.removesuffix(suffix)
+    return name or "resnet-fused-benchmark"
+
+
+def command_line(argv: list[str] | None, *, run_as_main: bool, module: str | None, argv0: str) -> str:
+    """The command that ran, for the JSON's provenance. argv None: the command line (program_name
+    and sys.argv[1:]); argv given: main was called from Python with it, and that call is recorded."""
+    if argv is not None and not run_as_main:
+        return f"resnet_fused.benchmark.main({list(argv)!r})"
+    args = list(argv) if argv is not None else sys.argv[1:]
+    return " ".join([program_name(run_as_main, module, argv0), *map(shlex.quote, args)])
+
+
+def _this_program() -> str:
+    return program_name(__name__ == "__main__", __spec__.name if __spec__ else None, sys.argv[0])
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m resnet_fused.benchmark", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=_this_program(), description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet50", help="builder name, e.g. resnet18, resnet50, resnext50_32x4d")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: 64 on GPU, 4 on CPU)")
     p.add_argument("--image-size", type=int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
@@ -359,6 +452,43 @@ def _format_backends(used: dict | None) -> str:
     return ", ".join(f"{name} x{count}" for name, count in sorted(used.items()))
 
 
+class _ProviderProgress:
+    """One tqdm bar per provider, counting its model calls (logit check, warm-up, timed) and
+    naming the provider and the phase; a no-op when disabled or tqdm is missing."""
+
+    def __init__(self, enabled: bool):
+        self.tqdm = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+                self.tqdm = tqdm
+            except ImportError:
+                pass
+        self.bar, self.phase = None, None
+
+    def start(self, label: str, total: int) -> None:
+        if self.tqdm is not None:
+            self.bar = self.tqdm(total=total, desc=label, unit="call", file=sys.stderr, leave=False,
+                                 dynamic_ncols=True)
+            self.phase = None
+
+    def __call__(self, phase: str) -> None:
+        if self.bar is not None:
+            if phase != self.phase:
+                self.phase = phase
+                self.bar.set_postfix_str(phase, refresh=False)
+            self.bar.update(1)
+
+    def write(self, text: str) -> None:
+        if self.tqdm is not None:
+            self.tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -389,27 +519,36 @@ def main(argv=None) -> int:
     reference_logits = reference_logits_for(tv_model, x, precision)
 
     rows = []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(providers, desc=f"{args.model} {args.mode} b{batch} {precision}", disable=args.no_progress,
-                   file=sys.stderr)
-    except ImportError:
-        bar = providers
-    for provider in bar:
+    progress = _ProviderProgress(enabled=not args.no_progress)
+    for index, provider in enumerate(providers, 1):
+        label = f"[{index}/{len(providers)}] {provider}"
         reason = provider_skip_reason(provider, device, args.mode)
         if reason is not None:
+            progress.write(f"{label}: skipped ({reason})")
             rows.append(dict(provider=provider, status="skipped", reason=reason))
             continue
-        rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
-                                       warmup=warmup, rounds=iters))
+        progress.start(label, calls_per_provider(warmup, iters))
+        try:
+            rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
+                                           warmup=warmup, rounds=iters, progress=progress))
+        finally:
+            progress.close()
     eager = next((r for r in rows if r["provider"] == EAGER and r["status"] == "ok"), None)
     for row in rows:
-        if row["status"] == "ok" and eager is not None:
-            row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+        if row["status"] == "ok":
+            row["spread"] = spread(row)
+            row["wide_spread"] = row["spread"] > SPREAD_WARN_RATIO
+            if eager is not None:
+                row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+    threads, cpus = torch.get_num_threads(), os.cpu_count()
+    warning = timing_warning(rows, device.type, SPREAD_WARN_RATIO, threads, cpus)
 
+    dlogit = "max|dlogit|*" if args.mode == "train" else "max|dlogit|"
     print(f"\n{args.model} {args.mode} batch={batch} {size}x{size} {precision} on {_device_name(device)} "
-          f"(median of {iters} after {warmup} warm-up; speedup vs torchvision-eager, same run)")
-    header = f"{'provider':<42}{'ms/iter':>10}{'img/s':>10}{'speedup':>9}{'max|dlogit|':>13}"
+          f"(median of {iters} after {warmup} warm-up, p20/p80: its 20th/80th percentiles, spread: p80/p20, "
+          f"! above {SPREAD_WARN_RATIO}; speedup vs torchvision-eager, same run)")
+    header = (f"{'provider':<42}{'ms/iter':>10}{'p20':>9}{'p80':>9}{'spread':>8}{'img/s':>10}{'speedup':>9}"
+              f"{dlogit:>13}")
     if on_gpu:
         header += f"{'peak MiB':>10}"
     print(header + "  fused ops ran on")
@@ -417,11 +556,19 @@ def main(argv=None) -> int:
         if r["status"] != "ok":
             print(f"{r['provider']:<42}skipped: {r['reason']}")
             continue
-        line = (f"{r['provider']:<42}{r['median_ms']:>10.2f}{r['images_per_s']:>10.1f}"
+        mark = "!" if r["wide_spread"] else " "
+        line = (f"{r['provider']:<42}{r['median_ms']:>10.2f}{r['p20_ms']:>9.2f}{r['p80_ms']:>9.2f}"
+                f"{r['spread']:>7.2f}{mark}{r['images_per_s']:>10.1f}"
                 f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_logit_diff']:>13.2e}")
         if on_gpu:
             line += f"{r['peak_memory_mib']:>10.0f}"
         print(line + f"  {_format_backends(r['backends_used'])}")
+    if args.mode == "train":
+        print("* max|dlogit|: the eval-mode logits against torchvision eager's, checked once before training "
+              "(the timed training steps change the weights and are not compared)")
+    if warning is not None:
+        sys.stdout.flush()
+        print(f"WARNING: {warning}", file=sys.stderr)
     if args.json:
         meta = dict(
             model=args.model, mode=args.mode, batch=batch, image_size=size, precision=precision, iters=iters,
@@ -429,8 +576,14 @@ def main(argv=None) -> int:
             torchvision=torchvision.__version__, cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version() if on_gpu else None, resnet_fused=resnet_fused.__version__,
             python=platform.python_version(), backends=resnet_fused.available_backends(),
-            command=" ".join(["python", "-m", "resnet_fused.benchmark",
-                              *(argv if argv is not None else sys.argv[1:])]),
+            command=command_line(argv, run_as_main=__name__ == "__main__",
+                                 module=__spec__.name if __spec__ else None, argv0=sys.argv[0]),
+            logit_check="max_abs_logit_diff: eval-mode logits against torchvision eager's on the same input, "
+                        "checked once per provider before any timed step"
+                        + (" (before training changes the weights)" if args.mode == "train" else ""),
+            threads=threads, interop_threads=torch.get_num_interop_threads(), cpu_count=cpus,
+            omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+            spread_warn_ratio=SPREAD_WARN_RATIO, timing_warning=warning,
         )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)
