@@ -42,7 +42,7 @@ class ModelConfig:
 
 
 def gpu_configs() -> list[ModelConfig]:
-    """The issue's matrix: resnet50 at 224 (inference at batch 1/32/256 in bf16, fp16,
+    """The GPU benchmark matrix: resnet50 at 224 (inference at batch 1/32/256 in bf16, fp16,
     fp32/TF32; a bf16 AMP training step at 256), resnet18 and resnet101 as secondary."""
     out = []
     for batch in (256, 32, 1):

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import pytest
 
-import gpu_report
+from gpu_kit import ROOT, SCRIPT
+from gpu_kit.phases import probe_backends, pytest_summary
+from gpu_kit.plot import render_plot
+from gpu_kit.report import SCHEMA, output_paths, report_stem, write_report
+from gpu_kit.worker import INJECT_FAULT_ENV
 
-SCRIPT = Path(gpu_report.__file__)
 CRASHING_MODEL_CASE = "resnet18-train-b2-64px-fp32-fused-reference"
 LOST_CONTEXT_OP_CASE = "eval-b2-fp32-64x64-k3s1-h8-relu-conv-alone"
 
@@ -28,8 +31,8 @@ LOST_CONTEXT_OP_CASE = "eval-b2-fp32-64x64-k3s1-h8-relu-conv-alone"
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    env[gpu_report.INJECT_FAULT_ENV] = f"exit:{CRASHING_MODEL_CASE},cuda-error:{LOST_CONTEXT_OP_CASE}"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], cwd=gpu_report.ROOT,
+    env[INJECT_FAULT_ENV] = f"exit:{CRASHING_MODEL_CASE},cuda-error:{LOST_CONTEXT_OP_CASE}"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     [path] = out.glob("cpu-smoke-*.json")
@@ -42,7 +45,7 @@ def _rows(report, kind):
 
 def test_every_phase_ran_and_the_report_is_complete(smoke):
     report, path = smoke
-    assert report["complete"] and report["schema"] == gpu_report.SCHEMA
+    assert report["complete"] and report["schema"] == SCHEMA
     assert [p["name"] for p in report["phases"]] == ["build", "tests", "models-core", "ops-core", "models-extra",
                                                      "ops-extra"]
     phases = {p["name"]: p for p in report["phases"]}
@@ -113,9 +116,9 @@ def test_markdown_and_plot(smoke):
 def test_without_matplotlib_the_plot_is_a_note(smoke, tmp_path, monkeypatch):
     report, _ = smoke
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
-    note = gpu_report.render_plot(report, tmp_path / "plot.png")
+    note = render_plot(report, tmp_path / "plot.png")
     assert "matplotlib is not installed" in note and not (tmp_path / "plot.png").exists()
-    gpu_report.write_report(dict(report), tmp_path, plot=True)
+    write_report(dict(report), tmp_path, plot=True)
     assert "Plot: no PNG: matplotlib is not installed" in (tmp_path / f"{report['stem']}.md").read_text()
 
 
@@ -125,3 +128,26 @@ def test_render_rewrites_the_markdown_from_the_json(smoke, tmp_path):
     copy.write_text(path.read_text())
     subprocess.run([sys.executable, str(SCRIPT), "--render", str(copy)], check=True, capture_output=True, timeout=120)
     assert copy.with_suffix(".md").read_text() == path.with_suffix(".md").read_text()
+
+
+def test_report_names():
+    gpu, date = dict(name="NVIDIA H200"), "2030-01-02T03:04:05+00:00"
+    assert report_stem(gpu, date, {"build", "tests", "models", "ops"}) == "nvidia-h200-2030-01-02"
+    assert report_stem(None, date, {"ops", "models"}) == "cpu-smoke-2030-01-02-models-ops"
+    paths = output_paths(Path("out"), "stem")
+    assert [paths[k].name for k in ("build_log", "tests_log", "benchmarks_log")] == [
+        "stem-build.log", "stem-tests.log", "stem-benchmarks.log"]
+
+
+def test_pytest_summary():
+    log = ("FAILED tests/test_a.py::test_x - AssertionError\nERROR tests/test_b.py::test_y\n"
+           "1 failed, 5 passed, 2 skipped, 1 error in 3.21s\n")
+    counts, failed = pytest_summary(log)
+    assert counts == {"failed": 1, "passed": 5, "skipped": 2, "error": 1}
+    assert failed == ["FAILED tests/test_a.py::test_x - AssertionError", "ERROR tests/test_b.py::test_y"]
+
+
+def test_probe_backends_reads_each_backends_auto_flag():
+    probe = probe_backends()
+    assert set(probe["backends"]) >= {"reference", "triton", "cuda"}, probe
+    assert all(isinstance(probe["auto_enabled"][n], bool) for n in ("cuda", "triton")), probe

@@ -1,0 +1,143 @@
+"""The command line of benchmarks/gpu_report.py: its arguments, and a run's phases in order
+(build, tests, then the benchmark phases of plan.SCHEDULE), the report rewritten after each."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from . import BENCHMARKS, worker
+from .budget import DEFAULT_BUDGET_S, Budget
+from .isolation import run_worker_phase
+from .phases import run_build, run_tests
+from .plan import PHASES, SCHEDULE, phase_cases
+from .provenance import provenance
+from .report import LOGS, SCHEMA, output_paths, report_stem, write_report
+
+DESCRIPTION = """\
+GPU evidence in one command: build the extension, run the GPU tests, run the model and
+per-layer benchmarks, and write a report with its provenance."""
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(prog="python benchmarks/gpu_report.py", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: benchmarks/results/, or a new temporary folder with --cpu-smoke)")
+    p.add_argument("--quick", action="store_true",
+                   help="half the budget: the headline cases only, no max-autotune compile, batch 256 layers only")
+    p.add_argument("--budget", type=float, default=None, help=f"seconds for the whole run (default {DEFAULT_BUDGET_S}, "
+                                                               "--quick: half)")
+    p.add_argument("--build", choices=("auto", "always", "never"), default="auto",
+                   help="build the CUDA extension with pip install --no-build-isolation --no-deps -e . "
+                        "(auto: only when it does not load)")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help="comma-separated subset of build,tests,models,ops (default: all)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="no GPU needed: the whole pipeline on tiny CPU cases (checks this script; "
+                        "no performance claim)")
+    p.add_argument("--render", type=Path, default=None, metavar="JSON",
+                   help="only rewrite the markdown and PNG next to an existing report JSON")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--results", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    if args.worker:
+        return worker.main(args.worker, args.results)
+    if args.render:
+        report = json.loads(args.render.read_text())
+        write_report(report, args.render.parent, plot=True)
+        print(f"[gpu_report] rewrote {args.render.with_suffix('.md')}", file=sys.stderr)
+        return 0
+    return run(args, argv)
+
+
+def run(args, argv: list[str]) -> int:
+    """The whole run: every selected phase within the budget, then the report with its plot."""
+    import torch
+
+    on_gpu = torch.cuda.is_available() and not args.cpu_smoke
+    if not on_gpu and not args.cpu_smoke:
+        print("gpu_report: no CUDA GPU here. Run it on a GPU machine, or pass --cpu-smoke to check the pipeline "
+              "on tiny CPU cases.", file=sys.stderr)
+        return 2
+    budget_s = args.budget or (DEFAULT_BUDGET_S / 2 if args.quick else DEFAULT_BUDGET_S)
+    budget = Budget(budget_s)
+    phases = {p.strip() for p in args.phases.split(",") if p.strip()}
+    unknown = phases - set(PHASES)
+    if unknown:
+        print(f"gpu_report: unknown phases {sorted(unknown)}", file=sys.stderr)
+        return 2
+
+    prov, gpu = provenance(argv)
+    if args.cpu_smoke:
+        prov["gpu"] = gpu = None
+    stem = report_stem(gpu, prov["date_utc"], phases)
+    if args.out:
+        out_dir = args.out
+    else:
+        out_dir = BENCHMARKS / "results" if on_gpu else Path(tempfile.mkdtemp(prefix="resnet_fused-cpu-smoke-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = output_paths(out_dir, stem)
+    for log in LOGS:
+        paths[log].unlink(missing_ok=True)
+    mode = "cpu-smoke" if args.cpu_smoke else ("quick" if args.quick else "full")
+    settings = dict(mode=mode, budget_s=budget_s, phases=sorted(phases), build=args.build,
+                    ops_target_seconds=(0.1 if args.quick else 0.25) if on_gpu else 0.02,
+                    models_target_seconds=(1.0 if args.quick else 2.0) if on_gpu else 0.05)
+    report = dict(schema=SCHEMA, stem=stem, complete=False, provenance=prov, settings=settings, phases=[],
+                  build=None, tests=None, models=[], ops=[])
+    print(f"[gpu_report] {mode} run, budget {budget_s:.0f} s, writing {out_dir / stem}.{{json,md,png}}",
+          file=sys.stderr)
+
+    def phase(name, fn, *fargs):
+        t0 = time.time()
+        print(f"[gpu_report] {name} ({budget.left():.0f} s left)", file=sys.stderr)
+        try:
+            record = fn(*fargs)
+        except Exception as exc:  # a phase's failure is recorded; the next phase runs
+            record = dict(status="error", note=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
+        record = dict(name=name, **record)
+        record.setdefault("seconds", round(time.time() - t0, 1))
+        report["phases"].append(record)
+        report["elapsed_s"] = time.time() - budget.start
+        write_report(report, out_dir)
+        print(f"[gpu_report] {name}: {record['status']} in {record['seconds']:.0f} s", file=sys.stderr)
+
+    def skipped(name, why):
+        report["phases"].append(dict(name=name, status="skipped", note=why))
+
+    if "build" in phases and on_gpu:
+        phase("build", run_build, args.build, budget, paths, report, gpu, bool(phases - {"build"}))
+    elif "build" in phases:
+        skipped("build", "no GPU: the CUDA extension is not built in a CPU smoke run")
+    if "tests" in phases:
+        phase("tests", run_tests, args.quick, budget, paths, report, on_gpu, bool(phases & {"models", "ops"}))
+    device = "cuda" if on_gpu else "cpu"
+    for name, kind, share in SCHEDULE:
+        if kind not in phases:
+            continue
+        if args.quick and name.endswith("-extra"):
+            skipped(name, "--quick: the headline cases only")
+            continue
+        cases = phase_cases(name, kind, on_gpu, args.quick)
+        phase(name, run_worker_phase, kind, cases, device, budget.share(share), paths, settings, report)
+    report["complete"] = True
+    report["elapsed_s"] = time.time() - budget.start
+    logs = [paths[log].name for log in LOGS if paths[log].exists()]
+    report["files"] = [f"{stem}.json", f"{stem}.md", *logs]
+    write_report(report, out_dir, plot=True)
+    if report.get("plot"):
+        report["files"].append(report["plot"])
+        write_report(report, out_dir)
+    print(f"[gpu_report] done in {report['elapsed_s']:.0f} s: {out_dir / stem}.md", file=sys.stderr)
+    return 0

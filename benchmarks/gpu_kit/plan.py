@@ -1,0 +1,90 @@
+"""The plan: which cases each phase runs, in priority order, and each phase's share of the budget."""
+
+from __future__ import annotations
+
+EAGER = "torchvision-eager"
+FUSED_MODEL_PROVIDERS = ("fused-cuda", "fused-triton", "fused-auto")
+
+PHASES = ("build", "tests", "models", "ops")  # what --phases selects from, in the order they run
+# The benchmark phases after the build and the tests: (name, kind, the fraction of the budget
+# left when it starts that it may use). The headline cases first; --quick skips the "-extra" ones.
+SCHEDULE = (("models-core", "models", 0.45), ("ops-core", "ops", 0.6), ("models-extra", "models", 0.5),
+            ("ops-extra", "ops", 1.0))
+
+
+def phase_cases(name: str, kind: str, on_gpu: bool, quick: bool) -> list[dict]:
+    """The cases of the benchmark phase `name` (of kind "models" or "ops")."""
+    return model_plan(name, on_gpu, quick) if kind == "models" else op_plan(name, on_gpu, quick)
+
+
+def model_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
+    """[{config, provider}] for a models phase."""
+    from bench_models import ModelConfig
+
+    def entries(config, providers):
+        return [dict(config=config.to_dict(), provider=p) for p in providers]
+
+    fused_and_eager = (EAGER, "fused-cuda", "fused-triton", "fused-auto")
+    if not on_gpu:
+        smoke = ("torchvision-eager", "fused-reference", "fused-cuda", "fused-triton")
+        if phase == "models-core":
+            return (entries(ModelConfig("resnet18", "infer", 2, 64, "fp32", smoke), smoke)
+                    + entries(ModelConfig("resnet18", "train", 2, 64, "fp32", smoke), smoke))
+        return entries(ModelConfig("resnet18", "infer", 1, 64, "fp32", smoke[:2]), smoke[:2])
+    if phase == "models-core":
+        # The headline: resnet50, bf16, batch 256 at 224. Fused vs eager first, then the
+        # compile baselines, slowest (max-autotune) last.
+        infer = ModelConfig("resnet50", "infer", 256, 224, "bf16", ())
+        train = ModelConfig("resnet50", "train", 256, 224, "bf16", ())
+        plan = entries(infer, fused_and_eager) + entries(train, fused_and_eager)
+        plan += entries(infer, ["torchvision-compile"]) + entries(train, ["torchvision-compile"])
+        if not quick:
+            plan += entries(infer, ["torchvision-compile-max-autotune-freezing"])
+            plan += entries(train, ["torchvision-compile-max-autotune"])
+        return plan
+    plan = []
+    for batch in (32, 1):
+        plan += entries(ModelConfig("resnet50", "infer", batch, 224, "bf16", ()), fused_and_eager)
+    for precision in ("fp16", "fp32"):
+        plan += entries(ModelConfig("resnet50", "infer", 256, 224, precision, ()), fused_and_eager)
+    for name in ("resnet18", "resnet101"):
+        for mode in ("infer", "train"):
+            plan += entries(ModelConfig(name, mode, 256, 224, "bf16", ()), fused_and_eager)
+    for batch in (32, 1):
+        plan += entries(ModelConfig("resnet50", "infer", batch, 224, "bf16", ()), ["torchvision-compile"])
+    plan += entries(ModelConfig("resnet50", "infer", 256, 224, "bf16", ()), ["torchvision-compile-max-autotune"])
+    return plan
+
+
+def op_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
+    """[OpCase dict] for an ops phase."""
+    import bench_layers as bl
+
+    if not on_gpu:
+        layers = bl.cpu_layers()
+        if phase == "ops-core":
+            return [c.to_dict() for c in bl.op_cases(layers[:2], (2,), "fp32", bl.CPU_PROVIDERS)]
+        smoke_providers = ("conv-alone", "eager-unit", "fused-reference")
+        return [c.to_dict() for c in bl.op_cases(layers[2:], (1,), "fp32", smoke_providers, ops=("eval",))]
+    layers = bl.resnet_conv_layers("resnet50", image_size=224)
+    main_providers = ("conv-alone", "eager-unit", "fused-triton", "fused-cuda")
+    if phase == "ops-core":
+        return [c.to_dict() for c in bl.op_cases(layers, (256,), "bf16", main_providers)]
+    cases = bl.op_cases(layers, (256,), "bf16", ("compile-unit",))
+    cases += bl.op_cases(layers, (32,), "bf16", main_providers)
+    cases += bl.op_cases(layers, (32,), "bf16", ("compile-unit",))
+    return [c.to_dict() for c in cases]
+
+
+def row_base(kind: str, spec: dict) -> dict:
+    """The fields every report row of a planned case starts with (kind "ops" or "models")."""
+    if kind == "ops":
+        import bench_layers as bl
+
+        case = bl.OpCase.from_dict(spec)
+        return dict(kind="op", case=case.to_dict(), id=case.id, provider=case.provider)
+    from bench_models import ModelConfig
+
+    config = ModelConfig.from_dict(spec["config"])
+    return dict(kind="model", config=config.to_dict(), provider=spec["provider"],
+                id=f"{config.label}-{spec['provider']}")
