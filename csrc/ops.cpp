@@ -1,7 +1,7 @@
 // Op launchers and their registration: CUDA kernels for the resnet_fused_cuda ops.
 //
 // The schemas are defined once, in Python (resnet_fused/_library.py, SCHEMAS), by
-// resnet_fused/cuda_backend.py after it imports this extension; here we only register
+// resnet_fused/backends/cuda.py after it imports this extension; here we only register
 // kernels for the CUDA dispatch key (the dispatcher accepts an impl before its def and
 // checks the C++ signature against the schema when the def arrives).
 //
@@ -455,7 +455,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
 
 
 // --------------------------------------------------------------------------------------
-// Building blocks of the synchronized BatchNorm path (resnet_fused/sync_batchnorm.py): the
+// Building blocks of the synchronized BatchNorm path (resnet_fused/distributed.py): the
 // kernels above, split where the statistics and the gradient sums are all-reduced.
 
 // Checks the (grad_y, z, y?) activations of the BatchNorm backward building blocks.

@@ -5,7 +5,7 @@ Swap `torchvision.models.resnet50` for `resnet_fused.resnet50`; state_dicts load
 
 from . import nn, ops
 from .backends import available_backends, get_backend, set_backend, use_backend
-from .sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .models import (
     ResNet,
     from_torchvision,

@@ -2,9 +2,9 @@
 
 Each backend registers the same ops (SCHEMAS below) under its own namespace:
 
-    resnet_fused          pure-PyTorch reference (CPU and CUDA), this package
-    resnet_fused_triton   Triton kernels (torch.library.triton_op)
-    resnet_fused_cuda     CUDA C++ kernels from csrc/ (TORCH_LIBRARY_IMPL(..., CUDA))
+    resnet_fused          pure-PyTorch reference (CPU and CUDA), backends/reference.py
+    resnet_fused_triton   Triton kernels (torch.library.triton_op), backends/triton/
+    resnet_fused_cuda     CUDA C++ kernels from csrc/ (TORCH_LIBRARY_IMPL(..., CUDA)), backends/cuda.py
 
 The dispatcher allows one kernel per (op, dispatch key), so backends that all run
 on CUDA tensors cannot share one op; they share the schema text below instead, and
@@ -39,7 +39,7 @@ Decomposition (one autograd node per fused unit, one op per direction):
 
 Synchronized BatchNorm (SyncBatchNorm over several processes) needs the collectives
 between the passes of conv_bn_train and of its backward, so it runs the same kernels as
-four building-block ops, composed by the autograd.Function in sync_batchnorm.py:
+four building-block ops, composed by the autograd.Function in distributed.py:
 
   conv_bn_stats(x, weight, bias?, ...) -> z, mean, var
       the implicit-GEMM conv storing z with this process's per-channel statistics
@@ -66,7 +66,7 @@ import functools
 import torch
 from torch import Tensor
 
-from . import reference
+from ._utils import conv_output_size, empty_like_format, relu_backward, stat_dtype
 
 CONV_ARGS = "int[2] stride, int[2] padding, int[2] dilation, int groups"
 
@@ -110,21 +110,15 @@ OP_NAMES = tuple(SCHEMAS)
 # Fake (meta) kernels: shapes, dtypes and memory formats exactly as the real kernels give.
 
 
-def _empty_like_format(size, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(
-        size, dtype=dtype or like.dtype, device=like.device, memory_format=reference.memory_format(like)
-    )
-
-
 def _fake_conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu):
-    return _empty_like_format(reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
+    return empty_like_format(conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
 
 
 def _grad_or_empty(needed: bool, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     if not needed:
         return like.new_empty(0)
     if like.dim() == 4:
-        return _empty_like_format(like.shape, like, dtype)
+        return empty_like_format(like.shape, like, dtype)
     return torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
 
 
@@ -135,16 +129,16 @@ def _fake_conv_bn_eval_backward(grad_y, x, weight, scale, y, stride, padding, di
         _grad_or_empty(need_w, weight),
         _grad_or_empty(need_scale, scale),
         _grad_or_empty(need_shift, scale),
-        _empty_like_format(grad_y.shape, x) if need_residual else x.new_empty(0),
+        empty_like_format(grad_y.shape, x) if need_residual else x.new_empty(0),
     )
 
 
 def _fake_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu):
-    size = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    acc = reference.stat_dtype(x.dtype)
+    size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    acc = stat_dtype(x.dtype)
     return (
-        _empty_like_format(size, x),
-        _empty_like_format(size, x),
+        empty_like_format(size, x),
+        empty_like_format(size, x),
         x.new_empty(size[1], dtype=acc),
         x.new_empty(size[1], dtype=acc),
     )
@@ -160,31 +154,31 @@ def _fake_conv_bn_train_backward(
         x.new_empty(weight.shape[0], dtype=weight.dtype) if need_bias else x.new_empty(0),
         _grad_or_empty(need_bn_weight, bn_weight),
         _grad_or_empty(need_bn_bias, bn_weight),
-        _empty_like_format(z.shape, x) if need_residual else x.new_empty(0),
+        empty_like_format(z.shape, x) if need_residual else x.new_empty(0),
     )
 
 
 def _fake_add_relu(x, residual):
-    return _empty_like_format(x.shape, x)
+    return empty_like_format(x.shape, x)
 
 
 def _fake_conv_bn_stats(x, weight, bias, stride, padding, dilation, groups):
-    size = reference.conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    acc = reference.stat_dtype(x.dtype)
-    return _empty_like_format(size, x), x.new_empty(size[1], dtype=acc), x.new_empty(size[1], dtype=acc)
+    size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
+    acc = stat_dtype(x.dtype)
+    return empty_like_format(size, x), x.new_empty(size[1], dtype=acc), x.new_empty(size[1], dtype=acc)
 
 
 def _fake_bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu):
-    return _empty_like_format(z.shape, z)
+    return empty_like_format(z.shape, z)
 
 
 def _fake_bn_apply_backward_reduce(grad_y, z, y, mean, relu):
-    acc = reference.stat_dtype(z.dtype)
+    acc = stat_dtype(z.dtype)
     return z.new_empty(z.size(1), dtype=acc), z.new_empty(z.size(1), dtype=acc)
 
 
 def _fake_bn_apply_backward(grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, count, eps, relu, output_mask):
-    return tuple(_empty_like_format(z.shape, z) if need else z.new_empty(0) for need in output_mask)
+    return tuple(empty_like_format(z.shape, z) if need else z.new_empty(0) for need in output_mask)
 
 
 FAKES = {
@@ -252,7 +246,7 @@ def _make_autograd(ops):
 
     def backward_add_relu(ctx, grad_y):
         (y,) = ctx.saved_tensors
-        grad = torch.where(y <= 0, 0, grad_y)  # as threshold_backward: NaN outputs pass grad
+        grad = relu_backward(grad_y, y)
         return grad, grad
 
     return {
@@ -390,6 +384,3 @@ def define_library(namespace: str, impls: dict, dispatch_keys=("CPU", "CUDA")) -
     register_fake_and_autograd(namespace)
     return lib
 
-
-REFERENCE_IMPLS = {name: getattr(reference, name) for name in OP_NAMES}
-_reference_lib = define_library("resnet_fused", REFERENCE_IMPLS)

@@ -20,7 +20,6 @@ pytest-benchmark suites and the GPU report in benchmarks/.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import copy
 import gc
@@ -282,26 +281,11 @@ def calls_per_provider(warmup: int, rounds: int) -> int:
     return 2 + max(warmup, 1) + rounds
 
 
-@contextlib.contextmanager
 def record_backends():
     """Counts, per backend name, the fused-op calls made inside the block: which backend
     `auto` (or an explicit backend, per call) really ran. Ops that a unit runs unfused,
     module by module, are not counted."""
-    from . import ops as ops_module
-
-    counts: collections.Counter = collections.Counter()
-    original = ops_module.select_ops
-
-    def recording(op_name, *args):
-        namespace = original(op_name, *args)
-        name = namespace.name
-        counts["reference" if name == "resnet_fused" else name.removeprefix("resnet_fused_")] += 1
-        return namespace
-    ops_module.select_ops = recording
-    try:
-        yield counts
-    finally:
-        ops_module.select_ops = original
+    return resnet_fused.backends.record_selections()
 
 
 def max_memory_mib(device: torch.device) -> float | None:

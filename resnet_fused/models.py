@@ -15,7 +15,7 @@ from torchvision.models._utils import IntermediateLayerGetter
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from .nn import BasicBlock, Bottleneck, conv_bn_act
-from .sync_batchnorm import SyncBatchNorm
+from .distributed import SyncBatchNorm
 
 __all__ = [
     "ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",

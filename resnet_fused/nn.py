@@ -6,7 +6,7 @@ so parameters, buffers, state_dict keys and initialization are torchvision's. On
 reading every hyperparameter from the submodules at call time. A user who swaps a
 submodule (a 3x3 stem, GroupNorm, SiLU) gets that submodule's own behaviour for the
 affected unit, unfused but correct. SyncBatchNorm (torch's or resnet_fused's) stays fused,
-with statistics synchronized across its process group (sync_batchnorm.py).
+with statistics synchronized across its process group (distributed.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import _library, ops
-from .sync_batchnorm import is_sync_batch_norm
+from . import ops
+from .distributed import is_sync_batch_norm
 
 __all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
 
@@ -60,18 +60,6 @@ def _batch_norm_args(bn: nn.Module) -> dict | None:
     return args
 
 
-def _frozen_bn_autocast_dtype(norm: nn.Module, x: Tensor) -> torch.dtype | None:
-    """The dtype eager FrozenBatchNorm2d gives under autocast when it is wider than the
-    autocast dtype the fused unit would output, else None."""
-    if type(norm) is not FrozenBatchNorm2d or not isinstance(x, Tensor):
-        return None
-    dtype = _library.autocast_dtype(x.device.type)
-    if dtype is None:
-        return None
-    wider = torch.promote_types(dtype, torch.promote_types(norm.weight.dtype, norm.running_var.dtype))
-    return wider if wider != dtype else None
-
-
 def conv_bn_act(
     conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None = None, act: nn.Module | None = None
 ) -> Tensor:
@@ -82,17 +70,10 @@ def conv_bn_act(
     bn_args = _batch_norm_args(norm) if _fusable_conv(conv) else None
     if bn_args is None:
         return _add_act(norm(conv(x)), residual, act)
-    # FrozenBatchNorm2d is plain arithmetic with its float32 buffers, so under autocast eager's
-    # output (and a residual sum after it) is float32, not the conv's dtype: the conv + BN
-    # stay fused, the wider output and the residual add and act follow eager.
-    eager_dtype = _frozen_bn_autocast_dtype(norm, x)
-    fuse_tail = eager_dtype is None
-    y = ops.conv_bn_relu(
+    y = ops._conv_bn_act(
         x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-        bias=conv.bias, residual=residual if fuse_tail else None, relu=relu and fuse_tail, **bn_args,
+        bias=conv.bias, residual=residual, relu=relu, plain_norm=type(norm) is FrozenBatchNorm2d, **bn_args,
     )
-    if not fuse_tail:
-        return _add_act(y.to(eager_dtype), residual, act)
     if act is not None and not relu and type(act) is not nn.Identity:
         y = act(y)
     return y

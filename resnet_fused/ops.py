@@ -1,31 +1,37 @@
 """Functional API: fused conv + BatchNorm (+ residual) (+ ReLU), and add + ReLU.
 
-These validate their arguments, pick the backend (`resnet_fused.backends`), fold the
-frozen statistics for eval, and update the running statistics for training; the
-arithmetic happens in the torch.library ops defined in `_library.py`.
+A call walks here once: the arguments are checked and autocast (the rule `_library.py`
+defines for the ops) applied, the backend picked (`resnet_fused.backends`), the frozen
+statistics folded for eval, the op run, and the running statistics updated for training.
+The arithmetic happens in the torch.library ops (schemas in `_library.py`).
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
-from . import _library  # also defines torch.ops.resnet_fused.*
+from . import _library
+from ._utils import conv_output_size, stat_dtype, update_running_stats
 from .backends import select_ops
-from .reference import conv_output_size, stat_dtype
-from .sync_batchnorm import sync_conv_bn_train
+from .distributed import sync_conv_bn_train
 
 __all__ = ["conv_bn_relu", "add_relu"]
 
 
-def _check_tensor(name: str, t: Tensor, like: Tensor, dims: int | None = None, same_dtype: bool = True) -> None:
+def _check_tensor(name: str, t) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_like(name: str, t: Tensor, like: Tensor, dims: int | None = None, same_dtype: bool = True) -> None:
+    """t (a checked tensor) against x: device, dtype, dimensions."""
     if t.device != like.device:
         raise ValueError(f"{name} is on {t.device} but x is on {like.device}; expected the same device")
     if same_dtype and t.dtype != like.dtype:
@@ -58,7 +64,8 @@ def _check_bool(name: str, value) -> None:
 def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor) -> None:
     if t is None:
         return
-    _check_tensor(name, t, x, dims=1, same_dtype=False)
+    _check_tensor(name, t)
+    _check_like(name, t, x, dims=1, same_dtype=False)
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
 
@@ -109,15 +116,34 @@ def conv_bn_relu(
     the group must call this for the unit, forward and backward). None, or a group of one
     process, normalizes with this process's batch alone. Only used with batch statistics.
     """
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    # Autocast first (the rule the ops register, _library.autocast_args), then the dtype
-    # checks: a bfloat16 x with float32 weights is accepted under autocast, as F.conv2d
-    # accepts it, and is an error outside.
+    return _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training=training,
+                        momentum=momentum, eps=eps, stride=stride, padding=padding, dilation=dilation, groups=groups,
+                        bias=bias, residual=residual, relu=relu, process_group=process_group)
+
+
+def _conv_bn_act(
+    x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
+    running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5, stride=1, padding=0,
+    dilation=1, groups: int = 1, bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = True,
+    process_group=None, plain_norm: bool = False,
+) -> Tensor:
+    """conv_bn_relu, and the unit of nn.conv_bn_act. plain_norm: the norm is plain float
+    arithmetic on its own buffers (FrozenBatchNorm2d), so under autocast eager's output takes
+    the dtype promoted with those buffers (float32 for float32 buffers), and so does a residual
+    sum after it: the conv + BN stay fused, the residual add and ReLU follow in that dtype."""
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    if residual is not None:
+        _check_tensor("residual", residual)
+    if bias is not None:
+        _check_tensor("bias", bias)
+    # Autocast before the dtype checks: a bfloat16 x with float32 weights is accepted under
+    # autocast, as F.conv2d accepts it, and is an error outside.
+    autocast_dtype = _library.autocast_dtype(x.device.type)
     x, weight, bias, _, _, residual = _library.autocast_args(
         "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
-    _check_tensor("x", x, x, dims=4)
-    _check_tensor("weight", weight, x, dims=4)
+    _check_like("x", x, x, dims=4)
+    _check_like("weight", weight, x, dims=4)
     stride = _check_pair("stride", stride, 1)
     padding = _check_pair("padding", padding, 0)
     dilation = _check_pair("dilation", dilation, 1)
@@ -143,14 +169,14 @@ def conv_bn_relu(
             f"{weight.size(1) * groups} (weight.size(1) * groups)"
         )
     if bias is not None:
-        _check_tensor("bias", bias, x, dims=1)
+        _check_like("bias", bias, x, dims=1)
         _check_channel_vector("bias", bias, c_out, x)
     for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         _check_channel_vector(name, t, c_out, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
-    sync = _sync_group_size(process_group) > 1
+    group = process_group if _sync_group_size(process_group) > 1 else None  # None: this process's batch alone
     out_size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
     if out_size[2] <= 0 or out_size[3] <= 0:
         raise ValueError(
@@ -158,11 +184,34 @@ def conv_bn_relu(
             f"stride={stride}, padding={padding}, dilation={dilation}: output size would be {out_size[2:]}"
         )
     if residual is not None:
-        _check_tensor("residual", residual, x, dims=4)
+        _check_like("residual", residual, x, dims=4)
         if list(residual.shape) != out_size:
             raise ValueError(f"residual must have the conv output's shape {out_size}, got {list(residual.shape)}")
-
     conv_args = (stride, padding, dilation, groups)
+    if plain_norm and autocast_dtype is not None:
+        wider = functools.reduce(torch.promote_types, [t.dtype for t in (bn_weight, running_var) if t is not None],
+                                 autocast_dtype)
+        if wider != autocast_dtype:
+            y = _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+                         conv_args, bias, None, False, group, out_size)
+            return _add_relu_tail(y.to(wider), residual, relu)
+    return _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args,
+                    bias, residual, relu, group, out_size)
+
+
+def _add_relu_tail(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
+    """act(y [+ residual]) as eager computes it after a norm: unfused but for add + ReLU."""
+    if residual is not None:
+        return add_relu(y, residual) if relu else y + residual
+    return torch.relu(y) if relu else y
+
+
+def _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args, bias,
+             residual, relu, group, out_size) -> Tensor:
+    """The fused unit on checked, autocast arguments; group: a process group of more than one
+    process to synchronize the batch statistics over, or None."""
+    c_out = out_size[1]
+    sync = group is not None
     acc = stat_dtype(x.dtype)
     use_batch_stats = training or running_mean is None
 
@@ -184,30 +233,23 @@ def conv_bn_relu(
         bn_bias = torch.zeros(c_out, dtype=acc, device=x.device)
     if sync:
         y, mean, var, count = sync_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, conv_args, eps, relu,
-                                                 process_group)
+                                                 group)
     else:
         args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
         y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
     # The synchronized count is a device tensor (no host read, for CUDA graphs), > 1 as
     # sync_conv_bn_train checked; the local one an int, 0 for an empty batch.
     if training and running_mean is not None and (sync or count > 0):
-        with torch.no_grad():
-            # nn.BatchNorm2d: the running variance tracks the unbiased batch variance.
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            correction = (count / (count - 1)).to(var.dtype) if sync else count / (count - 1)
-            unbiased = var * correction
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, var, count, momentum)
     return y
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     """relu(x + residual), in one pass over memory on the fused backends."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    if isinstance(residual, Tensor) and x.is_floating_point() and residual.is_floating_point():
-        x, residual = _library.autocast_args("add_relu", (x, residual), x.device.type)  # promote, as x + residual
-    _check_tensor("x", x, x)
-    _check_tensor("residual", residual, x)
+    _check_tensor("x", x)
+    _check_tensor("residual", residual)
+    x, residual = _library.autocast_args("add_relu", (x, residual), x.device.type)  # promote, as x + residual
+    _check_like("residual", residual, x)
     if residual.shape != x.shape:
         raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
     return select_ops("add_relu", x, residual).add_relu(x, residual)

@@ -118,18 +118,18 @@ def two_auto_backends(monkeypatch):
         pytest.skip(f"the fake 'triton' runs the Triton ops, unavailable here: {reason}")
     table = {"cuda": 2.0, "triton": 1.0}
     calls = []
-    namespaces = {"resnet_fused": "cuda", backends._MODULES["triton"][0].NAMESPACE: "triton"}
+    namespaces = {"resnet_fused": "cuda", backends.BACKENDS["triton"][0].NAMESPACE: "triton"}
 
     def fake_time(op_name, op_args, ops):
         calls.append((op_name, namespaces[ops.name]))
         return table[namespaces[ops.name]]
 
-    for name, ns in (("cuda", "resnet_fused"), ("triton", backends._MODULES["triton"][0].NAMESPACE)):
-        monkeypatch.setitem(backends._MODULES, name,
-                            (SimpleNamespace(NAMESPACE=ns, AUTO=True, covers=lambda *a: True), None))
+    for name, ns in (("cuda", "resnet_fused"), ("triton", backends.BACKENDS["triton"][0].NAMESPACE)):
+        monkeypatch.setitem(backends.BACKENDS, name, (SimpleNamespace(
+            NAME=name, NAMESPACE=ns, AUTO=True, unsupported_reason=lambda *a: None), None))
     monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
     monkeypatch.setattr(backends, "_auto_candidates", lambda x: ("cuda", "triton"))
-    monkeypatch.setattr(backends, "_time_call", fake_time)
+    monkeypatch.setattr(backends.auto, "_time_call", fake_time)
     monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
     backends.clear_auto_choices()
     resnet_fused.set_backend("auto")
@@ -161,7 +161,7 @@ def test_auto_times_each_shape_once_and_runs_the_faster(two_auto_backends):
         unit.double()(torch.randn(2, 4, 8, 8, dtype=torch.float64))
         unit.float()(x.to(memory_format=torch.channels_last))
     assert len(calls) == 8 and len(backends.auto_choices()) == 4
-    assert dict(used) == {"reference": 3}  # record_backends names the fake cuda by its namespace
+    assert dict(used) == {"cuda": 3}
 
 
 def test_auto_times_training_ops_and_backward_follows_forward(two_auto_backends):
@@ -203,7 +203,7 @@ def test_auto_does_not_time_when_it_must_not(two_auto_backends, monkeypatch, why
     assert calls == [] and backends.auto_choices() == {}
     torch.testing.assert_close(y, torch.relu(unit.bn(unit.conv(x))))
     if why != "compile":  # compiled code does not go through select_ops at run time
-        assert dict(used) == {"reference": 1}  # the fake cuda, by its namespace
+        assert dict(used) == {"cuda": 1}
         monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
         with torch.no_grad():
             unit(x)  # timed now: triton is faster
@@ -213,7 +213,7 @@ def test_auto_does_not_time_when_it_must_not(two_auto_backends, monkeypatch, why
         try:
             with torch.no_grad():  # the same key as the call above
                 picked = backends.resolved_backend("conv_bn_eval", *_eval_args(unit, x))
-            assert picked == ("reference" if why == "deterministic" else "triton")  # reference: the fake cuda
+            assert picked == ("cuda" if why == "deterministic" else "triton")
         finally:
             torch.use_deterministic_algorithms(previous)
 
@@ -239,10 +239,10 @@ def test_time_call_runs_forward_and_backward_on_cpu(op_name):
         "add_relu": (x, torch.randn(2, 4, 6, 6)),
     }[op_name]
     ops_ns = torch.ops.resnet_fused
-    assert backends._time_call(op_name, args, ops_ns) > 0
+    assert backends.auto._time_call(op_name, args, ops_ns) > 0
     with torch.no_grad():
         outputs = getattr(ops_ns, op_name)(*args)
-    backward = backends._backward_call(op_name, args, outputs, ops_ns)
+    backward = backends.auto._backward_call(op_name, args, outputs, ops_ns)
     if op_name == "add_relu":
         assert backward is None
     else:
@@ -259,7 +259,7 @@ def test_auto_per_shape_choice_on_gpu(monkeypatch):
     for name in ("cuda", "triton"):
         if reasons[name] is not None:
             pytest.skip(f"{name}: {reasons[name]}")
-        monkeypatch.setattr(backends._MODULES[name][0], "AUTO", True)
+        monkeypatch.setattr(backends.BACKENDS[name][0], "AUTO", True)
     monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
     backends.clear_auto_choices()
     try:

@@ -32,7 +32,8 @@ from test_ops import CONFIGS, op_samples, run_unit_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
-from resnet_fused import _library, backends, cuda_backend
+from resnet_fused import _library, backends
+from resnet_fused.backends import cuda as cuda_backend
 
 NS = cuda_backend.NAMESPACE
 GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -97,10 +98,10 @@ def test_import_survives_a_missing_extension():
 def test_covers_rejects_cpu_tensors_and_unknown_ops():
     x, w, v = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
     conv = ([1, 1], [1, 1], [1, 1], 1)
-    assert not cuda_backend.covers("conv_bn_eval", x, w, v, v, None, *conv, True)
-    assert not cuda_backend.covers("conv_bn_train", x, w, None, v, v, None, *conv, 1e-5, True)
-    assert not cuda_backend.covers("add_relu", x, x)
-    assert not cuda_backend.covers("no_such_op", x)
+    assert cuda_backend.unsupported_reason("conv_bn_eval", x, w, v, v, None, *conv, True) is not None
+    assert cuda_backend.unsupported_reason("conv_bn_train", x, w, None, v, v, None, *conv, 1e-5, True) is not None
+    assert cuda_backend.unsupported_reason("add_relu", x, x) is not None
+    assert cuda_backend.unsupported_reason("no_such_op", x) is not None
 
 
 # ---------------------------------------------------------------------------------------

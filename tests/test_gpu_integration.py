@@ -72,7 +72,7 @@ def _assert_within_2x(what, got, baseline, ref64, floor):
 
 BACKENDS = ["reference", "triton", "cuda"]
 NAMESPACES = {"reference": "resnet_fused", "triton": "resnet_fused_triton", "cuda": "resnet_fused_cuda"}
-# The Triton kernels (resnet_fused/triton_kernels/) Inductor emits when it traces into the
+# The Triton kernels (resnet_fused/backends/triton/kernels/) Inductor emits when it traces into the
 # triton_ops: the forward implicit-GEMM conv, the training backward's dz pass and dgrad.
 TRITON_KERNELS = {"forward": "_conv_fwd_kernel", "backward": ("_bn_bwd_dz_kernel", "_conv_dgrad_kernel")}
 DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

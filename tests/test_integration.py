@@ -167,7 +167,7 @@ def test_autocast_functional_op_accepts_mixed_dtypes():
 def _namespaces():
     """The op namespaces registered in this process (the cuda one when its extension loaded)."""
     names = ["resnet_fused", "resnet_fused_triton"]
-    if resnet_fused.cuda_backend._load_error is None:
+    if resnet_fused.backends.cuda._load_error is None:
         names.append("resnet_fused_cuda")
     return names
 
@@ -196,11 +196,11 @@ def test_autocast_direct_op_calls(backend):
     conv operands (x, weight, conv bias, residual) are cast, the BatchNorm vectors are not
     (a float32 scale that bfloat16 cannot represent gives the float32-scale result, bitwise),
     the statistics stay float32, add_relu promotes as `x + residual` does; the backward runs."""
-    from resnet_fused.backends import _MODULES
+    from resnet_fused.backends import BACKENDS
 
     if resnet_fused.available_backends()[backend] is not None:
         pytest.skip(f"{backend} backend unavailable: {resnet_fused.available_backends()[backend]}")
-    ns = {"reference": torch.ops.resnet_fused, "triton": getattr(torch.ops, _MODULES["triton"][0].NAMESPACE)}[backend]
+    ns = {"reference": torch.ops.resnet_fused, "triton": getattr(torch.ops, BACKENDS["triton"][0].NAMESPACE)}[backend]
     x, w, res = torch.randn(2, 4, 6, 6), torch.randn(5, 4, 3, 3), torch.randn(2, 5, 6, 6)
     scale = torch.full((5,), 1 + 2**-12)  # rounds to 1.0 in bfloat16
     shift = torch.rand(5)
@@ -478,7 +478,7 @@ def _sync_unit_worker(rank):
                 y = unit(xs, rs)
                 y.backward(grad_y[lo:lo + n])
                 # The same step as under CUDA graph capture: no host reads, the same results.
-                with _as_if_capturing(resnet_fused.sync_batchnorm):
+                with _as_if_capturing(resnet_fused.distributed):
                     y2 = twin(xs2, rs2)
                     y2.backward(grad_y[lo:lo + n])
                 pairs = [(y, y2), (xs.grad, xs2.grad), (rs.grad, rs2.grad)]

@@ -860,8 +860,8 @@ def test_triton_autotune_caches_stay_bounded():
     key holding the raw GEMM row count M = N * H_out * W_out fails this: one benchmark run
     and one cache entry per new M. Bucketing M, e.g. to a power of two, passes.)"""
     _require("triton")
-    from resnet_fused.triton_kernels import batchnorm as k_bn
-    from resnet_fused.triton_kernels import conv as k_conv
+    from resnet_fused.backends.triton.kernels import batchnorm as k_bn
+    from resnet_fused.backends.triton.kernels import conv as k_conv
 
     kernels = {name: obj for mod in (k_conv, k_bn) for name, obj in vars(mod).items()
                if isinstance(getattr(obj, "cache", None), dict) and hasattr(obj, "configs")}

@@ -19,7 +19,8 @@ from test_ops import CONFIGS, run_unit_case
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import resnet_fused
-from resnet_fused import _library, backends, ops, reference
+from resnet_fused import _library, backends, ops
+from resnet_fused.backends import reference
 
 REASON = backends.unavailable_reason("triton")
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unavailable: {REASON}")
@@ -92,9 +93,10 @@ class _Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
-        from resnet_fused import triton_backend
+        from resnet_fused.backends import reference as reference_backend
+        from resnet_fused.backends import triton as triton_backend
 
-        self.impls = {"resnet_fused_triton": triton_backend._IMPLS, "resnet_fused": _library.REFERENCE_IMPLS}
+        self.impls = {"resnet_fused_triton": triton_backend._IMPLS, "resnet_fused": reference_backend._IMPLS}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

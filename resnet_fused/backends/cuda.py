@@ -9,7 +9,7 @@ checks each C++ signature against the schema when it is defined.
 A missing or broken extension never makes this import fail: `unavailable_reason()` says
 what is wrong and the backend selection (`resnet_fused.backends`) falls back.
 
-Support matrix (inputs outside it take the reference path, see `covers`):
+Support matrix (inputs outside it take the reference path, see `unsupported_reason`):
   devices     CUDA tensors on compute capability 8.0+ (A100, H100, ...)
   dtypes      float16, bfloat16 (tensor cores), float32 (TF32 tensor cores while
               torch.backends.cudnn.allow_tf32 is True, as nn.Conv2d; an exact FFMA path
@@ -28,12 +28,11 @@ import importlib
 
 import torch
 
-from . import _library
+from .. import _library
 
+NAME = "cuda"
 NAMESPACE = "resnet_fused_cuda"
-
-# The kernels have compiled but never run on a GPU; flip to True only after
-# tests/test_cuda.py passes on a GPU (then `auto` may pick this backend).
+# Whether `auto` may pick this backend: True only once the op suite has passed on a GPU.
 AUTO = False
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,7 +42,7 @@ _load_error: str | None = None
 _lib = None
 try:
     # Loading the library registers the CUDA kernels (TORCH_LIBRARY_IMPL in csrc/ops.cpp).
-    importlib.import_module(f"{__package__}._C")
+    importlib.import_module("resnet_fused._C")
 except ModuleNotFoundError as exc:
     _load_error = (
         f"the CUDA extension resnet_fused._C is not built ({exc}); build it with nvcc and a CUDA build of torch: "
@@ -76,20 +75,27 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _x_supported(x) -> bool:
-    if not isinstance(x, torch.Tensor) or not x.is_cuda or x.dtype not in _SUPPORTED_DTYPES:
-        return False
+def _x_reason(x, name: str = "x") -> str | None:
+    if not isinstance(x, torch.Tensor) or not x.is_cuda:
+        return f"{name} is not a CUDA tensor"
+    if x.dtype not in _SUPPORTED_DTYPES:
+        return f"{name} has dtype {x.dtype}; the CUDA kernels take float16, bfloat16 and float32"
     if torch.cuda.get_device_capability(x.device) < _MIN_CAPABILITY:
-        return False
-    return True
+        return f"{x.device} has compute capability below {_MIN_CAPABILITY[0]}.{_MIN_CAPABILITY[1]}"
+    return None
 
 
-def _conv_supported(x, weight, groups) -> bool:
-    if not _x_supported(x) or x.dim() != 4:
-        return False
+def _conv_reason(x, weight, groups) -> str | None:
+    reason = _x_reason(x)
+    if reason is not None:
+        return reason
+    if x.dim() != 4:
+        return f"x is {x.dim()}-D, not 4-D"
     if not isinstance(weight, torch.Tensor) or weight.dtype != x.dtype or weight.device != x.device:
-        return False
-    return groups == 1  # no grouped implicit GEMM yet
+        return "weight's dtype or device differs from x's"
+    if groups != 1:
+        return f"groups={groups}: no grouped implicit GEMM yet"
+    return None
 
 
 # Position of (x, weight, groups) in each op's arguments (see _library.SCHEMAS).
@@ -105,21 +111,22 @@ _CONV_ARG_POSITIONS = {
 _ACTIVATION_ARG_POSITION = {"bn_apply": 0, "bn_apply_backward_reduce": 1, "bn_apply_backward": 1}
 
 
-def covers(op_name: str, *op_args) -> bool:
-    """Whether the CUDA kernels handle this call (False: the reference path runs it)."""
+def unsupported_reason(op_name: str, *op_args) -> str | None:
+    """None when the CUDA kernels handle this call, else why the reference path runs it."""
     if op_name == "add_relu":
         x, residual = op_args[:2]
-        return (
-            _x_supported(x)
-            and isinstance(residual, torch.Tensor)
-            and residual.dtype == x.dtype
-            and residual.device == x.device
-        )
+        reason = _x_reason(x)
+        if reason is None and not (isinstance(residual, torch.Tensor) and residual.dtype == x.dtype
+                                   and residual.device == x.device):
+            reason = "residual's dtype or device differs from x's"
+        return reason
     if op_name in _ACTIVATION_ARG_POSITION:
         z = op_args[_ACTIVATION_ARG_POSITION[op_name]]
-        return _x_supported(z) and z.dim() == 4
+        reason = _x_reason(z, "z")
+        return reason if reason is not None or z.dim() == 4 else f"z is {z.dim()}-D, not 4-D"
     positions = _CONV_ARG_POSITIONS.get(op_name)
     if positions is None:
-        return False
+        return f"no CUDA kernel for op {op_name!r}"
     x, weight, groups = (op_args[i] for i in positions)
-    return _conv_supported(x, weight, groups)
+    return _conv_reason(x, weight, groups)
+

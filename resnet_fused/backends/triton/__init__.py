@@ -1,6 +1,6 @@
 """Triton backend: the five resnet_fused ops as `torch.library.triton_op`s.
 
-Kernels (resnet_fused/triton_kernels/):
+Kernels (kernels/):
   conv_bn_eval            one implicit-GEMM kernel: conv + scale/shift (+ residual) (+ ReLU).
   conv_bn_train           implicit-GEMM conv storing z and per-tile (mean, M2); a Chan merge
                           in fixed order (finalize_stats); an apply pass (bn_apply).
@@ -13,39 +13,31 @@ Kernels (resnet_fused/triton_kernels/):
   add_relu                one flat pass.
   SyncBatchNorm blocks    conv_bn_stats (the training conv + finalize), bn_apply,
                           bn_apply_backward_reduce / bn_apply_backward (the two passes of the
-                          BatchNorm backward, split where sync_batchnorm.py all-reduces).
+                          BatchNorm backward, split where distributed.py all-reduces).
 Every reduction is deterministic (no atomics; fixed merge order).
 
-Coverage (`covers`): float16, bfloat16 and float32 tensors on CUDA (compute capability
+Coverage (`unsupported_reason`): float16, bfloat16 and float32 tensors on CUDA (compute capability
 >= 8.0), or on CPU under TRITON_INTERPRET=1; any stride, padding, dilation, kernel size
 and group count (groups are a grid axis: one GEMM per group); NCHW or channels_last (the
 kernels take element strides; channels_last is the fast layout). float64, empty tensors
 and mixed dtypes take the reference path. fp32 uses TF32 iff torch.backends.cudnn.allow_tf32.
-
-Open work (no GPU was lent while this was written; everything has run only under the
-Triton interpreter):
-  - autotune config sets in triton_kernels/_config.py are unmeasured starting points;
-  - dgrad for stride 2 masks 3/4 of its taps (a per-phase decomposition would skip them);
-  - the training forward is three passes (conv+partials, finalize, apply) and the eval
-    backward materializes the ReLU-masked gradient once; neither is fused further yet;
-  - torch.compile and opcheck's fake-tensor test are only exercised on a GPU (needs_cuda).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 from torch import Tensor
 
-from . import _library
-from .reference import conv_output_size, memory_format, stat_dtype
+from ... import _library
+from ..._utils import conv_output_size, empty_like_format, in_format, interpret, stat_dtype
 
+NAME = "triton"
 NAMESPACE = "resnet_fused_triton"
-# False until the kernels have passed the GPU test suite on real hardware (they have only
-# run under the Triton interpreter so far); `use_backend("triton")` selects them explicitly.
+# Whether `auto` may pick this backend: True only once the op suite has passed on a GPU;
+# `use_backend("triton")` selects it explicitly.
 AUTO = False
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -53,39 +45,26 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 try:
     import triton  # noqa: F401
 
-    from .triton_kernels import add_relu as _k_add_relu
-    from .triton_kernels import batchnorm as _k_bn
-    from .triton_kernels import conv as _k_conv
-    from .triton_kernels._config import conv_block_m
+    from .kernels import add_relu as _k_add_relu
+    from .kernels import batchnorm as _k_bn
+    from .kernels import conv as _k_conv
+    from .kernels.configs import conv_block_m
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # triton missing or broken: the backend reports it, the package still imports
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # ---------------------------------------------------------------------------------------
 # Op implementations (run eagerly, and traced with fake tensors by torch.compile).
-
-
-def _new(size, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    return torch.empty(size, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format(like))
-
-
-def _in_format(t: Tensor, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """t as a dense tensor in like's activation layout (no copy when it already is one)."""
-    return t.to(dtype or t.dtype).contiguous(memory_format=memory_format(like))
 
 
 def conv_bn_eval(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
-    y = _new(conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
-    res = _in_format(residual, x) if residual is not None else None
+    y = empty_like_format(conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
+    res = in_format(residual, x) if residual is not None else None
     _k_conv.conv_forward(x, weight, y, scale.contiguous(), shift.contiguous(), res,
                          stride, padding, dilation, groups, relu)
     return y
@@ -95,7 +74,7 @@ def _conv_stats(x, weight, bias, stride, padding, dilation, groups):
     """z = conv(x, weight) (+ bias) with per-tile (mean, M2) partials in the GEMM epilogue, merged
     in tile order (Chan) into the per-channel mean and biased variance of the stored z."""
     size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    z = _new(size, x)
+    z = empty_like_format(size, x)
     c_out = size[1]
     m = size[0] * size[2] * size[3]
     tile_m = conv_block_m()
@@ -126,21 +105,21 @@ def conv_bn_eval_backward(
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_scale, need_shift, need_residual = output_mask
-    grad_y = _in_format(grad_y, x)
-    y = _in_format(y, x) if relu else None
+    grad_y = in_format(grad_y, x)
+    y = in_format(y, x) if relu else None
     # g = grad_y masked by ReLU, in x's dtype: the operand of dgrad/wgrad and grad_residual.
     write_g = need_residual or (relu and (need_x or need_w or need_scale)) or grad_y.dtype != x.dtype
-    g = _new(grad_y.shape, x) if write_g else grad_y
+    g = empty_like_format(grad_y.shape, x) if write_g else grad_y
     sum_g = None
     if write_g or need_shift:
         sum_g = _k_bn.eval_backward_g(grad_y, y, relu, g if write_g else None, need_shift)
     scale = scale.contiguous()
     grad_x = grad_w = grad_scale = None
     if need_x:
-        grad_x = _new(x.shape, x)
+        grad_x = empty_like_format(x.shape, x)
         _k_conv.conv_dgrad(g, weight, grad_x, scale, stride, padding, dilation, groups)
     if need_w or need_scale:
-        gw = _new(weight.shape, weight) if need_w else None
+        gw = empty_like_format(weight.shape, weight) if need_w else None
         gs = torch.empty(scale.shape, dtype=scale.dtype, device=x.device) if need_scale else None
         _k_conv.conv_wgrad(g, x, weight, stride, padding, dilation, groups, grad_w=gw,
                            scale=scale if need_w else None, grad_scale=gs)
@@ -158,13 +137,13 @@ def conv_bn_train_backward(
     relu: bool, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual = output_mask
-    grad_y = _in_format(grad_y, x)
-    z = _in_format(z, x)
-    y = _in_format(y, x) if relu else None
+    grad_y = in_format(grad_y, x)
+    z = in_format(z, x)
+    y = in_format(y, x) if relu else None
     c = z.size(1)
     need_vec = need_bias or need_bn_weight or need_bn_bias
-    dz = _new(z.shape, x) if (need_x or need_w) else None
-    grad_res = _new(z.shape, x) if need_residual else None
+    dz = empty_like_format(z.shape, x) if (need_x or need_w) else None
+    grad_res = empty_like_format(z.shape, x) if need_residual else None
     gbw = torch.empty(c, dtype=bn_weight.dtype, device=x.device) if need_vec else None
     gbb = torch.empty(c, dtype=bn_weight.dtype, device=x.device) if need_vec else None
     gbias = torch.empty(c, dtype=weight.dtype, device=x.device) if need_vec else None
@@ -172,10 +151,10 @@ def conv_bn_train_backward(
                       dz, grad_res, gbw, gbb, gbias)
     grad_x = grad_w = None
     if need_x:
-        grad_x = _new(x.shape, x)
+        grad_x = empty_like_format(x.shape, x)
         _k_conv.conv_dgrad(dz, weight, grad_x, None, stride, padding, dilation, groups)
     if need_w:
-        grad_w = _new(weight.shape, weight)
+        grad_w = empty_like_format(weight.shape, weight)
         _k_conv.conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=grad_w)
     outs = (grad_x, grad_w, gbias if need_bias else None, gbw if need_bn_weight else None,
             gbb if need_bn_bias else None, grad_res)
@@ -183,8 +162,8 @@ def conv_bn_train_backward(
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
-    xc = x.contiguous(memory_format=memory_format(x))
-    rc = residual.to(x.dtype).contiguous(memory_format=memory_format(x))
+    xc = in_format(x, x)
+    rc = in_format(residual, x, x.dtype)
     if rc.stride() != xc.stride():  # degenerate sizes can leave two valid layouts; make them agree
         rc = torch.empty_like(xc).copy_(rc)
     out = torch.empty_like(xc)
@@ -192,7 +171,7 @@ def add_relu(x: Tensor, residual: Tensor) -> Tensor:
     return out
 
 
-# Building blocks of the synchronized BatchNorm path (sync_batchnorm.py).
+# Building blocks of the synchronized BatchNorm path (distributed.py).
 
 
 def conv_bn_stats(
@@ -206,9 +185,9 @@ def bn_apply(
     z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
     eps: float, relu: bool,
 ) -> Tensor:
-    z = _in_format(z, z)
-    y = _new(z.shape, z)
-    res = _in_format(residual, z) if residual is not None else None
+    z = in_format(z, z)
+    y = empty_like_format(z.shape, z)
+    res = in_format(residual, z) if residual is not None else None
     _k_bn.bn_apply(z, y, res, mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(),
                    eps, relu)
     return y
@@ -217,8 +196,8 @@ def bn_apply(
 def bn_apply_backward_reduce(
     grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, relu: bool
 ) -> tuple[Tensor, Tensor]:
-    z = _in_format(z, z)
-    sums = _k_bn.bn_backward_sums(_in_format(grad_y, z), _in_format(y, z) if relu else None, z,
+    z = in_format(z, z)
+    sums = _k_bn.bn_backward_sums(in_format(grad_y, z), in_format(y, z) if relu else None, z,
                                   mean.contiguous(), relu)
     return sums[0].clone(), sums[1].clone()  # custom-op outputs may not alias each other
 
@@ -228,12 +207,12 @@ def bn_apply_backward(
     sum_g_zc: Tensor, count: int, eps: float, relu: bool, output_mask: list[bool],
 ) -> tuple[Tensor, Tensor]:
     need_dz, need_residual = output_mask
-    z = _in_format(z, z)
-    dz = _new(z.shape, z) if need_dz else None
-    grad_res = _new(z.shape, z) if need_residual else None
+    z = in_format(z, z)
+    dz = empty_like_format(z.shape, z) if need_dz else None
+    grad_res = empty_like_format(z.shape, z) if need_residual else None
     if need_dz or need_residual:
         sums = torch.stack([sum_g, sum_g_zc]).to(torch.float32)
-        _k_bn.bn_backward_dz(_in_format(grad_y, z), _in_format(y, z) if relu else None, z, mean.contiguous(),
+        _k_bn.bn_backward_dz(in_format(grad_y, z), in_format(y, z) if relu else None, z, mean.contiguous(),
                              var.contiguous(), bn_weight.contiguous(), sums, count, eps, relu, dz, grad_res)
     return tuple(t if t is not None else z.new_empty(0) for t in (dz, grad_res))
 
@@ -304,7 +283,7 @@ _REGISTRATION_ERROR = _register()
 
 @functools.cache
 def _device_reason() -> str | None:
-    if _interpret():
+    if interpret():
         # Launching interpreted kernels through wrap_triton needs a torch that accepts them:
         # 2.14 does; 2.11 raises "wrap_triton only works on functions annotated with triton.jit"
         # for every kernel without an autotuner. (On a GPU the kernels are JIT-compiled, and
@@ -328,34 +307,48 @@ def unavailable_reason() -> str | None:
 
 
 def _device_ok(t: Tensor) -> bool:
-    return t.device.type == ("cpu" if _interpret() else "cuda")
+    return t.device.type == ("cpu" if interpret() else "cuda")
 
 
-def covers(op_name: str, *args) -> bool:
-    """Whether the Triton kernels handle this call (else the reference runs it)."""
+# Position of the residual and of the first of (stride, padding, dilation) per conv op.
+_RESIDUAL_ARG = {"conv_bn_eval": 4, "conv_bn_train": 5}
+_CONV_GEOMETRY_ARG = {"conv_bn_eval": 5, "conv_bn_train": 6, "conv_bn_stats": 3}
+
+
+def unsupported_reason(op_name: str, *args) -> str | None:
+    """None when the Triton kernels handle this call, else why the reference path runs it."""
+    if op_name not in _IMPLS:
+        return f"no Triton kernel for op {op_name!r}"
     tensors = [a for a in args if isinstance(a, Tensor)]
     if not tensors:
-        return False
+        return "no tensor arguments"
     x = tensors[0]
-    if x.dtype not in _SUPPORTED_DTYPES or x.numel() == 0:
-        return False
+    if x.numel() == 0:
+        return "empty input"
     for t in tensors:
-        if not _device_ok(t) or t.dtype not in _SUPPORTED_DTYPES or t.device != x.device:
-            return False
+        if not _device_ok(t):
+            return f"a {t.device.type} tensor: the Triton kernels run on CUDA tensors (CPU ones only under TRITON_INTERPRET=1)"
+        if t.dtype not in _SUPPORTED_DTYPES:
+            return f"dtype {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
+        if t.device != x.device:
+            return "tensors on different devices"
     if op_name == "add_relu":
-        return args[1].dtype == x.dtype
-    if op_name in ("conv_bn_eval", "conv_bn_train", "conv_bn_stats"):
+        return None if args[1].dtype == x.dtype else "x and residual differ in dtype"
+    if op_name in _CONV_GEOMETRY_ARG:
         weight = args[1]
-        if x.dim() != 4 or weight.dim() != 4 or weight.dtype != x.dtype or weight.numel() == 0:
-            return False
-        residual = {"conv_bn_eval": args[4], "conv_bn_train": args[5]}.get(op_name)
+        if x.dim() != 4 or weight.dim() != 4:
+            return "x and weight must be 4-D"
+        if weight.dtype != x.dtype:
+            return "weight's dtype differs from x's"
+        if weight.numel() == 0:
+            return "empty weight"
+        residual = args[_RESIDUAL_ARG[op_name]] if op_name in _RESIDUAL_ARG else None
         if residual is not None and residual.dtype != x.dtype:
-            return False
+            return "residual's dtype differs from x's"
         if op_name != "conv_bn_eval" and args[2] is not None and args[2].dtype != x.dtype:
-            return False
-        i = {"conv_bn_eval": 5, "conv_bn_train": 6, "conv_bn_stats": 3}[op_name]
-        stride, padding, dilation = args[i], args[i + 1], args[i + 2]
-        size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
-        return size[0] * size[1] * size[2] * size[3] > 0
-    # The backward ops run on whatever their forward covered.
-    return op_name in _IMPLS
+            return "the conv bias's dtype differs from x's"
+        i = _CONV_GEOMETRY_ARG[op_name]
+        size = conv_output_size(list(x.shape), list(weight.shape), args[i], args[i + 1], args[i + 2])
+        return None if size[0] * size[1] * size[2] * size[3] > 0 else "empty output"
+    return None  # the backward and SyncBatchNorm ops run on whatever their forward covered
+

@@ -7,6 +7,7 @@ convolution in the input dtype, BatchNorm/residual/ReLU on the float32 (float64
 for float64 inputs) value, one rounding to the output dtype at the end.
 
 The op semantics (shared by every backend) are documented in `_library.py`.
+The ops are registered in the `resnet_fused` namespace (torch.ops.resnet_fused.*).
 """
 
 from __future__ import annotations
@@ -15,30 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_CHANNEL_DIMS = (0, 2, 3)  # BatchNorm2d reduces over N, H, W
+from .. import _library
+from .._utils import CHANNEL_DIMS as _CHANNEL_DIMS
+from .._utils import memory_format, relu_backward, stat_dtype
 
-
-def stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the per-channel statistics and of the BatchNorm arithmetic."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def memory_format(x: Tensor) -> torch.memory_format:
-    """Layout an op's activation outputs take: channels_last iff x is channels_last."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def conv_output_size(
-    x_size: list[int], w_size: list[int], stride: list[int], padding: list[int], dilation: list[int]
-) -> list[int]:
-    n, _, h, w = x_size
-    c_out, _, kh, kw = w_size
-    h_out = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    w_out = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return [n, c_out, h_out, w_out]
-
+NAME = "reference"
+NAMESPACE = "resnet_fused"
+AUTO = True  # `auto`'s fallback for whatever no fused backend covers
 
 def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
@@ -93,7 +77,7 @@ def conv_bn_eval_backward(
     acc = stat_dtype(x.dtype)
     g = grad_y.to(acc)
     if relu:
-        g = torch.where(y <= 0, 0, g)  # as threshold_backward: a NaN output passes its gradient
+        g = relu_backward(g, y)
     # dL/dconv = g * scale. The weight gradient is linear in that, so one wgrad of
     # the unscaled g gives both dL/dw (times scale) and dL/dscale = sum(g * conv(x, w))
     # = sum over the filter of wgrad(x, g) * w: no need to keep or recompute conv(x, w).
@@ -143,7 +127,7 @@ def conv_bn_train_backward(
     acc = stat_dtype(x.dtype)
     g = grad_y.to(acc)
     if relu:
-        g = torch.where(y <= 0, 0, g)  # as threshold_backward: a NaN output passes its gradient
+        g = relu_backward(g, y)
     count = z.numel() // z.size(1)
     invstd = torch.rsqrt(var + eps)
     x_hat = (z.to(acc) - _channel(mean)) * _channel(invstd)
@@ -197,7 +181,7 @@ def bn_apply(
 
 def _masked_grad(grad_y: Tensor, y: Tensor | None, relu: bool, acc: torch.dtype) -> Tensor:
     g = grad_y.to(acc)
-    return torch.where(y <= 0, 0, g) if relu else g  # threshold_backward: a NaN output passes its grad
+    return relu_backward(g, y) if relu else g
 
 
 def bn_apply_backward_reduce(
@@ -227,3 +211,16 @@ def bn_apply_backward(
     if need_residual:
         grad_residual = g.to(z.dtype).contiguous(memory_format=fmt)
     return tuple(t if t is not None else _empty(z) for t in (dz, grad_residual))
+
+
+def unavailable_reason() -> str | None:
+    return None  # runs wherever PyTorch runs
+
+
+def unsupported_reason(op_name: str, *op_args) -> str | None:
+    return None  # every input PyTorch's own convolution accepts
+
+
+
+_IMPLS = {name: globals()[name] for name in _library.OP_NAMES}
+_lib = _library.define_library(NAMESPACE, _IMPLS)

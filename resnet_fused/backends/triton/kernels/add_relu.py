@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import interpret
+from ...._utils import interpret
 
 
 @triton.jit

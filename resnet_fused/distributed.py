@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._utils import stat_dtype, update_running_stats
 from .backends import select_ops
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_conv_bn_train"]
@@ -125,7 +126,7 @@ def sync_conv_bn_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, global mean, global biased var, global count as a one-element float64 tensor) of a
     training-mode unit whose batch statistics span every process of `group`; arguments
-    already validated (ops.conv_bn_relu)."""
+    already validated (ops.py)."""
     ops = select_ops("conv_bn_stats", x, weight, bias, *conv_args)
     return _SyncConvBN.apply(x, weight, bias, bn_weight, bn_bias, residual, ops, tuple(conv_args), eps, relu,
                              group)
@@ -158,7 +159,7 @@ def _all_reduce_batch_norm(bn: nn.SyncBatchNorm, x: Tensor, momentum: float, gro
     per-channel sum and then the sum of squared deviations from the global mean are
     all-reduced (differentiably, so the backward all-reduces the gradients of those sums).
     Uneven and empty per-process batches are handled by the all-reduced count."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = stat_dtype(x.dtype)
     dims = [0] + list(range(2, x.dim()))
     shape = [1, -1] + [1] * (x.dim() - 2)
     count = torch.tensor([x.numel() // x.size(1)], dtype=torch.int64, device=x.device)
@@ -174,10 +175,7 @@ def _all_reduce_batch_norm(bn: nn.SyncBatchNorm, x: Tensor, momentum: float, gro
     if bn.weight is not None:
         y = y * bn.weight.to(acc).view(shape) + bn.bias.to(acc).view(shape)
     if bn.track_running_stats:
-        with torch.no_grad():
-            bn.running_mean.mul_(1 - momentum).add_(mean.to(bn.running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / (total - 1))
-            bn.running_var.mul_(1 - momentum).add_(unbiased.to(bn.running_var.dtype), alpha=momentum)
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, total, momentum)
     return y.to(x.dtype)
 
 
@@ -189,8 +187,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     Inside the fused blocks (resnet_fused.nn) this module's forward is not called: its conv
     + norm (+ residual) + ReLU unit runs fused with synchronized statistics
     (`sync_conv_bn_train`). This forward serves a SyncBatchNorm elsewhere (after a
-    non-fusable conv, or outside a ResNet). torch's DistributedDataParallel refuses any SyncBatchNorm in a CPU module ("SyncBatchNorm
-    layers only work with GPU modules"); on CPU, average the gradients yourself (all_reduce)."""
+    non-fusable conv, or outside a ResNet). torch's DistributedDataParallel refuses any
+    SyncBatchNorm in a CPU module ("SyncBatchNorm layers only work with GPU modules"); on CPU,
+    average the gradients yourself (all_reduce)."""
 
     def forward(self, input: Tensor) -> Tensor:
         if (
@@ -232,8 +231,6 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         if type(m) is nn.SyncBatchNorm:
             m.__class__ = SyncBatchNorm
     return module
-
-
 
 
 def is_sync_batch_norm(module: nn.Module) -> bool:

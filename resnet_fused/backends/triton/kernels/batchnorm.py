@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import elementwise_block
+from .configs import elementwise_block
 
 
 def act_strides(t: torch.Tensor) -> tuple[int, int, int]:

@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._config import conv_block_m, conv_configs, interpret, m_bucket, wgrad_configs
+from ...._utils import interpret
+from .configs import conv_block_m, conv_configs, m_bucket, wgrad_configs
 
 # Input channels per group below which the K loop flattens (kh, kw, c) (see FLAT_K).
 FLAT_K_BELOW = 16

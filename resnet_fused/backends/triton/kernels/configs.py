@@ -3,21 +3,17 @@
 Under the interpreter (TRITON_INTERPRET=1) `triton.autotune` cannot benchmark more
 than one config (it times through a GPU driver), so every autotuned kernel gets
 exactly one config there. On a GPU the config set depends on the architecture; the
-sets below are starting points, NOT yet chosen by measurement (no GPU was lent when
-they were written): see the open-work note in triton_backend.py.
+README's Triton section says how these sets were chosen.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 
-
-def interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
+from ...._utils import interpret
 
 
 @functools.cache

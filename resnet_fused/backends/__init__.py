@@ -1,0 +1,194 @@
+"""Backends: which implementation of the resnet_fused ops runs a given call.
+
+Every backend registers the same ops (schemas, fake kernels, autograd and autocast from
+`resnet_fused._library`) under its own torch.ops namespace:
+
+    reference   torch.ops.resnet_fused         pure PyTorch, any device and dtype (reference.py)
+    triton      torch.ops.resnet_fused_triton  Triton kernels (triton/)
+    cuda        torch.ops.resnet_fused_cuda    the CUDA C++ kernels of csrc/ (cuda.py)
+
+and satisfies the `Backend` protocol below. Selection: `set_backend`, `get_backend`,
+`use_backend`, defaulting to $RESNET_FUSED_BACKEND, else `auto`.
+
+`auto` considers, for CUDA tensors, the fused backends that are available, enabled for auto
+(their AUTO flag) and cover the call. With one such backend it runs that one; with several,
+the faster for the call's shape (auto.py); with none, the reference. An explicitly requested
+backend must be available (`set_backend` raises with the reason otherwise); inputs its
+kernels do not cover (`unsupported_reason`, the README's support matrix) take the reference
+path. Nothing here touches the GPU at import time.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import importlib
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from . import auto, reference
+from .auto import TIMING_ENV_VAR, auto_choices, clear_auto_choices
+
+__all__ = [
+    "Backend", "BACKEND_NAMES", "ENV_VAR", "TIMING_ENV_VAR", "available_backends", "get_backend", "set_backend",
+    "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "resolved_backend", "record_selections",
+    "auto_choices", "clear_auto_choices",
+]
+
+
+class Backend(Protocol):
+    """What a backend module provides (reference.py, cuda.py, triton/__init__.py)."""
+
+    NAME: str  # the name set_backend takes
+    NAMESPACE: str  # torch.ops namespace of its ops
+    AUTO: bool  # whether `auto` may pick it (True once its kernels have passed the op suite on a GPU)
+
+    def unavailable_reason(self) -> str | None:
+        """Why it cannot run at all here (None: it can)."""
+
+    def unsupported_reason(self, op_name: str, *op_args) -> str | None:
+        """Why its kernels do not handle this call of op `op_name` (None: they do)."""
+
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "reference")
+ENV_VAR = "RESNET_FUSED_BACKEND"
+FUSED_MODULES = {"cuda": "resnet_fused.backends.cuda", "triton": "resnet_fused.backends.triton"}
+
+
+def _import(name: str) -> tuple[Backend | None, str | None]:
+    """(module, None), or (None, why it could not be imported)."""
+    try:
+        return importlib.import_module(FUSED_MODULES[name]), None
+    except ModuleNotFoundError as exc:
+        if exc.name == FUSED_MODULES[name]:
+            return None, f"the {name} backend is not part of this build of resnet_fused"
+        return None, f"importing the {name} backend failed: {exc}"
+    except Exception as exc:  # a broken extension must not break `import resnet_fused`
+        return None, f"importing the {name} backend failed: {type(exc).__name__}: {exc}"
+
+
+# Imported eagerly (importing queries no device) so that select_ops, which torch.compile
+# traces, only reads this dict; availability is checked lazily, once.
+BACKENDS: dict[str, tuple[Backend | None, str | None]] = {
+    "reference": (reference, None),
+    **{name: _import(name) for name in FUSED_MODULES},
+}
+
+
+@functools.cache
+def _unavailable_reason(name: str) -> str | None:
+    module, reason = BACKENDS[name]
+    return reason if module is None else module.unavailable_reason()
+
+
+def _check_name(name: str) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+
+
+@torch.compiler.assume_constant_result
+def unavailable_reason(name: str) -> str | None:
+    """None when backend `name` can run here, else why not."""
+    _check_name(name)
+    return None if name == "auto" else _unavailable_reason(name)
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every backend name mapped to None when usable here, else to the reason it is not."""
+    return {name: unavailable_reason(name) for name in BACKEND_NAMES}
+
+
+def unsupported_reason(name: str, op_name: str, *op_args) -> str | None:
+    """None when backend `name` runs this call of op `op_name` itself, else why (unavailable, or
+    an input its kernels do not cover); such a call takes the reference path."""
+    _check_name(name)
+    if name == "auto":
+        raise ValueError("unsupported_reason takes a concrete backend, not 'auto' (see resolved_backend)")
+    reason = unavailable_reason(name)
+    return reason if reason is not None else BACKENDS[name][0].unsupported_reason(op_name, *op_args)
+
+
+_current: str | None = None
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for subsequent calls ('auto', 'cuda', 'triton', 'reference')."""
+    global _current
+    reason = unavailable_reason(name)
+    if reason is not None:
+        raise RuntimeError(f"resnet_fused backend {name!r} is unavailable: {reason}")
+    _current = name
+
+
+def get_backend() -> str:
+    """The selected backend name; defaults to $RESNET_FUSED_BACKEND, else 'auto'."""
+    if _current is None:
+        set_backend(os.environ.get(ENV_VAR, "auto"))
+    return _current
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: run the enclosed calls on backend `name`."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _auto_candidates(x) -> tuple[str, ...]:
+    """The fused backends `auto` considers for a call whose first tensor is x, in preference order."""
+    # Fused kernels only for CUDA tensors: on CPU the Triton interpreter is a test
+    # vehicle (use_backend("triton") under TRITON_INTERPRET=1), not a fast path.
+    return ("cuda", "triton") if x.is_cuda else ()
+
+
+_recorders: list[collections.Counter] = []
+
+
+def _select(op_name: str, op_args) -> Backend:
+    name = get_backend()
+    candidates = _auto_candidates(op_args[0]) if name == "auto" else (name,)
+    covering = []
+    for candidate in candidates:
+        module = BACKENDS[candidate][0]
+        if unavailable_reason(candidate) is not None or (name == "auto" and not module.AUTO):
+            continue
+        if module.unsupported_reason(op_name, *op_args) is None:
+            covering.append(module)
+    if not covering:
+        return reference
+    return covering[0] if len(covering) == 1 else auto.choose(op_name, op_args, covering)
+
+
+def select_ops(op_name: str, *op_args):
+    """torch.ops namespace that runs `op_name` on these arguments under the current backend."""
+    backend = _select(op_name, op_args)
+    if _recorders and not torch.compiler.is_compiling():
+        for counts in _recorders:
+            counts[backend.NAME] += 1
+    return getattr(torch.ops, backend.NAMESPACE)
+
+
+def resolved_backend(op_name: str, *op_args) -> str:
+    """Name of the backend `select_ops` picks for this call (for tests and the benchmark report)."""
+    return _select(op_name, op_args).NAME
+
+
+@contextlib.contextmanager
+def record_selections() -> Iterator[collections.Counter]:
+    """Counts, per backend name, the fused-op calls selected inside the block (eager calls;
+    compiled code does not select at run time): which backend really ran."""
+    counts: collections.Counter = collections.Counter()
+    _recorders.append(counts)
+    try:
+        yield counts
+    finally:
+        _recorders.remove(counts)
+
