@@ -2,7 +2,7 @@
 //
 // This header is the boundary between the kernels and the op launchers in ops.cpp:
 // it carries plain pointers, sizes and a dtype tag only, so the .cu files compile
-// without ATen/torch headers (the build must stay fast on a 2-core machine).
+// without ATen/torch headers (keeps the nvcc build fast).
 // Argument checking, device guards, stream selection, allocation, empty-tensor
 // early returns and the launch check (C10_CUDA_KERNEL_LAUNCH_CHECK) live in ops.cpp.
 //

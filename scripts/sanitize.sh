@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# compute-sanitizer over the CUDA and Triton kernel tests (GPU machines only; issue 7).
+# compute-sanitizer over the CUDA and Triton kernel tests (GPU machines only).
 #
 #   scripts/sanitize.sh                       # memcheck and racecheck over both test files
 #   scripts/sanitize.sh -k "unit_matches"     # extra arguments go to pytest (e.g. a subset)

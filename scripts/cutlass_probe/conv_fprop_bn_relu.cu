@@ -1,4 +1,4 @@
-// CUTLASS feasibility / build-time probe for resnet_fused (issue #4, item 4).
+// CUTLASS feasibility / build-time probe for resnet_fused (the README's CUTLASS evaluation).
 //
 // NOT part of the extension: nothing here is built by setup.py or called from Python. It is compiled
 // (never run) by scripts/cutlass_probe/build_probe.sh against the headers of the PyPI wheel
