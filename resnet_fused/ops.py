@@ -61,11 +61,9 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_channel_vector(name: str, t: Tensor | None, channels: int, x: Tensor) -> None:
-    if t is None:
-        return
-    _check_tensor(name, t)
-    _check_like(name, t, x, dims=1, same_dtype=False)
+def _check_channel_vector(name: str, t: Tensor, channels: int, x: Tensor) -> None:
+    """A per-output-channel vector (a tensor already checked by _check_tensor) on x's device."""
+    _check_like(name, t, x, dims=1, same_dtype=name == "bias")  # the conv bias is a conv operand
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
 
@@ -131,15 +129,14 @@ def _conv_bn_act(
     arithmetic on its own buffers (FrozenBatchNorm2d), so under autocast eager's output takes
     the dtype promoted with those buffers (float32 for float32 buffers), and so does a residual
     sum after it: the conv + BN stay fused, the residual add and ReLU follow in that dtype."""
-    _check_tensor("x", x)
-    _check_tensor("weight", weight)
-    if residual is not None:
-        _check_tensor("residual", residual)
-    if bias is not None:
-        _check_tensor("bias", bias)
+    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("bias", bias), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None or name in ("x", "weight"):
+            _check_tensor(name, t)
     # Autocast before the dtype checks: a bfloat16 x with float32 weights is accepted under
     # autocast, as F.conv2d accepts it, and is an error outside.
     autocast_dtype = _library.autocast_dtype(x.device.type)
+    uncast_residual = residual
     x, weight, bias, _, _, residual = _library.autocast_args(
         "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
     _check_like("x", x, x, dims=4)
@@ -168,12 +165,10 @@ def _conv_bn_act(
             f"x has {x.size(1)} channels but weight {tuple(weight.shape)} with groups={groups} expects "
             f"{weight.size(1) * groups} (weight.size(1) * groups)"
         )
-    if bias is not None:
-        _check_like("bias", bias, x, dims=1)
-        _check_channel_vector("bias", bias, c_out, x)
-    for name, t in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+    for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
-        _check_channel_vector(name, t, c_out, x)
+        if t is not None:
+            _check_channel_vector(name, t, c_out, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     group = process_group if _sync_group_size(process_group) > 1 else None  # None: this process's batch alone
@@ -194,7 +189,7 @@ def _conv_bn_act(
         if wider != autocast_dtype:
             y = _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
                          conv_args, bias, None, False, group, out_size)
-            return _add_relu_tail(y.to(wider), residual, relu)
+            return _add_relu_tail(y.to(wider), uncast_residual, relu)
     return _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args,
                     bias, residual, relu, group, out_size)
 
