@@ -18,7 +18,10 @@ from pathlib import Path
 import pytest
 
 from gpu_kit import ROOT, SCRIPT
-from gpu_kit.phases import probe_backends, pytest_summary
+from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE
+from gpu_kit.phases import (backend_of_test, backend_verdicts, excluded_providers, junit_outcomes, probe_backends,
+                           pytest_summary)
+from gpu_kit.warm import shards, warm_workers
 from gpu_kit.plot import render_plot
 from gpu_kit.report import SCHEMA, output_paths, report_stem, write_report
 from gpu_kit.worker import INJECT_FAULT_ENV
@@ -46,12 +49,19 @@ def _rows(report, kind):
 def test_every_phase_ran_and_the_report_is_complete(smoke):
     report, path = smoke
     assert report["complete"] and report["schema"] == SCHEMA
-    assert [p["name"] for p in report["phases"]] == ["build", "tests", "models-core", "ops-core", "models-extra",
-                                                     "ops-extra"]
+    assert [p["name"] for p in report["phases"]] == ["build", "warm", "smoke", "models-core", "ops-core",
+                                                     "models-extra", "ops-extra", "tests"]
     phases = {p["name"]: p for p in report["phases"]}
     assert phases["build"]["status"] == "skipped"
-    assert report["tests"]["command"].endswith("pytest tests -m needs_cuda -q -rfE --tb=short -p no:cacheprovider")
-    assert report["tests"]["counts"], "the pytest summary line was not parsed"
+    assert phases["warm"]["status"] == "done" and report["warm"]["cases"]["warmed"] == 6
+    assert report["smoke"]["command"].startswith(sys.executable) and "-m 'gpu_smoke and needs_cuda'" in \
+        report["smoke"]["command"]
+    assert report["tests"]["command"].endswith("pytest tests -m 'needs_cuda and not gpu_smoke' -q -rfE --tb=short "
+                                               "-p no:cacheprovider --junitxml=JUNIT.xml")
+    for name in ("smoke", "tests"):
+        assert report[name]["counts"], f"{name}: the pytest summary line was not parsed"
+    assert report["excluded"] == {}
+    assert all("triton_kernels_compiled" in p for p in report["phases"] if p["status"] != "skipped")
     prov = report["provenance"]
     for key in ("date_utc", "command", "git_commit", "torch", "torchvision", "triton", "cuda", "cudnn", "python",
                 "backends"):
@@ -132,11 +142,11 @@ def test_render_rewrites_the_markdown_from_the_json(smoke, tmp_path):
 
 def test_report_names():
     gpu, date = dict(name="NVIDIA H200"), "2030-01-02T03:04:05+00:00"
-    assert report_stem(gpu, date, {"build", "tests", "models", "ops"}) == "nvidia-h200-2030-01-02"
+    assert report_stem(gpu, date, {"build", "warm", "smoke", "models", "ops", "tests"}) == "nvidia-h200-2030-01-02"
     assert report_stem(None, date, {"ops", "models"}) == "cpu-smoke-2030-01-02-models-ops"
     paths = output_paths(Path("out"), "stem")
-    assert [paths[k].name for k in ("build_log", "tests_log", "benchmarks_log")] == [
-        "stem-build.log", "stem-tests.log", "stem-benchmarks.log"]
+    assert [paths[k].name for k in ("build_log", "warm_log", "smoke_log", "tests_log", "benchmarks_log")] == [
+        "stem-build.log", "stem-warm.log", "stem-smoke.log", "stem-tests.log", "stem-benchmarks.log"]
 
 
 def test_pytest_summary():
@@ -151,3 +161,41 @@ def test_probe_backends_reads_each_backends_auto_flag():
     probe = probe_backends()
     assert set(probe["backends"]) >= {"reference", "triton", "cuda"}, probe
     assert all(isinstance(probe["auto_enabled"][n], bool) for n in ("cuda", "triton")), probe
+
+
+def test_the_planned_window_fits_one_device_call():
+    """The README's timeline: the steps' caps and the report's reserve add up to under 9 minutes."""
+    assert DEFAULT_BUDGET_S == sum(TIMELINE.values()) + 15 and DEFAULT_BUDGET_S < 540
+    assert TIMELINE["smoke"] <= 180 and TIMELINE["models-core"] + TIMELINE["ops-core"] <= 240
+
+
+def test_smoke_failures_are_charged_to_their_backend(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        '<testsuites><testsuite name="pytest">'
+        '<testcase classname="tests.test_ops" name="test_unit[triton-3x3-train-bf16]"><failure message="x"/></testcase>'
+        '<testcase classname="tests.test_ops" name="test_unit[cuda-3x3-train-bf16]"/>'
+        '<testcase classname="tests.test_ops" name="test_unit[reference-1x1-eval-fp32]"/>'
+        '<testcase classname="tests.test_backend_cuda" name="test_tf32_conv"><skipped message="s"/></testcase>'
+        '<testcase classname="tests.test_compile" name="test_fullgraph[triton]"><error message="e"/></testcase>'
+        '<testcase classname="tests.test_models" name="test_resnet50_matches"/>'
+        '</testsuite></testsuites>')
+    outcomes = junit_outcomes(junit)
+    assert outcomes["tests/test_ops.py::test_unit[triton-3x3-train-bf16]"] == "failed"
+    assert outcomes["tests/test_compile.py::test_fullgraph[triton]"] == "error"
+    assert backend_of_test("tests/test_backend_cuda.py::test_tf32_conv") == "cuda"
+    assert backend_of_test("tests/test_models.py::test_resnet50_matches") is None
+    verdicts = backend_verdicts(outcomes)
+    assert verdicts["triton"]["counts"] == {"failed": 1, "error": 1}
+    assert verdicts["cuda"]["counts"] == {"passed": 1, "skipped": 1} and verdicts["shared"]["counts"] == {"passed": 1}
+    excluded = excluded_providers(dict(backends=verdicts))
+    assert list(excluded) == ["fused-triton"] and "2 gpu_smoke tests" in excluded["fused-triton"]
+    assert junit_outcomes(tmp_path / "missing.xml") == {}
+
+
+def test_warm_up_work_is_dealt_over_the_free_cores():
+    assert warm_workers(16, building=True) == 8 and warm_workers(16, building=False) == 12
+    assert warm_workers(2, building=True) == 1
+    dealt = shards(list("abcde"), 3)
+    assert dealt == [[(0, "a"), (3, "d")], [(1, "b"), (4, "e")], [(2, "c")]]
+    assert shards(["a"], 4) == [[(0, "a")]]

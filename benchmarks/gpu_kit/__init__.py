@@ -3,11 +3,13 @@ writes), one concern per module:
 
   cli         the command line: the arguments, and a run's phases in order
   plan        which cases each phase runs, in priority order, and each phase's share of the budget
-  budget      the run's time budget, and the seconds each case is expected to take
+  budget      the planned window (TIMELINE), the run's budget, and the seconds each case is expected to take
+  warm        the warm phase: the kernels the headline cases JIT-compile, compiled in parallel workers;
+              the Triton cache's entries counted per phase
   processes   subprocesses with a log and a time limit; the environment the GPU work runs in
   isolation   a phase's cases in worker subprocesses, so that a crash costs one case, not the run
   worker      what runs inside a worker subprocess: the cases, one JSON line per event
-  phases      the build and GPU-test phases
+  phases      the build (in the background) and the GPU-test phases: smoke with per-backend verdicts, the rest
   provenance  where the numbers come from: GPU, driver, versions, commit, command
   summary     what a report's rows say: the headline targets, and the groupings the markdown and plot share
   markdown    the report's markdown, from the report dict alone

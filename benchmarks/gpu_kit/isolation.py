@@ -23,12 +23,13 @@ MAX_CRASHES_PER_PROVIDER = 2
 
 
 def run_worker_phase(kind: str, cases: list, device: str, phase_deadline: float, paths: dict, settings: dict,
-                     report: dict) -> dict:
+                     report: dict, excluded: dict[str, str] | None = None) -> dict:
     """Runs cases in worker subprocesses until done or out of time. Returns the phase record;
-    the rows go into report['ops' | 'models'] in plan order."""
+    the rows go into report['ops' | 'models'] in plan order. excluded: {provider: why} skipped
+    from the start (a backend whose smoke tests failed)."""
     pending = list(enumerate(cases))
     rows: dict[int, dict] = {}
-    excluded: dict[str, str] = {}
+    excluded = dict(excluded or {})
     crashes: dict[str, int] = {}
     workers = 0
     notes = []

@@ -135,8 +135,11 @@ def _run_summary(report: dict) -> list[str]:
         f"{report.get('elapsed_s', 0):.0f} s"
         + ("" if report.get("complete") else " (**incomplete: the run stopped early**)"),
         "",
-        "| phase | status | seconds | note |",
-        "|---|---|---|---|",
+        "The timeline: each phase's planned most seconds (build and warm share one step, side by side), "
+        "what it took, and how many Triton kernels it still compiled (misses in Triton's on-disk cache).",
+        "",
+        "| phase | status | planned s | seconds | Triton kernels compiled | note |",
+        "|---|---|---|---|---|---|",
     ]
     for ph in report["phases"]:
         note = "; ".join(filter(None, [ph.get("note"), *ph.get("notes", [])]))
@@ -144,7 +147,9 @@ def _run_summary(report: dict) -> list[str]:
         if cases:
             counted = f"{cases['ok']} ok, {cases['skipped']} skipped, {cases['error']} errors"
             note = f"{counted}; {note}" if note else counted
-        lines.append(f"| {ph['name']} | {ph['status']} | {_f(ph.get('seconds'), '.0f')} | {_cell(note, 300)} |")
+        lines.append(f"| {ph['name']} | {ph['status']} | {_f(ph.get('planned_s'), '.0f')} | "
+                     f"{_f(ph.get('seconds'), '.0f')} | {_f(ph.get('triton_kernels_compiled'), 'd')} | "
+                     f"{_cell(note, 300)} |")
     backends = p.get("backends")
     if backends:
         lines += ["", "Backends: " + ", ".join(f"{k}: {'usable' if v is None else v}" for k, v in backends.items())]
@@ -156,17 +161,38 @@ def _build_and_tests(report: dict) -> list[str]:
     if report.get("build"):
         b = report["build"]
         lines += ["", "## Build", "",
-                  f"`{b['command']}` ({b.get('env')}): {b['status']} in {b['seconds']} s; cuda backend afterwards: "
+                  f"The CUDA extension was {b.get('how', 'built here')}: `{b['command']}` ({b.get('env')}): "
+                  f"{b['status']} in {b['seconds']} s; cuda backend afterwards: "
                   f"{b.get('cuda_backend_after') or 'usable'}. Log: `{b['log']}`."]
-    t = report.get("tests")
-    if t:
+    w = report.get("warm")
+    if w:
+        c = w["cases"]
+        lines += ["", "## Warm-up", "",
+                  f"{w['workers']} workers ({w['op_workers']} on the per-layer Triton cases, {w['compile_workers']} on "
+                  f"torch.compile's baseline): {c['warmed']} cases compiled, {c['skipped']} skipped, {c['error']} "
+                  f"errors, {c['not_reached']} not reached; {w['killed_at_deadline']} workers stopped at the deadline. "
+                  f"Log: `{w['log']}`."]
+        lines += [f"- `{_cell(e, 300)}`" for e in w["errors"]]
+    for name, title in (("smoke", "GPU smoke tests (gpu_smoke)"), ("tests", "The rest of the GPU test suite")):
+        t = report.get(name)
+        if not t:
+            continue
         counts = ", ".join(f"{n} {k}" for k, n in t["counts"].items()) or "no summary line"
-        lines += ["", "## GPU test suite", "", f"`{t['command']}`: **{t['status']}** ({counts}) in {t['seconds']} s. "
-                                               f"Log: `{t['log']}`."]
+        lines += ["", f"## {title}", "", f"`{t['command']}`: **{t['status']}** ({counts}) in {t['seconds']} s "
+                                         f"(limit {t.get('time_limit_s')} s). Log: `{t['log']}`."]
         if not t.get("on_gpu"):
-            lines.append("No GPU here: the needs_cuda tests skip.")
+            lines.append("No GPU here: the GPU tests skip.")
+        verdicts = t.get("backends") or {}
+        if verdicts:
+            lines += ["", "| backend | passed | failed | errors | skipped |", "|---|---|---|---|---|"]
+            for backend, v in sorted(verdicts.items()):
+                n = v["counts"]
+                lines.append(f"| {backend} | {n.get('passed', 0)} | {n.get('failed', 0)} | {n.get('error', 0)} | "
+                             f"{n.get('skipped', 0)} |")
         for f in t["failed"][:40]:
             lines.append(f"- `{f[:200]}`")
+    for provider, why in (report.get("excluded") or {}).items():
+        lines += ["", f"**{provider} is not benchmarked**: {why}."]
     return lines
 
 

@@ -1,4 +1,5 @@
-"""The build and GPU-test phases. Each returns its phase record and fills its part of the report."""
+"""The build and the GPU-test phases (smoke, then the rest of the suite). Each returns its phase
+record and fills its part of the report."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import sys
 import time
 
 from . import ROOT
-from .budget import Budget
-from .processes import gpu_env, run_logged, tail, worker_env
+from .processes import gpu_env, run_logged, start_logged, tail, wait_logged, worker_env
 
 # Run in a fresh process (after a build): resnet_fused's backends, and each compiled backend's
 # AUTO flag. The backend modules are resnet_fused.backends.{cuda,triton}; older checkouts have
@@ -43,27 +43,37 @@ def probe_backends() -> dict:
         return dict(error=f"{type(exc).__name__}: {exc}")
 
 
-def run_build(build: str, budget: Budget, paths: dict, report: dict, gpu: dict | None, others_follow: bool) -> dict:
-    """build: --build (auto, always or never); others_follow: phases after this one share the budget."""
+def start_build(build: str, paths: dict, report: dict, gpu: dict | None, jobs: int | None):
+    """Starts the build of the CUDA extension in the background (--build auto, always or
+    never; jobs: nvcc's parallel jobs, None for setup.py's default). Returns
+    (process, its record) or (None, the phase record of a skipped build)."""
     before = probe_backends()
     report["provenance"]["backends_before_build"] = before
     cuda_reason = (before.get("backends") or {}).get("cuda", "probe failed")
     if build == "never":
-        return dict(status="skipped", note="--build never")
+        return None, dict(status="skipped", note="--build never")
     if build == "auto" and cuda_reason is None:
-        return dict(status="skipped", note="the CUDA extension already loads (--build always rebuilds it)")
+        return None, dict(status="skipped", note="the CUDA extension already loads (--build always rebuilds it)")
     env = dict(os.environ, RESNET_FUSED_FORCE_CUDA="1")
     if gpu and "TORCH_CUDA_ARCH_LIST" not in os.environ:
         env["TORCH_CUDA_ARCH_LIST"] = gpu["capability"]  # this GPU's architecture only: half the compile time
+    if jobs is not None and "MAX_JOBS" not in os.environ:
+        env["MAX_JOBS"] = str(jobs)
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
-    deadline = budget.share(0.6, cap=360) if others_follow else budget.share(1.0)
-    rc, seconds = run_logged(cmd, paths["build_log"], deadline - time.time(), env)
+    record = dict(command=shlex.join(cmd), env={k: env[k] for k in ("RESNET_FUSED_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST",
+                                                                    "MAX_JOBS") if k in env},
+                  how="built on this machine (pip install -e, this GPU's architecture only)", started=time.time())
+    return start_logged(cmd, paths["build_log"], env), record
+
+
+def finish_build(proc, record: dict, deadline: float, paths: dict, report: dict) -> dict:
+    """Waits for start_build's process until the deadline; the phase record."""
+    rc = wait_logged(proc, paths["build_log"], deadline - time.time())
+    seconds = time.time() - record.pop("started")
     after = probe_backends()
     report["provenance"]["backends"] = after.get("backends")
     report["provenance"]["auto_enabled"] = after.get("auto_enabled")
-    record = dict(command=shlex.join(cmd), env={k: env[k] for k in ("RESNET_FUSED_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST")
-                                                if k in env},
-                  returncode=rc, seconds=round(seconds, 1), log=paths["build_log"].name,
+    record.update(returncode=rc, seconds=round(seconds, 1), log=paths["build_log"].name,
                   cuda_backend_after=(after.get("backends") or {}).get("cuda", after.get("error")))
     if rc == 0 and record["cuda_backend_after"] is None:
         record["status"] = "ok"
@@ -89,21 +99,94 @@ def pytest_summary(log: str) -> tuple[dict[str, int], list[str]]:
     return counts, failed
 
 
-def run_tests(quick: bool, budget: Budget, paths: dict, report: dict, on_gpu: bool, benchmarks_follow: bool) -> dict:
-    """The needs_cuda tests; benchmarks_follow: models or ops phases come after and share the budget."""
-    cmd = [sys.executable, "-m", "pytest", "tests", "-m", "needs_cuda", "-q", "-rfE", "--tb=short",
-           "-p", "no:cacheprovider"]
-    if benchmarks_follow:
-        time_limit = budget.share(0.25, cap=60 if quick else 120) - time.time()
-    else:  # --phases without models and ops: the tests may take the whole budget
-        time_limit = budget.share(1.0) - time.time()
-    rc, seconds = run_logged(cmd, paths["tests_log"], time_limit, gpu_env())
-    log = tail(paths["tests_log"], 200_000)
+# A failed test is charged to the backend its id names: the backend fixture's parameter, or
+# the backend a test module or function is about (test_backend_cuda.py, ..._triton_...).
+BACKEND_WORDS = ("cuda", "triton", "reference")
+
+
+def backend_of_test(nodeid: str) -> str | None:
+    """The fused or reference backend a test id is about, or None for a backend-neutral test."""
+    params = nodeid[nodeid.index("[") + 1:-1] if nodeid.endswith("]") and "[" in nodeid else ""
+    for text in (params, nodeid.split("[")[0]):
+        words = set(re.split(r"[^a-z0-9]+", text.lower()))
+        found = [b for b in BACKEND_WORDS if b in words]
+        if found:
+            return found[0]
+    return None
+
+
+def junit_outcomes(path) -> dict[str, str]:
+    """{test id: passed | failed | error | skipped} from a pytest --junitxml file ({} if absent)."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError):
+        return {}
+    outcomes = {}
+    for case in root.iter("testcase"):
+        module = case.get("classname", "").replace(".", "/")
+        nodeid = f"{module}.py::{case.get('name')}"
+        kinds = {child.tag for child in case}
+        outcome = ("failed" if "failure" in kinds else "error" if "error" in kinds
+                   else "skipped" if "skipped" in kinds else "passed")
+        # A test that failed in its teardown appears twice; the worse outcome counts.
+        if outcomes.get(nodeid) not in ("failed", "error"):
+            outcomes[nodeid] = outcome
+    return outcomes
+
+
+def backend_verdicts(outcomes: dict[str, str]) -> dict[str, dict]:
+    """Per backend (and "shared" for backend-neutral tests): counts per outcome and the failed ids."""
+    verdicts: dict[str, dict] = {}
+    for nodeid, outcome in outcomes.items():
+        v = verdicts.setdefault(backend_of_test(nodeid) or "shared", dict(counts={}, failed=[]))
+        v["counts"][outcome] = v["counts"].get(outcome, 0) + 1
+        if outcome in ("failed", "error"):
+            v["failed"].append(nodeid)
+    return verdicts
+
+
+def pytest_workers(on_gpu: bool) -> int | None:
+    """pytest-xdist workers for the GPU test phases (None: xdist is not installed, run serially)."""
+    import importlib.util
+
+    if not on_gpu or importlib.util.find_spec("xdist") is None:
+        return None
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
+
+
+def run_pytest(name: str, marker: str, deadline: float, paths: dict, report: dict, on_gpu: bool) -> dict:
+    """One GPU test phase: `pytest tests -m marker` (over xdist workers when installed) until the
+    deadline, with per-backend verdicts from its junit XML; fills report[name]."""
+    junit = paths["dir"] / f".{paths['stem']}-{name}-junit.xml"
+    junit.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "tests", "-m", marker, "-q", "-rfE", "--tb=short", "-p", "no:cacheprovider",
+           f"--junitxml={junit}"]
+    workers = pytest_workers(on_gpu)
+    if workers:
+        cmd += ["-n", str(workers)]
+    time_limit = deadline - time.time()
+    log_path = paths[f"{name}_log"]
+    rc, seconds = run_logged(cmd, log_path, time_limit, gpu_env())
+    log = tail(log_path, 200_000)
     counts, failed = pytest_summary(log)
+    verdicts = backend_verdicts(junit_outcomes(junit))
+    junit.unlink(missing_ok=True)
     status = "timed_out" if rc is None else ("passed" if rc == 0 else ("no_tests" if rc == 5 else "failed"))
-    report["tests"] = dict(command=shlex.join(cmd), returncode=rc, seconds=round(seconds, 1), status=status,
-                           counts=counts, failed=failed[:100], log=paths["tests_log"].name,
-                           on_gpu=on_gpu, time_limit_s=round(time_limit))
+    report[name] = dict(command=shlex.join(cmd).replace(str(junit), "JUNIT.xml"), returncode=rc,
+                        seconds=round(seconds, 1), status=status, counts=counts, failed=failed[:100],
+                        backends=verdicts, log=log_path.name, on_gpu=on_gpu, time_limit_s=round(time_limit))
     if rc is None:
-        report["tests"]["log_tail"] = log[-3000:]
+        report[name]["log_tail"] = log[-3000:]
     return dict(status=status, seconds=round(seconds, 1))
+
+
+def excluded_providers(smoke: dict | None) -> dict[str, str]:
+    """The fused providers the benchmarks skip: those of a backend whose smoke tests failed."""
+    excluded = {}
+    for backend, verdict in ((smoke or {}).get("backends") or {}).items():
+        if backend in ("cuda", "triton") and verdict["failed"]:
+            excluded[f"fused-{backend}"] = (f"excluded: {len(verdict['failed'])} gpu_smoke tests of the {backend} "
+                                            f"backend failed (first: {verdict['failed'][0]})")
+    return excluded

@@ -1,15 +1,21 @@
-"""The plan: which cases each phase runs, in priority order, and each phase's share of the budget."""
+"""The plan: which cases each phase runs, in priority order, and the most seconds each may take."""
 
 from __future__ import annotations
+
+import dataclasses
 
 EAGER = "torchvision-eager"
 FUSED_MODEL_PROVIDERS = ("fused-cuda", "fused-triton", "fused-auto")
 
-PHASES = ("build", "tests", "models", "ops")  # what --phases selects from, in the order they run
-# The benchmark phases after the build and the tests: (name, kind, the fraction of the budget
-# left when it starts that it may use). The headline cases first; --quick skips the "-extra" ones.
-SCHEDULE = (("models-core", "models", 0.45), ("ops-core", "ops", 0.6), ("models-extra", "models", 0.5),
-            ("ops-extra", "ops", 1.0))
+# What --phases selects from, in the order they run. build and warm run side by side (the
+# nvcc build on a few cores, the Triton compiles on the rest); smoke is the gpu_smoke test
+# selection, whose failures exclude a backend from the benchmarks; tests is the rest of the
+# GPU suite, last, with whatever time is left.
+PHASES = ("build", "warm", "smoke", "models", "ops", "tests")
+# The benchmark phases, (name, kind), in order; budget.TIMELINE caps the core ones. The headline
+# cases first; --quick skips the "-extra" ones, which mostly wait for later windows
+# (--phases models,ops).
+SCHEDULE = (("models-core", "models"), ("ops-core", "ops"), ("models-extra", "models"), ("ops-extra", "ops"))
 
 
 def phase_cases(name: str, kind: str, on_gpu: bool, quick: bool) -> list[dict]:
@@ -32,17 +38,18 @@ def model_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
                     + entries(ModelConfig("resnet18", "train", 2, 64, "fp32", smoke), smoke))
         return entries(ModelConfig("resnet18", "infer", 1, 64, "fp32", smoke[:2]), smoke[:2])
     if phase == "models-core":
-        # The headline: resnet50, bf16, batch 256 at 224. Fused vs eager first, then the
-        # compile baselines, slowest (max-autotune) last.
+        # The headline: resnet50, bf16, batch 256 at 224, inference then a training step. The
+        # fused providers and eager first; torch.compile (default mode) last, its compile slow.
+        core = (EAGER, "fused-triton", "fused-cuda")
         infer = ModelConfig("resnet50", "infer", 256, 224, "bf16", ())
         train = ModelConfig("resnet50", "train", 256, 224, "bf16", ())
-        plan = entries(infer, fused_and_eager) + entries(train, fused_and_eager)
-        plan += entries(infer, ["torchvision-compile"]) + entries(train, ["torchvision-compile"])
-        if not quick:
-            plan += entries(infer, ["torchvision-compile-max-autotune-freezing"])
-            plan += entries(train, ["torchvision-compile-max-autotune"])
-        return plan
-    plan = []
+        return (entries(infer, core) + entries(train, core) + entries(infer, ["torchvision-compile"])
+                + entries(train, ["torchvision-compile"]))
+    infer = ModelConfig("resnet50", "infer", 256, 224, "bf16", ())
+    train = dataclasses.replace(infer, mode="train")
+    plan = entries(infer, ["fused-auto"]) + entries(train, ["fused-auto"])
+    plan += entries(infer, ["torchvision-compile-max-autotune-freezing"])
+    plan += entries(train, ["torchvision-compile-max-autotune"])
     for batch in (32, 1):
         plan += entries(ModelConfig("resnet50", "infer", batch, 224, "bf16", ()), fused_and_eager)
     for precision in ("fp16", "fp32"):
@@ -62,6 +69,9 @@ def op_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
 
     if not on_gpu:
         layers = bl.cpu_layers()
+        if phase == "warm":
+            return [c.to_dict() for c in bl.op_cases(layers, (2,), "fp32", ("fused-reference",),
+                                                     ops=("eval", "train_bwd"))]
         if phase == "ops-core":
             return [c.to_dict() for c in bl.op_cases(layers[:2], (2,), "fp32", bl.CPU_PROVIDERS)]
         smoke_providers = ("conv-alone", "eager-unit", "fused-reference")
@@ -70,6 +80,12 @@ def op_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
     main_providers = ("conv-alone", "eager-unit", "fused-triton", "fused-cuda")
     if phase == "ops-core":
         return [c.to_dict() for c in bl.op_cases(layers, (256,), "bf16", main_providers)]
+    if phase == "warm":
+        # Every Triton kernel the headline cases launch: the per-layer eval and training
+        # backward (whose set-up runs the training forward) at the headline's shapes, and
+        # add_relu; resnet50's own layers are these layers.
+        return [c.to_dict() for c in bl.op_cases(layers, (256,), "bf16", ("fused-triton",),
+                                                 ops=("eval", "train_bwd", "add_relu"))]
     cases = bl.op_cases(layers, (256,), "bf16", ("compile-unit",))
     cases += bl.op_cases(layers, (32,), "bf16", main_providers)
     cases += bl.op_cases(layers, (32,), "bf16", ("compile-unit",))

@@ -13,22 +13,33 @@ from pathlib import Path
 from . import ROOT
 
 
+def start_logged(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
+    """Starts cmd in its own process group, appending its output to log_path."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {shlex.join(cmd)}\n")
+        log.flush()
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def wait_logged(proc: subprocess.Popen, log_path: Path, timeout: float) -> int | None:
+    """Waits for a start_logged process; kills its group at the timeout. Returns its exit
+    status, or None when it was killed."""
+    try:
+        return proc.wait(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the group: also inductor's compile workers
+        proc.wait()
+        with open(log_path, "a") as log:
+            log.write(f"\n[gpu_report] killed after {timeout:.0f} s (phase time limit)\n")
+        return None
+
+
 def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> tuple[int | None, float]:
     """Runs cmd in its own process group, appending its output to log_path. Returns
     (exit status, or None when it was killed at the timeout; seconds)."""
     t0 = time.time()
-    with open(log_path, "a") as log:
-        log.write(f"\n$ {shlex.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=max(1.0, timeout))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # the group: also inductor's compile workers
-            proc.wait()
-            log.write(f"\n[gpu_report] killed after {timeout:.0f} s (phase time limit)\n")
-            rc = None
+    rc = wait_logged(start_logged(cmd, log_path, env), log_path, timeout)
     return rc, time.time() - t0
 
 

@@ -15,8 +15,8 @@ from .markdown import render_markdown
 from .plan import PHASES
 from .plot import render_plot
 
-SCHEMA = 1
-LOGS = ("build_log", "tests_log", "benchmarks_log")  # the keys of output_paths' logs, in phase order
+SCHEMA = 2  # 2: the warm and smoke phases, per-backend smoke verdicts, Triton cache counts
+LOGS = ("build_log", "warm_log", "smoke_log", "tests_log", "benchmarks_log")  # output_paths' logs, in phase order
 
 
 def slug(text: str) -> str:
@@ -33,7 +33,7 @@ def report_stem(gpu: dict | None, date_utc: str, phases: set[str]) -> str:
 
 
 def output_paths(out_dir: Path, stem: str) -> dict:
-    """{dir, stem, build_log, tests_log, benchmarks_log}."""
+    """{dir, stem, and each of LOGS: <stem>-<phase>.log}."""
     return dict(dir=out_dir, stem=stem, **{log: out_dir / f"{stem}-{log.removesuffix('_log')}.log" for log in LOGS})
 
 

@@ -1,5 +1,6 @@
 """What runs inside a worker subprocess (`gpu_report.py --worker PLAN --results JSONL`): a
-plan's cases in this process, one JSON line per event. A CUDA error that loses the context
+plan's cases in this process, one JSON line per event; for the warm phase (warm.py), each
+case's first call only. A CUDA error that loses the context
 ends the worker (exit status 3); isolation.run_worker_phase starts a fresh one.
 
 Timing: every number comes from this run, medians over many rounds after an untimed warm-up
@@ -43,6 +44,7 @@ def main(plan_path: str, results_path: str) -> int:
     mb.configure_device(device)
     deadline = plan["deadline"]
     excluded = plan.get("excluded", {})
+    warm = plan.get("warm", False)  # the warm phase: each case's first call only (compiles), no timing
     out = open(results_path, "a", buffering=1)
 
     def emit(**event):
@@ -65,7 +67,9 @@ def main(plan_path: str, results_path: str) -> int:
         estimate = case_estimate_s(base)
         if reason is None and provider in excluded:
             reason = excluded[provider]
-        if reason is None and device.type == "cuda" and time.time() + estimate > deadline:
+        if warm and reason is None and time.time() > deadline:
+            reason = "out of time: the warm phase's deadline passed"
+        if not warm and reason is None and device.type == "cuda" and time.time() + estimate > deadline:
             reason = (f"out of time: {max(0, deadline - time.time()):.0f} s left in this phase, the case needs "
                       f"about {estimate} s (an estimate)")
         if reason is not None:
@@ -76,6 +80,10 @@ def main(plan_path: str, results_path: str) -> int:
         t0 = time.perf_counter()
         try:
             _inject_fault(base["id"])
+            if warm:
+                _compile_case(case if ops else config, provider, device)
+                emit(event="result", index=index, row=dict(base, status="warmed", seconds=time.perf_counter() - t0))
+                continue
             if key != cache_key:
                 cache_key, cache = None, None
                 mb.release_memory(device)
@@ -112,6 +120,25 @@ def main(plan_path: str, results_path: str) -> int:
         row["seconds"] = time.perf_counter() - t0
         emit(event="result", index=index, row=row)
     return 0
+
+
+def _compile_case(case, provider: str, device) -> None:
+    """The first call of an op case (bench_layers.OpCase) or of a model provider (a
+    bench_models.ModelConfig): what JIT-compiles its kernels (Triton, Inductor)."""
+    import bench_layers as bl
+    import bench_models as bm
+
+    from resnet_fused import benchmark as mb
+
+    if isinstance(case, bl.OpCase):
+        unit = bl.make_unit(case, bl.make_tensors(case, device))
+        with unit.context():
+            unit.run()
+    else:
+        tv_model, x, reference_logits = bm.prepare(case, device)
+        mb.prepare_provider(provider, tv_model, x, case.mode, case.precision, reference_logits, warmup=0)
+    mb.synchronize(device)
+    mb.release_memory(device)
 
 
 def _inject_fault(case_id: str) -> None:
