@@ -3,6 +3,7 @@ record and fills its part of the report."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -147,10 +148,11 @@ def backend_verdicts(outcomes: dict[str, str]) -> dict[str, dict]:
     return verdicts
 
 
+TEST_TIMEOUT_S = 120  # per test, with pytest-timeout (on the GPU machine's image)
+
+
 def pytest_workers(on_gpu: bool) -> int | None:
     """pytest-xdist workers for the GPU test phases (None: xdist is not installed, run serially)."""
-    import importlib.util
-
     if not on_gpu or importlib.util.find_spec("xdist") is None:
         return None
     return max(2, min(8, (os.cpu_count() or 2) // 2))
@@ -166,6 +168,8 @@ def run_pytest(name: str, marker: str, deadline: float, paths: dict, report: dic
     workers = pytest_workers(on_gpu)
     if workers:
         cmd += ["-n", str(workers)]
+    if on_gpu and importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += [f"--timeout={TEST_TIMEOUT_S}"]  # one hung test must not take the phase
     time_limit = deadline - time.time()
     log_path = paths[f"{name}_log"]
     rc, seconds = run_logged(cmd, log_path, time_limit, gpu_env())
