@@ -4,7 +4,7 @@ Swap `torchvision.models.resnet50` for `resnet_fused.resnet50`; state_dicts load
 """
 
 from . import nn, ops
-from .backends import available_backends, get_backend, set_backend, use_backend
+from .backends import available_backends, decompositions, get_backend, set_backend, use_backend
 from .distributed import SyncBatchNorm, convert_sync_batchnorm
 from .models import (
     ResNet,
@@ -25,7 +25,7 @@ from .models import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "nn", "ops", "available_backends", "get_backend", "set_backend", "use_backend", "ResNet", "SyncBatchNorm",
+    "nn", "ops", "available_backends", "decompositions", "get_backend", "set_backend", "use_backend", "ResNet", "SyncBatchNorm",
     "convert_sync_batchnorm", "from_torchvision", "to_torchvision", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
     "__version__",

@@ -359,8 +359,55 @@ def register_autocast(namespace: str) -> None:
             op.py_impl(dispatch_key)(autocast_kernel)
 
 
+# ---------------------------------------------------------------------------------------
+# FLOP formulas (torch.utils.flop_counter), so FLOP counters and MFU tools see the
+# convolutions inside the fused ops. As torch's own formulas count them: the convolution's
+# multiply-adds only (BatchNorm, residual and ReLU are not counted), the backward's data and
+# weight gradients each the forward's count when asked for. The formulas get tensors as shapes.
+
+
+def _conv_flops(x_shape, w_shape, out_shape) -> int:
+    from torch.utils.flop_counter import conv_flop_count
+
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape))
+
+
+def _flops_conv_forward(x, weight, *args, out_shape=None, **kwargs) -> int:
+    y_shape = out_shape[0] if isinstance(out_shape[0], (list, tuple, torch.Size)) else out_shape
+    return _conv_flops(x, weight, y_shape)
+
+
+def _flops_conv_bn_eval_backward(grad_y, x, weight, *args, out_shape=None, **kwargs) -> int:
+    need_x, need_w, need_scale = args[-1][:3]
+    return _conv_flops(x, weight, grad_y) * (int(need_x) + int(need_w or need_scale))
+
+
+def _flops_conv_bn_train_backward(grad_y, x, weight, *args, out_shape=None, **kwargs) -> int:
+    need_x, need_w = args[-1][:2]
+    return _conv_flops(x, weight, grad_y) * (int(need_x) + int(need_w))
+
+
+FLOP_FORMULAS = {
+    "conv_bn_eval": _flops_conv_forward,
+    "conv_bn_train": _flops_conv_forward,
+    "conv_bn_stats": _flops_conv_forward,
+    "conv_bn_eval_backward": _flops_conv_bn_eval_backward,
+    "conv_bn_train_backward": _flops_conv_bn_train_backward,
+}
+
+
+def register_flop_formulas(namespace: str) -> None:
+    """Register FLOP_FORMULAS for the ops of `namespace` (the elementwise ops count 0, as
+    torch's counter counts elementwise aten ops)."""
+    from torch.utils.flop_counter import register_flop_formula
+
+    for name, formula in FLOP_FORMULAS.items():
+        register_flop_formula(getattr(getattr(torch.ops, namespace), name))(formula)
+
+
 def register_fake_and_autograd(namespace: str) -> None:
-    """Give every op of `namespace` the shared fake kernels, autograd formulas and autocast rules."""
+    """Give every op of `namespace` the shared fake kernels, autograd formulas, autocast rules
+    and FLOP formulas."""
     ops = getattr(torch.ops, namespace)
     formulas = _make_autograd(ops)
     for name in OP_NAMES:
@@ -369,6 +416,7 @@ def register_fake_and_autograd(namespace: str) -> None:
         backward, setup = formulas.get(name) or _no_formula(name)
         torch.library.register_autograd(qualname, backward, setup_context=setup)
     register_autocast(namespace)
+    register_flop_formulas(namespace)
 
 
 def define_library(namespace: str, impls: dict, dispatch_keys=("CPU", "CUDA")) -> torch.library.Library:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import copy
 import os
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
-from torchvision.models._api import WeightsEnum
-from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models._api import BUILTIN_MODELS, WeightsEnum, register_model
+from torchvision.models._utils import IntermediateLayerGetter, handle_legacy_interface
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .nn import BasicBlock, Bottleneck, conv_bn_act
+from .nn import BasicBlock, Bottleneck, conv_bn_act, records_graph
 from .distributed import SyncBatchNorm
 
 __all__ = [
@@ -29,7 +29,15 @@ class ResNet(tv_resnet.ResNet):
     stem and blocks run fused. Build it through the `resnet*` functions below."""
 
     def _forward_impl(self, x: Tensor) -> Tensor:
-        x = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+        fused_stem = False
+        if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
+            fused_stem = not records_graph()
+            if fused_stem:
+                x = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+        if not fused_stem:  # torchvision's stem
+            x = self.conv1(x)
+            x = self.bn1(x)
+            x = self.relu(x)
         x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
@@ -58,6 +66,19 @@ class FusedIntermediateLayerGetter(IntermediateLayerGetter):
     intermediate outputs are not returned. Same children and state_dict."""
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
+            if not records_graph():
+                return self._fused_forward(x)
+        # torchvision's forward, statement for statement.
+        out = OrderedDict()
+        for name, module in self.items():
+            x = module(x)
+            if name in self.return_layers:
+                out_name = self.return_layers[name]
+                out[out_name] = x
+        return out
+
+    def _fused_forward(self, x: Tensor) -> dict[str, Tensor]:
         out = OrderedDict()
         modules = list(self.items())
         i = 0
@@ -132,8 +153,6 @@ def _load_weights(model: nn.Module, weights: WeightsEnum, progress: bool) -> Non
 
 
 def _resnet(block, layers: list[int], weights_enum, weights, progress: bool, defaults: dict, **kwargs: Any) -> ResNet:
-    if "pretrained" in kwargs:
-        raise TypeError("pretrained= is torchvision's legacy argument; use weights='IMAGENET1K_V1' (or the enum)")
     weights = weights_enum.verify(weights)
     for key, value in defaults.items():
         tv_resnet._ovewrite_named_param(kwargs, key, value)
@@ -145,6 +164,9 @@ def _resnet(block, layers: list[int], weights_enum, weights, progress: bool, def
     return model
 
 
+REGISTRY_PREFIX = "resnet_fused."  # torchvision.models.get_model("resnet_fused.resnet50", ...)
+
+
 def _builder(name: str, block, layers: list[int], weights_enum, **defaults):
     def build(*, weights=None, progress: bool = True, **kwargs: Any) -> ResNet:
         return _resnet(block, layers, weights_enum, weights, progress, defaults, **kwargs)
@@ -153,8 +175,15 @@ def _builder(name: str, block, layers: list[int], weights_enum, **defaults):
     build.__doc__ = (
         f"Fused {name}: same arguments as torchvision.models.{name} (weights: {weights_enum.__name__} "
         "member or its name, progress, num_classes, zero_init_residual, groups, width_per_group, "
-        "replace_stride_with_dilation, norm_layer) and the same state_dict."
+        "replace_stride_with_dilation, norm_layer; the legacy pretrained=, with torchvision's "
+        "warning) and the same state_dict."
     )
+    # torchvision's annotations (real objects: get_model_weights reads them), its legacy
+    # `pretrained=` handling, and an entry in its model registry under REGISTRY_PREFIX + name.
+    build.__annotations__ = dict(weights=Optional[weights_enum], progress=bool, kwargs=Any, **{"return": ResNet})
+    build = handle_legacy_interface(weights=("pretrained", weights_enum.IMAGENET1K_V1))(build)
+    if REGISTRY_PREFIX + name not in BUILTIN_MODELS:  # (a re-import must not fail)
+        build = register_model(REGISTRY_PREFIX + name)(build)
     return build
 
 

@@ -22,6 +22,20 @@ from .distributed import is_sync_batch_norm
 
 __all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
 
+_is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or (
+    lambda: torch.fx._symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling())  # torch < 2.7
+
+
+def records_graph() -> bool:
+    """Whether a tracer is recording this forward for another runtime: torch.jit.trace, FX
+    symbolic tracing (create_feature_extractor) or ONNX export (both exporters). The fused
+    modules then run module by module, as torchvision's, so the recorded graph holds standard
+    ops only and matches torchvision's node for node (the same FX node names, the same ONNX
+    operators). torch.jit.script does the same (the blocks' `torch.jit.is_scripting()`
+    branch). torch.compile and torch.export keep the fused ops; an exported program
+    decomposes them with `resnet_fused.decompositions()`."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or _is_fx_symbolic_tracing()
+
 
 def _fusable_conv(conv: nn.Module) -> bool:
     return (
@@ -131,17 +145,50 @@ def _identity(downsample: nn.Module | None, x: Tensor) -> Tensor:
 
 
 class BasicBlock(tv_resnet.BasicBlock):
-    """torchvision's BasicBlock (same constructor, submodules, state_dict), fused forward."""
+    """torchvision's BasicBlock (same constructor, submodules, state_dict), fused forward.
+    Scripted or recorded for another runtime (records_graph), it runs torchvision's forward."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
-        return conv_bn_act(self.conv2, self.bn2, out, residual=_identity(self.downsample, x), act=self.relu)
+        if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
+            if not records_graph():
+                out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+                return conv_bn_act(self.conv2, self.bn2, out, residual=_identity(self.downsample, x), act=self.relu)
+        # torchvision's forward, statement for statement (the same FX nodes and names).
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
 
 
 class Bottleneck(tv_resnet.Bottleneck):
-    """torchvision's Bottleneck (same constructor, submodules, state_dict), fused forward."""
+    """torchvision's Bottleneck (same constructor, submodules, state_dict), fused forward.
+    Scripted or recorded for another runtime (records_graph), it runs torchvision's forward."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
-        out = conv_bn_act(self.conv2, self.bn2, out, act=self.relu)
-        return conv_bn_act(self.conv3, self.bn3, out, residual=_identity(self.downsample, x), act=self.relu)
+        if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
+            if not records_graph():
+                out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
+                out = conv_bn_act(self.conv2, self.bn2, out, act=self.relu)
+                return conv_bn_act(self.conv3, self.bn3, out, residual=_identity(self.downsample, x), act=self.relu)
+        # torchvision's forward, statement for statement (the same FX nodes and names).
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        out = self.relu(out)
+        out = self.conv3(out)
+        out = self.bn3(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out

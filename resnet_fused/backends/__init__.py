@@ -30,13 +30,14 @@ from typing import Protocol
 
 import torch
 
+from .. import _library
 from . import auto, reference
 from .auto import TIMING_ENV_VAR, auto_choices, clear_auto_choices
 
 __all__ = [
     "Backend", "BACKEND_NAMES", "ENV_VAR", "TIMING_ENV_VAR", "available_backends", "get_backend", "set_backend",
     "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "resolved_backend", "record_selections",
-    "auto_choices", "clear_auto_choices",
+    "auto_choices", "clear_auto_choices", "decompositions",
 ]
 
 
@@ -179,6 +180,25 @@ def select_ops(op_name: str, *op_args):
 def resolved_backend(op_name: str, *op_args) -> str:
     """Name of the backend `select_ops` picks for this call (for tests and the benchmark report)."""
     return _select(op_name, op_args).NAME
+
+
+def decompositions(table: dict | None = None) -> dict:
+    """A decomposition table for `ExportedProgram.run_decompositions`: every resnet_fused op
+    of every backend namespace mapped to its reference composition of standard aten ops, added
+    to `table` (default: torch.export.default_decompositions(), the core aten set). The
+    decomposed program has no resnet_fused op left: it loads and runs where resnet_fused is
+    not installed (unfused)."""
+    if table is None:
+        default = getattr(torch.export, "default_decompositions", None)
+        table = default() if default is not None else {}
+    for module, _ in BACKENDS.values():
+        if module is None:
+            continue
+        namespace = getattr(torch.ops, module.NAMESPACE)
+        for name in _library.OP_NAMES:
+            if hasattr(namespace, name):
+                table[getattr(namespace, name).default] = getattr(reference, name)
+    return table
 
 
 @contextlib.contextmanager
