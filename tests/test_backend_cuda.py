@@ -1,0 +1,141 @@
+"""What only the CUDA C++ backend has (csrc/, built into resnet_fused._C, ops under
+torch.ops.resnet_fused_cuda); its ops run the shared op suite (tests/test_ops.py) on a GPU.
+
+  * Without a GPU: the extension registers a CUDA kernel, a fake kernel and autograd for
+    every op of _library.SCHEMAS with those schemas, a machine without a GPU gets a clear
+    reason, a missing extension never breaks `import resnet_fused`, and CPU tensors are not
+    covered. Skipped, with the reason, when the extension is not built (a build that exists
+    but fails to load is a failure, and so is a missing build under RESNET_FUSED_FORCE_CUDA=1).
+  * On a GPU (@needs_cuda): float32 with TF32 allowed, and an input whose data pointer is not
+    16-byte aligned (the element-wise gather path).
+
+GPU run: RESNET_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e . &&
+         pytest tests/test_ops.py tests/test_backend_cuda.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DIRECT_SHAPES, as64, assert_close_to_ref, compare_outputs, conv_args, direct_inputs, tf32
+
+import resnet_fused
+from resnet_fused import _library, backends
+from resnet_fused.backends import cuda as cuda_backend
+
+NS = cuda_backend.NAMESPACE
+
+
+def require_extension() -> None:
+    """Skip when the extension was not built; fail when it was built but is broken."""
+    error = cuda_backend._load_error
+    if error is None:
+        return
+    not_built = "is not built" in error
+    if not not_built or os.environ.get("RESNET_FUSED_FORCE_CUDA") == "1":
+        pytest.fail(error)
+    pytest.skip(error)
+
+
+# ---------------------------------------------------------------------------------------
+# Without a GPU
+
+
+def test_every_op_has_a_cuda_kernel():
+    require_extension()
+    for name in _library.SCHEMAS:
+        qualname = f"{NS}::{name}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "CUDA"), f"no CUDA kernel for {qualname}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Meta"), f"no fake kernel for {qualname}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(qualname, "Autograd"), f"no autograd for {qualname}"
+
+
+def test_schemas_are_the_library_schemas():
+    require_extension()
+    for name, schema in _library.SCHEMAS.items():
+        got = str(getattr(getattr(torch.ops, NS), name).default._schema)
+        assert got == f"{NS}::{name}{schema}"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the reason given on a machine without a GPU")
+def test_unavailable_reason_without_gpu():
+    reason = resnet_fused.available_backends()["cuda"]
+    assert reason is not None
+    if cuda_backend._load_error is None:
+        assert "no CUDA GPU" in reason, reason
+    else:
+        assert "resnet_fused._C" in reason, reason
+    with pytest.raises(RuntimeError, match="unavailable"):
+        resnet_fused.set_backend("cuda")
+
+
+def test_import_survives_a_missing_extension():
+    code = (
+        "import sys; sys.modules['resnet_fused._C'] = None\n"
+        "import resnet_fused\n"
+        "reason = resnet_fused.available_backends()['cuda']\n"
+        "assert reason is not None and 'resnet_fused._C' in reason, reason\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, RESNET_FUSED_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_covers_rejects_cpu_tensors_and_unknown_ops():
+    x, w, v = torch.randn(2, 4, 5, 5), torch.randn(6, 4, 3, 3), torch.randn(6)
+    conv = ([1, 1], [1, 1], [1, 1], 1)
+    assert cuda_backend.unsupported_reason("conv_bn_eval", x, w, v, v, None, *conv, True) is not None
+    assert cuda_backend.unsupported_reason("conv_bn_train", x, w, None, v, v, None, *conv, 1e-5, True) is not None
+    assert cuda_backend.unsupported_reason("add_relu", x, x) is not None
+    assert cuda_backend.unsupported_reason("no_such_op", x) is not None
+
+
+# ---------------------------------------------------------------------------------------
+# On a GPU
+
+
+@pytest.fixture
+def cuda_backend_on():
+    require_extension()
+    reason = backends.unavailable_reason("cuda")
+    if reason is not None:
+        pytest.skip(reason)
+    with resnet_fused.use_backend("cuda"):
+        yield
+
+
+@pytest.mark.needs_cuda
+def test_tf32_float32_conv(cuda_backend_on):
+    """float32 with TF32 allowed (PyTorch's default for convolutions): the error is the TF32
+    rounding of the operands, judged against a float64 conv of TF32-rounded operands."""
+
+    def round_tf32(t):
+        i = t.float().contiguous().view(torch.int32)
+        return ((i + 0x1000) & ~0x1FFF).view(torch.float32).contiguous(memory_format=torch.channels_last)
+
+    x, w, _, conv = direct_inputs(DIRECT_SHAPES["3x3_c64_c64"], torch.float32, True, False)
+    scale, shift = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
+    with tf32(True):
+        y = getattr(torch.ops, NS).conv_bn_eval(x, w, scale, shift, None, *conv, False)
+    ref64 = torch.ops.resnet_fused.conv_bn_eval(*as64((x, w, scale, shift, None, *conv, False)))
+    emulated = torch.ops.resnet_fused.conv_bn_eval(*as64((round_tf32(x), round_tf32(w), scale, shift, None, *conv,
+                                                           False))).float()
+    assert_close_to_ref(y, emulated, ref64, "tf32 conv_bn_eval")
+
+
+@pytest.mark.needs_cuda
+def test_misaligned_input_uses_the_gather_path(cuda_backend_on):
+    """x whose data pointer is not 16-byte aligned (a view at an odd offset)."""
+    base = torch.randn(2 * 16 * 9 * 9 + 1, device="cuda", dtype=torch.float16)
+    x = base[1:].view(2, 9, 9, 16).permute(0, 3, 1, 2)  # channels_last view, 2-byte offset
+    w = torch.randn(24, 16, 3, 3, device="cuda", dtype=torch.float16) / 12
+    scale, shift = torch.rand(24, device="cuda") + 0.5, torch.randn(24, device="cuda")
+    args = (x, w, scale, shift, None, *conv_args(), True)
+    y = getattr(torch.ops, NS).conv_bn_eval(*args)
+    compare_outputs("misaligned", y, torch.ops.resnet_fused.conv_bn_eval(*args),
+                    torch.ops.resnet_fused.conv_bn_eval(*as64(args)))
