@@ -6,8 +6,8 @@ torch.ops.resnet_fused_cuda); its ops run the shared op suite (tests/test_ops.py
     reason, a missing extension never breaks `import resnet_fused`, and CPU tensors are not
     covered. Skipped, with the reason, when the extension is not built (a build that exists
     but fails to load is a failure, and so is a missing build under RESNET_FUSED_FORCE_CUDA=1).
-  * On a GPU (@needs_cuda): float32 with TF32 allowed, and an input whose data pointer is not
-    16-byte aligned (the element-wise gather path).
+  * On a GPU (@needs_cuda): what is covered (groups=1 only), float32 with TF32 allowed, and an
+    input whose data pointer is not 16-byte aligned (the element-wise gather path).
 
 GPU run: RESNET_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e . &&
          pytest tests/test_ops.py tests/test_backend_cuda.py
@@ -107,6 +107,25 @@ def cuda_backend_on():
         pytest.skip(reason)
     with resnet_fused.use_backend("cuda"):
         yield
+
+
+@pytest.mark.needs_cuda
+def test_coverage_on_gpu(cuda_backend_on):
+    """float16/bfloat16/float32 CUDA tensors with groups=1 are covered; groups > 1 and float64
+    take the reference path, with a reason."""
+    x = torch.randn(2, 8, 6, 6, device="cuda", dtype=torch.float16)
+    w = torch.randn(16, 8, 3, 3, device="cuda", dtype=torch.float16)
+    v = torch.rand(16, device="cuda") + 0.5
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        xd, wd = x.to(dtype), w.to(dtype)
+        assert cuda_backend.unsupported_reason("conv_bn_eval", xd, wd, v, v, None, *conv_args(), True) is None
+        assert cuda_backend.unsupported_reason("conv_bn_train", xd, wd, None, v, v, None, *conv_args(), 1e-5,
+                                               True) is None
+        assert cuda_backend.unsupported_reason("add_relu", xd, xd) is None
+    wg = torch.randn(16, 4, 3, 3, device="cuda", dtype=torch.float16)
+    assert "groups" in cuda_backend.unsupported_reason("conv_bn_eval", x, wg, v, v, None, *conv_args(groups=2), True)
+    x64, w64 = x.double(), w.double()
+    assert cuda_backend.unsupported_reason("conv_bn_eval", x64, w64, v, v, None, *conv_args(), True) is not None
 
 
 @pytest.mark.needs_cuda

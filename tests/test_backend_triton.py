@@ -24,11 +24,22 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f"triton backend unav
 DEVICE = "cpu" if interpreted("triton") else "cuda"
 
 
-def test_uncovered_calls_give_a_reason():
+def test_coverage():
+    """Any geometry and group count, either layout, are covered; the calls handed to the
+    reference path each come with a reason."""
     x = torch.randn(2, 4, 5, 5, device=DEVICE)
     w, v = torch.randn(6, 4, 3, 3, device=DEVICE), torch.rand(6, device=DEVICE) + 0.5
     conv = ([1, 1], [1, 1], [1, 1], 1)
-    assert triton_backend.unsupported_reason("conv_bn_eval", x, w, v, v, None, *conv, True) is None
+    x_nhwc, w_grouped = x.contiguous(memory_format=torch.channels_last), torch.randn(6, 2, 3, 3, device=DEVICE)
+    covered = {
+        "eval": ("conv_bn_eval", x, w, v, v, torch.randn(2, 6, 5, 5, device=DEVICE), *conv, True),
+        "eval, channels_last, groups=2": ("conv_bn_eval", x_nhwc, w_grouped, v, v, None, *conv[:3], 2, True),
+        "train, dilation 2, stride 2": ("conv_bn_train", x, w, None, v, v, None, [2, 2], [2, 2], [2, 2], 1, 1e-5,
+                                        False),
+        "add_relu": ("add_relu", x, x),
+    }
+    for what, (op, *args) in covered.items():
+        assert triton_backend.unsupported_reason(op, *args) is None, what
     uncovered = {
         "unknown op": ("no_such_op", x),
         "float64": ("conv_bn_eval", x.double(), w.double(), v.double(), v.double(), None, *conv, True),

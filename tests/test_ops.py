@@ -95,7 +95,7 @@ def test_wide_unit_matches_eager(backend, cfg, training):
 # The ops called directly, against the reference ops (same dtype and float64).
 
 
-# The DIRECT_SHAPES the Triton interpreter runs in about a second each.
+# The DIRECT_SHAPES small enough for the Triton interpreter.
 INTERPRETED_SHAPES = [DIRECT_SHAPES[k] for k in ("1x1s2", "3x3_c5_c7", "5x3_asym")]
 
 
@@ -106,8 +106,8 @@ def test_conv_ops_vs_reference(backend, shape, channels_last, dtype):
     """conv_bn_eval and conv_bn_train with and without residual and ReLU; their backward ops
     with and without ReLU (they take no residual: it only changes y, i.e. the ReLU mask)."""
     if backend.interpreted and shape not in INTERPRETED_SHAPES:
-        pytest.skip("a GPU-sized shape (4 to 18 s in the Triton interpreter): compiled on a GPU; under the "
-                    "interpreter test_wide_unit_matches_eager covers wide shapes")
+        pytest.skip("a GPU-sized shape (seconds per op in the Triton interpreter): runs compiled on a GPU; "
+                    "under the interpreter test_wide_unit_matches_eager covers wide shapes")
     device = backend.device(dtype)
     ns, ref_ops = backend.ops, torch.ops.resnet_fused
     for residual, relu in ((False, True), (False, False), (True, False), (True, True)):
