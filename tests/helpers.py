@@ -117,7 +117,7 @@ class BackendUnderTest:
     def device(self, dtype: torch.dtype = torch.float32) -> str:
         """Where this backend's tests put tensors of `dtype`: the fused backends' devices
         (CUDA; CPU for Triton under the interpreter); the reference on CPU, and on a GPU for
-        float16/bfloat16 (eager CPU half-precision convolutions are not the oracle we want)."""
+        float16/bfloat16 (half precision is a GPU case for every backend)."""
         if self.name == "cuda":
             return "cuda"
         if self.name == "triton":
