@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compute-sanitizer over the CUDA and Triton kernel tests (GPU machines only).
 #
-#   scripts/sanitize.sh                       # memcheck and racecheck over both test files
+#   scripts/sanitize.sh                       # memcheck and racecheck over the op suite and the per-backend tests
 #   scripts/sanitize.sh -k "unit_matches"     # extra arguments go to pytest (e.g. a subset)
 #
 # For each (tool, test file) it runs `compute-sanitizer --tool <tool> python -m pytest <file>`
@@ -14,7 +14,7 @@
 #   PYTHON          interpreter with torch and resnet_fused installed (default: python)
 #   SANITIZER       compute-sanitizer binary (default: on PATH, else $CUDA_HOME/bin, else /usr/local/cuda/bin)
 #   TOOLS           sanitizer tools to run (default: "memcheck racecheck"; "initcheck synccheck" also work)
-#   TESTS           test files (default: "tests/test_cuda.py tests/test_triton.py")
+#   TESTS           test files (default: "tests/test_ops.py tests/test_backend_cuda.py tests/test_backend_triton.py")
 #   LOG_DIR         where the full logs go (default: ${TMPDIR:-/tmp}/resnet_fused-sanitize)
 #   WARM            1 (default): first run the tests once without the sanitizer, to fill the Triton
 #                   cache and to know that they pass; 0 skips it
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python}
 TOOLS=${TOOLS:-memcheck racecheck}
-TESTS=${TESTS:-tests/test_cuda.py tests/test_triton.py}
+TESTS=${TESTS:-tests/test_ops.py tests/test_backend_cuda.py tests/test_backend_triton.py}
 LOG_DIR=${LOG_DIR:-${TMPDIR:-/tmp}/resnet_fused-sanitize}
 WARM=${WARM:-1}
 
