@@ -12,7 +12,38 @@ if not torch.cuda.is_available():
 from helpers import OP_SUITE_BACKENDS, BackendUnderTest, tf32  # noqa: E402
 
 
+FUSED_BACKENDS = {"triton", "cuda"}
+RESNET_UNIT_CONFIGS = {"stem7x7s2", "1x1s2", "3x3", "3x3s2_bias"}  # the ResNet-50 unit types of CONFIGS
+
+# The GPU kit's first correctness check (`pytest -m gpu_smoke`, which benchmarks/gpu_report.py
+# runs within 3 minutes before any benchmark; a fused backend with a failure there is not
+# benchmarked): per (module, test function), which parametrizations (the parts of the test id)
+# belong to it. Every op on every fused backend in fp16/bf16/fp32 over the ResNet-50 layer
+# types, units through autograd, the op-level structural checks, and the GPU checks below.
+GPU_SMOKE = {
+    ("test_ops", "test_conv_ops_vs_reference"): lambda p: bool(p & FUSED_BACKENDS) and "nhwc" in p,
+    ("test_ops", "test_add_relu_op"): lambda p: bool(p & FUSED_BACKENDS),
+    ("test_ops", "test_unit_matches_eager"): lambda p: (bool(p & FUSED_BACKENDS) and "nhwc" in p and "relu" in p
+                                                        and bool(p & RESNET_UNIT_CONFIGS)
+                                                        and bool(p & {"bfloat16", "float32"})),
+    ("test_ops", "test_fused_forward_runs_no_aten_convolution_batchnorm_or_relu"): lambda p: bool(p & FUSED_BACKENDS),
+    ("test_ops", "test_resolved_backend"): lambda p: bool(p & FUSED_BACKENDS),
+    ("test_ops", "test_compile_fullgraph_unit"): lambda p: bool(p & FUSED_BACKENDS),
+}
+
+
+def in_gpu_smoke(item) -> bool:
+    rule = GPU_SMOKE.get((item.module.__name__.rpartition(".")[2], getattr(item, "originalname", item.name)))
+    if rule is None:
+        return False
+    callspec = getattr(item, "callspec", None)
+    return rule(set(callspec.id.split("-")) if callspec is not None else set())
+
+
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if in_gpu_smoke(item):
+            item.add_marker(pytest.mark.gpu_smoke)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
