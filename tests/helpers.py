@@ -505,3 +505,282 @@ def compare_outputs(name, ours, ref, ref64, reduction_scale=None):
         assert same_strides(a, e), f"{name}[{i}]: strides {a.stride()} vs {e.stride()}"
         scale = reduction_scale if a.dim() == 1 and reduction_scale is not None else None
         assert_close_to_ref(a, e, r.to(torch.float64), f"{name}[{i}]", scale=scale)
+
+
+# ======================================================================================
+# Model-level and integration helpers (appended section): test_models, test_validation,
+# test_edge_cases, test_properties, test_compile, test_autocast, test_distributed,
+# test_module_state, test_determinism, test_cuda_graphs, test_gpu_stress.
+# ======================================================================================
+
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+
+MODEL_NAMES = (
+    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+    "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2",
+)
+NAMESPACES = {"reference": "resnet_fused", "triton": "resnet_fused_triton", "cuda": "resnet_fused_cuda"}
+
+
+def scale_residual_branches(model: nn.Module, factor: float) -> nn.Module:
+    """Multiplies the weight of the last BatchNorm of every residual branch (bn2 of a
+    BasicBlock, bn3 of a Bottleneck) by `factor`, as zero_init_residual does with 0 and as
+    trained ResNets keep their branches small. With unit-scale branches (randomize_model_bn)
+    a deep ResNet's gradients explode at initialization: measured for resnet152, float64,
+    |grad| / |param| of conv1.weight is 1800, so one SGD step at lr 1e-3 moves conv1 by
+    1.8x its norm and the next step amplifies float64 rounding to 1e-8, in torchvision itself."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torchvision.models.resnet.Bottleneck):
+                m.bn3.weight.mul_(factor)
+            elif isinstance(m, torchvision.models.resnet.BasicBlock):
+                m.bn2.weight.mul_(factor)
+    return model
+
+
+def model_twins(name: str, dtype: torch.dtype = torch.float32, residual_scale: float = 1.0, **kwargs):
+    """(torchvision model, fused model) of builder `name` with identical weights and randomized
+    BatchNorm parameters and statistics (randomize_model_bn, residual branches scaled by
+    `residual_scale`), both in `dtype`."""
+    tv = randomize_model_bn(getattr(torchvision.models, name)(**kwargs))
+    if residual_scale != 1.0:
+        scale_residual_branches(tv, residual_scale)
+    fused = getattr(resnet_fused, name)(**kwargs)
+    fused.load_state_dict(tv.state_dict(), strict=True)
+    return tv.to(dtype), fused.to(dtype)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (float64 arithmetic)."""
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / max(scale, 1e-300)
+
+
+def aggregate_rel_l2(tensors, refs) -> float:
+    """sqrt(sum_k ||t_k - r_k||^2 / ||r_k||^2): one error figure for a list of tensors (a
+    model's gradients, its state), each weighted by its own magnitude."""
+    total = 0.0
+    for t, r in zip(tensors, refs, strict=True):
+        r = r.double()
+        norm = torch.linalg.vector_norm(r).item()
+        if norm > 0:
+            total += (torch.linalg.vector_norm(t.double() - r).item() / norm) ** 2
+    return total**0.5
+
+
+def assert_within_2x(what: str, got, baseline, ref64, floor: float) -> tuple[float, float]:
+    """Aggregate relative L2 error of the tensors `got` against `ref64` at most 2x that of
+    `baseline` (eager, or torchvision) plus `floor`. Returns both errors."""
+    err, err_base = aggregate_rel_l2(got, ref64), aggregate_rel_l2(baseline, ref64)
+    assert err <= 2 * err_base + floor, f"{what}: error {err:.2e} > 2x the baseline's {err_base:.2e} + {floor:.1e}"
+    return err, err_base
+
+
+def float_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The floating-point entries of the state_dict: parameters and running statistics."""
+    return [(k, v) for k, v in model.state_dict().items() if v.is_floating_point()]
+
+
+def square_mean_loss(out: torch.Tensor) -> torch.Tensor:
+    return out.square().mean()
+
+
+def sgd_steps(model, inputs, loss_fn=square_mean_loss, lr=1e-3, after_backward=None):
+    """One SGD step (momentum 0.9) per input; per step (logits, [grads in parameter order]).
+    Works on wrapped models (torch.compile, DDP), whose parameter names differ from the module's."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    model.train()
+    record = []
+    for x in inputs:
+        opt.zero_grad()
+        out = model(x)
+        loss_fn(out).backward()
+        if after_backward is not None:
+            after_backward(model)
+        record.append((out.detach(), [None if p.grad is None else p.grad.clone() for p in model.parameters()]))
+        opt.step()
+    return record
+
+
+def perturbed_copy(model: nn.Module, seed: int = 123) -> nn.Module:
+    """model with every parameter multiplied by (1 + 1e-15 N(0,1)): torchvision's own float64
+    sensitivity, the yardstick for training steps after the first in a small-batch regime."""
+    model = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 1e-15 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return model
+
+
+def check_step(what: str, expected, actual, perturbed, step: int) -> None:
+    """float64 against torchvision: step 0 to rounding (1e-9 relative); a later step within
+    10x what perturbing torchvision's own weights by 1e-15 does (perturbed_copy)."""
+    bound = 1e-9 if step == 0 else 10 * rel_err(perturbed, expected) + 1e-12
+    err = rel_err(actual, expected)
+    assert err <= bound, f"step {step} {what}: relative error {err:.2e} > {bound:.2e}"
+
+
+def assert_model_ran_on(recorder: OpRecorder, backend: str, *ops: str) -> None:
+    """Each op in `ops` ran in `backend`'s namespace; for a fused backend, no conv unit took
+    the reference path (every resnet18/resnet50 unit is covered by both fused backends)."""
+    ns = NAMESPACES[backend]
+    ran = {(c.namespace, c.op) for c in recorder.calls}
+    for op in ops:
+        assert (ns, op) in ran, f"{ns}::{op} did not run; ran: {sorted(ran)}"
+    if backend != "reference":
+        fallen_back = sorted(op for n, op in ran if n == "resnet_fused" and op.startswith("conv_bn"))
+        assert not fallen_back, f"{backend}: these units ran on the reference instead: {fallen_back}"
+
+
+def fused_model(name: str, dtype: torch.dtype, device, num_classes: int = 10) -> nn.Module:
+    """Fused `name` with randomized BatchNorm parameters and statistics, channels_last."""
+    model = randomize_model_bn(getattr(resnet_fused, name)(num_classes=num_classes))
+    return model.to(device=device, dtype=dtype).to(memory_format=torch.channels_last)
+
+
+def images(batch: int, hw: int, dtype: torch.dtype, device) -> torch.Tensor:
+    x = torch.randn(batch, 3, hw, hw, device=device)
+    return x.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def float_loss(out: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean (or sum) of the squared logits, in float32 (float64 for a float64 model). The mean
+    keeps several SGD steps at lr 1e-2 stable; the sum keeps float16 gradients clear of underflow."""
+    squares = (out if out.dtype == torch.float64 else out.float()).square()
+    return squares.mean() if reduction == "mean" else squares.sum()
+
+
+def randomize_frozen_bn(model: nn.Module, seed: int = 5) -> nn.Module:
+    """randomize_bn for every torchvision FrozenBatchNorm2d of `model` (its buffers)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, FrozenBatchNorm2d):
+            c = m.weight.numel()
+            m.weight.copy_(torch.rand(c, generator=g) + 0.5), m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# ops.conv_bn_relu against eager F.conv2d + F.batch_norm (+ residual) (+ ReLU) in the same
+# dtype and in float64: test_edge_cases and test_properties.
+
+UNIT_TENSOR_ARGS = ("x", "weight", "bn_weight", "bn_bias", "running_mean", "running_var", "bias", "residual")
+UNIT_GRAD_ARGS = ("x", "weight", "bn_weight", "bn_bias", "bias", "residual")
+
+
+def eager_conv_bn_relu(x, weight, bn_weight, bn_bias, running_mean, running_var, *, training, momentum=0.1,
+                       eps=1e-5, stride=1, padding=0, dilation=1, groups=1, bias=None, residual=None, relu=True):
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, training or running_mean is None,
+                     momentum, eps)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def reduction_scales(tensors: dict, grad_y, kwargs) -> dict:
+    """For each result that is a sum over many terms which may cancel, the magnitude of those
+    terms (float64): the `scale` of assert_close_to_ref ("pass the magnitude of the summed
+    terms for a quantity that is a cancellation"). Any order of summation errs by a few
+    ulps of that magnitude, however small the result.
+
+    With |x_hat| <= (conv(|x|, |w|) + |bias| + |mean|) * invstd and the BatchNorm backward's
+    dz = gamma * invstd * (g - mean(g) - x_hat * mean(g * x_hat)) (eval: gamma * invstd * g),
+    bounded termwise by D: the output is gamma * x_hat + ..., where z - mean cancels (a channel
+    of near-constant z: invstd -> 1/sqrt(eps) amplifies it); bn_bias sums g; bn_weight sums
+    g * x_hat (the folded eval path sums g * conv(x, w) and g * (bias - running_mean)
+    separately, two sums that cancel); conv bias sums dz (exactly 0 under batch statistics),
+    weight sums dz * x (under batch statistics sum(grad_w * w) = 0 per output channel:
+    BatchNorm is scale invariant), x sums dz * w."""
+    t = {k: (v.detach().double() if v is not None else None) for k, v in tensors.items()}
+    conv = dict(stride=kwargs.get("stride", 1), padding=kwargs.get("padding", 0),
+                dilation=kwargs.get("dilation", 1), groups=kwargs.get("groups", 1))
+    x, w = t["x"], t["weight"]
+    z = F.conv2d(x, w, t.get("bias"), **conv)
+    batch_stats = kwargs.get("training") or t["running_mean"] is None
+    if batch_stats:
+        mean, var = z.mean(dim=(0, 2, 3)), z.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = t["running_mean"], t["running_var"]
+    invstd = torch.rsqrt(var + kwargs.get("eps", 1e-5)).view(1, -1, 1, 1)
+    x_hat_bound = F.conv2d(x.abs(), w.abs(), None, **conv) + mean.abs().view(1, -1, 1, 1)
+    if t.get("bias") is not None:
+        x_hat_bound = x_hat_bound + t["bias"].abs().view(1, -1, 1, 1)
+    # running statistics: the batch mean sums z (cancelling conv terms); the variance squares
+    # z - mean, whose error is a few ulps of |z| + |mean|
+    z_bound = x_hat_bound.amax(dim=(0, 2, 3))
+    stats = {"running_mean": x_hat_bound.mean(dim=(0, 2, 3)).max().item(),
+             "running_var": (2 * var.sqrt() * z_bound + var).max().item()}
+    x_hat_bound = x_hat_bound * invstd
+    g = grad_y.double().abs()
+    gamma = t["bn_weight"].abs().view(1, -1, 1, 1) if t["bn_weight"] is not None else 1.0
+    dz = g
+    if batch_stats:
+        dz = g + g.mean(dim=(0, 2, 3), keepdim=True) + x_hat_bound * (g * x_hat_bound).mean(dim=(0, 2, 3), keepdim=True)
+    dz = dz * gamma * invstd
+    dz_sum = dz.sum(dim=(0, 2, 3))
+    return {
+        "output": (x_hat_bound * gamma).max().item(),
+        **stats,
+        "bn_bias": g.sum(dim=(0, 2, 3)).max().item(),
+        "bn_weight": (g * x_hat_bound).sum(dim=(0, 2, 3)).max().item(),
+        "bias": torch.maximum(dz_sum, g.sum(dim=(0, 2, 3))).max().item(),
+        "weight": torch.nn.grad.conv2d_weight(x.abs(), w.shape, dz, **conv).max().item(),
+        "x": torch.nn.grad.conv2d_input(x.shape, w.abs(), dz, **conv).max().item(),
+    }
+
+
+def check_against_eager(backend: str, expect: str | None, tensors: dict, grad_y=None, **kwargs) -> None:
+    """ops.conv_bn_relu on `backend` vs eager in the same dtype vs eager in float64: output,
+    the gradient of every floating input, and the running statistics (assert_close_to_ref).
+    `tensors` holds x, weight, bn_weight, bn_bias, running_mean, running_var and optionally bias,
+    residual, with whatever strides the caller gave them (kept for the fused and eager dtype
+    runs). `expect`: the backend that must run the forward (None: not checked). grad_y: the
+    output gradient (default random); it may itself be oddly strided."""
+    runs = []
+    fused = resnet_fused.ops.conv_bn_relu
+    for fn, dt in ((eager_conv_bn_relu, torch.float64), (eager_conv_bn_relu, None), (fused, None)):
+        args = {}
+        for k, v in tensors.items():
+            if v is None:
+                args[k] = None
+                continue
+            v = v.detach() if dt is None else v.detach().to(dt)
+            args[k] = v.clone() if k.startswith("running") else v.requires_grad_()
+        if fn is fused:
+            with resnet_fused.use_backend(backend), backends.record_selections() as selected:
+                y = fn(**args, **kwargs)
+            if expect is not None:
+                assert set(selected) == {expect}, f"expected {expect} to run, got {dict(selected)}"
+        else:
+            y = fn(**args, **kwargs)
+        g = grad_y if grad_y is not None else torch.randn(
+            y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(y.device)
+        if g.dtype != y.dtype:
+            g = g.to(y.dtype)
+        inputs = [k for k in UNIT_GRAD_ARGS if args.get(k) is not None]
+        with resnet_fused.use_backend(backend):
+            grads = torch.autograd.grad(y, [args[k] for k in inputs], g)
+        runs.append((y, dict(zip(inputs, grads)),
+                     {k: args[k] for k in ("running_mean", "running_var") if args.get(k) is not None}))
+    (y64, g64, s64), (ye, ge, se), (yf, gf, sf) = runs
+    scales = reduction_scales(tensors, g, kwargs)
+    assert_close_to_ref(yf, ye, y64, f"{backend} output", scale=max(scales["output"], y64.abs().max().item()))
+    for name in g64:
+        assert gf[name].shape == tensors[name].shape, name
+        assert_close_to_ref(gf[name], ge[name], g64[name], f"{backend} grad {name}", scale=scales.get(name))
+    for name in s64:
+        assert_close_to_ref(sf[name], se[name], s64[name], f"{backend} {name}",
+                            scale=max(scales[name], s64[name].abs().max().item()))
+
+# ======================================================================================
+# End of the model-level and integration helpers.
+# ======================================================================================

@@ -4,7 +4,7 @@ statistics, over shapes, memory layouts and strides, kernel sizes (non-square), 
 strides, paddings, dilations, groups, dtypes, train/eval, with/without running statistics,
 conv bias, residual and ReLU.
 
-Oracle and tolerance: `test_reliability.check_against_eager` (eager float64 as the reference,
+Oracle and tolerance: `helpers.check_against_eager` (eager float64 as the reference,
 the fused result may err at most 2x eager's own error in the same dtype plus a few ulps,
 helpers.assert_close_to_ref). It also asserts which backend ran the forward.
 
@@ -15,11 +15,19 @@ CPU (channels <= 8, spatial <= 9). With a GPU the same properties run on CUDA te
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from helpers import check_against_eager
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
-from test_reliability import DEVICE, TRITON_REASON, check_against_eager
+
+from resnet_fused import backends
+
+# CPU tensors where the Triton kernels run in the interpreter (no GPU), else CUDA tensors.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+TRITON_REASON = backends.unavailable_reason("triton")
 
 LAYOUTS = ["contiguous", "channels_last", "permuted", "channels_slice", "spatial_step", "expanded_batch",
            "channels_last_step", "storage_offset"]
@@ -73,7 +81,7 @@ def conv_bn_cases(draw, dtypes):
     training = draw(st.booleans())
     running = draw(st.booleans()) if training else draw(st.sampled_from([True, True, False]))
     if (training or not running) and n * ho * wo == 1:
-        n = 2  # one value per channel: the BatchNorm error (tested in test_reliability), not a property
+        n = 2  # one value per channel: the BatchNorm error (tested in test_validation), not a property
     return dict(
         dtype=dtype, n=n, c_in=c_in, c_out=c_out, h=h, w=w, kernel=(kh, kw), stride=stride, padding=padding,
         dilation=dilation, groups=groups, training=training, running=running,
@@ -157,9 +165,7 @@ def test_triton_matches_eager(case):
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_fused_gpu_backends_match_eager(backend):
     """On a GPU: the same properties on CUDA tensors (float32; half precision is covered by
-    the backend suites), with a larger budget."""
-    from resnet_fused import backends
-
+    the op suite), with a larger budget."""
     reason = backends.unavailable_reason(backend)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
