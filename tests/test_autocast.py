@@ -238,3 +238,20 @@ def test_frozen_batchnorm_backbone_under_autocast():
     for key in ref:
         err_f, err_tv = aggregate_rel_l2([fpn_f[key]], [ref[key]]), aggregate_rel_l2([fpn_tv[key]], [ref[key]])
         assert err_f <= 2 * err_tv + floor, f"{key}: error {err_f:.2e} > 2x torchvision's {err_tv:.2e}"
+
+
+def test_frozen_batchnorm_unit_adds_the_residual_as_given():
+    """A FrozenBatchNorm2d unit under autocast adds a float32 residual in float32, as eager
+    does: not a copy rounded to the autocast dtype. A residual much larger than the unit's
+    output makes that rounding visible (about 0.25 at 100 in bfloat16)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    norm = randomize_frozen_bn(FrozenBatchNorm2d(6))
+    x = torch.randn(2, 4, 8, 8)
+    residual = torch.randn(2, 6, 8, 8) * 100
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = torch.relu(norm(conv(x)) + residual)
+        fused = resnet_fused.nn.conv_bn_act(conv, norm, x, residual, torch.nn.ReLU())
+    assert fused.dtype == eager.dtype == torch.float32
+    # Only the unit's own output differs (one bfloat16 rounding of values of about 1).
+    assert (fused - eager).abs().max().item() < 0.05
