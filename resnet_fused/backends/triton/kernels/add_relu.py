@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...._utils import interpret
+from .launch import launch, needs_int64
 
 
 @triton.jit
@@ -16,9 +16,11 @@ def _relu(v):
 
 
 @triton.jit
-def _add_relu_kernel(x_ptr, r_ptr, y_ptr, numel, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+def _add_relu_kernel(x_ptr, r_ptr, y_ptr, numel, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    if INDEX_64:
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -29,5 +31,5 @@ def add_relu(x, residual, out):
     """x, residual, out: dense tensors with identical strides."""
     numel = out.numel()
     block = 4096 if interpret() else 2048
-    wrap_triton(_add_relu_kernel)[(triton.cdiv(numel, block),)](x, residual, out, numel, BLOCK=block,
-                                                              num_warps=8 if not interpret() else 4)
+    launch(_add_relu_kernel, (triton.cdiv(numel, block),), x, residual, out, numel, INDEX_64=needs_int64(out),
+           BLOCK=block, num_warps=8 if not interpret() else 4)

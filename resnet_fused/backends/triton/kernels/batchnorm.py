@@ -20,14 +20,22 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .configs import elementwise_block
+from .launch import launch, needs_int64
 
 
 def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
     assert t.size(2) == 1 or t.stride(2) == t.size(3) * t.stride(3), "H and W must be dense together"
     return t.stride(0), t.stride(1), t.stride(3)
+
+
+@triton.jit
+def _index(v, INDEX_64: tl.constexpr):
+    if INDEX_64:
+        return v.to(tl.int64)
+    else:
+        return v
 
 
 @triton.jit
@@ -43,16 +51,16 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
 @triton.jit
 def _finalize_stats_kernel(
     pmean_ptr, pm2_ptr, mean_ptr, var_ptr, T, C, M, TILE_M,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pid = _index(tl.program_id(0), INDEX_64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+        offs_t = t0 + tl.arange(0, BLOCK_T)
         t_ok = offs_t < T
         mask = t_ok[:, None] & c_mask[None, :]
         offs = offs_t[:, None] * C + offs_c[None, :]
@@ -73,8 +81,8 @@ def _finalize_stats_kernel(
 def finalize_stats(pmean, pm2, mean, var, m, tile_m):
     t, c = pmean.shape
     block_c = 32
-    wrap_triton(_finalize_stats_kernel)[(triton.cdiv(c, block_c),)](
-        pmean, pm2, mean, var, t, c, m, tile_m, BLOCK_T=32, BLOCK_C=block_c,
+    launch(_finalize_stats_kernel, (triton.cdiv(c, block_c),),
+        pmean, pm2, mean, var, t, c, m, tile_m, INDEX_64=needs_int64(pmean), BLOCK_T=32, BLOCK_C=block_c,
     )
 
 
@@ -83,12 +91,13 @@ def _bn_apply_kernel(
     z_ptr, y_ptr, res_ptr, mean_ptr, var_ptr, w_ptr, b_ptr, eps,
     M, C, HW,
     szn, szc, szhw, syn, syc, syhw, srn, src, srhw,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_c = _index(tl.program_id(1), INDEX_64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < M
     c_mask = offs_c < C
     mask = m_mask[:, None] & c_mask[None, :]
@@ -114,23 +123,24 @@ def bn_apply(z, y, residual, mean, var, bn_weight, bn_bias, eps, relu):
     m = n * h * w
     bm, bc = elementwise_block()
     res = residual if residual is not None else z
-    wrap_triton(_bn_apply_kernel)[(triton.cdiv(m, bm), triton.cdiv(c, bc))](
+    launch(_bn_apply_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
         z, y, res, mean, var, bn_weight, bn_bias, eps, m, c, h * w,
         *act_strides(z), *act_strides(y), *act_strides(res),
-        HAS_RES=residual is not None, RELU=relu, BLOCK_M=bm, BLOCK_C=bc,
+        HAS_RES=residual is not None, RELU=relu, INDEX_64=needs_int64(z, y, residual), BLOCK_M=bm, BLOCK_C=bc,
     )
 
 
 @triton.jit
-def _sum_partials_kernel(p_ptr, out_ptr, T, C, NUM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sum_partials_kernel(p_ptr, out_ptr, T, C, NUM: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_T: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
     """out[i, c] = sum over t of p[i, t, c], tiles added in a fixed order."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pid = _index(tl.program_id(0), INDEX_64)
+    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     for i in tl.static_range(NUM):
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
+            offs_t = t0 + tl.arange(0, BLOCK_T)
             mask = (offs_t < T)[:, None] & c_mask[None, :]
             acc += tl.sum(tl.load(p_ptr + (i * T + offs_t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0),
                           axis=0)
@@ -141,8 +151,8 @@ def sum_partials(part):
     num, t, c = part.shape
     out = torch.empty((num, c), dtype=torch.float32, device=part.device)
     block_c = 32
-    wrap_triton(_sum_partials_kernel)[(triton.cdiv(c, block_c),)](
-        part, out, t, c, NUM=num, BLOCK_T=32, BLOCK_C=block_c,
+    launch(_sum_partials_kernel, (triton.cdiv(c, block_c),),
+        part, out, t, c, NUM=num, INDEX_64=needs_int64(part), BLOCK_T=32, BLOCK_C=block_c,
     )
     return out
 
@@ -151,13 +161,13 @@ def sum_partials(part):
 def _bn_bwd_reduce_kernel(
     gy_ptr, y_ptr, z_ptr, mean_ptr, part_ptr, M, C, HW,
     sgn, sgc, sghw, syn, syc, syhw, szn, szc, szhw,
-    RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_c = _index(tl.program_id(1), INDEX_64)
     T = tl.num_programs(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     n_idx = offs_m // HW
@@ -183,12 +193,12 @@ def _bn_bwd_dz_kernel(
     M, C, HW,
     sgn, sgc, sghw, syn, syc, syhw, szn, szc, szhw, sdn, sdc, sdhw, srn, src, srhw,
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_RES: tl.constexpr, WRITE_VEC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_c = _index(tl.program_id(1), INDEX_64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     n_idx = offs_m // HW
@@ -233,10 +243,10 @@ def bn_backward_sums(grad_y, y, z, mean, relu):
     t = triton.cdiv(m, bm)
     part = torch.empty((3, t, c), dtype=torch.float32, device=z.device)
     yy = y if y is not None else z
-    wrap_triton(_bn_bwd_reduce_kernel)[(t, triton.cdiv(c, bc))](
+    launch(_bn_bwd_reduce_kernel, (t, triton.cdiv(c, bc)),
         grad_y, yy, z, mean, part, m, c, h * w,
         *act_strides(grad_y), *act_strides(yy), *act_strides(z),
-        RELU=relu, BLOCK_M=bm, BLOCK_C=bc,
+        RELU=relu, INDEX_64=needs_int64(grad_y, yy, z), BLOCK_M=bm, BLOCK_C=bc,
     )
     return sum_partials(part)
 
@@ -255,14 +265,14 @@ def bn_backward_dz(grad_y, y, z, mean, var, bn_weight, sums, count, eps, relu, d
     dzz = dz if dz is not None else z
     res = grad_res if grad_res is not None else z
     vec = sums if not write_vec else None
-    wrap_triton(_bn_bwd_dz_kernel)[(t, triton.cdiv(c, bc))](
+    launch(_bn_bwd_dz_kernel, (t, triton.cdiv(c, bc)),
         grad_y, yy, z, mean, var, bn_weight, sums, eps, float(count),
         dzz, res, grad_bn_w if write_vec else vec, grad_bn_b if write_vec else vec,
         grad_bias if write_vec else vec,
         m, c, h * w,
         *act_strides(grad_y), *act_strides(yy), *act_strides(z), *act_strides(dzz), *act_strides(res),
         RELU=relu, WRITE_DZ=dz is not None, WRITE_RES=grad_res is not None, WRITE_VEC=write_vec,
-        BLOCK_M=bm, BLOCK_C=bc,
+        INDEX_64=needs_int64(grad_y, yy, z, dzz, res), BLOCK_M=bm, BLOCK_C=bc,
     )
 
 
@@ -280,12 +290,12 @@ def _eval_bwd_g_kernel(
     gy_ptr, y_ptr, g_ptr, part_ptr, M, C, HW,
     sgn, sgc, sghw, syn, syc, syhw, son, soc, sohw,
     RELU: tl.constexpr, WRITE_G: tl.constexpr, WRITE_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    pid_m = _index(tl.program_id(0), INDEX_64)
+    pid_c = _index(tl.program_id(1), INDEX_64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     n_idx = offs_m // HW
@@ -310,9 +320,10 @@ def eval_backward_g(grad_y, y, relu, g_out, want_sum):
     part = torch.empty((1, t, c), dtype=torch.float32, device=grad_y.device) if want_sum else None
     yy = y if y is not None else grad_y
     go = g_out if g_out is not None else grad_y
-    wrap_triton(_eval_bwd_g_kernel)[(t, triton.cdiv(c, bc))](
+    launch(_eval_bwd_g_kernel, (t, triton.cdiv(c, bc)),
         grad_y, yy, go, part if part is not None else grad_y, m, c, h * w,
         *act_strides(grad_y), *act_strides(yy), *act_strides(go),
-        RELU=relu, WRITE_G=g_out is not None, WRITE_SUM=want_sum, BLOCK_M=bm, BLOCK_C=bc,
+        RELU=relu, WRITE_G=g_out is not None, WRITE_SUM=want_sum, INDEX_64=needs_int64(grad_y, yy, go),
+        BLOCK_M=bm, BLOCK_C=bc,
     )
     return sum_partials(part)[0] if want_sum else None

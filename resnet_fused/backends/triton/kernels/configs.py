@@ -8,6 +8,7 @@ README's Triton section says how these sets were chosen.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -61,3 +62,18 @@ def conv_block_m() -> int:
 def elementwise_block() -> tuple[int, int]:
     """(rows, channels) tile of the per-channel elementwise/reduction kernels."""
     return (64, 32) if interpret() else (64, 64)
+
+
+_TARGET_ARCH: int | None = None
+
+
+@contextlib.contextmanager
+def target(arch: int):
+    """Choose configs for this architecture (sm_XY as XY) instead of the current device's:
+    the compile gate (aot.py) enumerates a GPU's configs on a machine without one."""
+    global _TARGET_ARCH
+    previous, _TARGET_ARCH = _TARGET_ARCH, arch
+    try:
+        yield
+    finally:
+        _TARGET_ARCH = previous

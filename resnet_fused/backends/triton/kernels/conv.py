@@ -12,6 +12,22 @@ group, K = (kh, kw, input channel). Epilogues:
   EPILOGUE == 1 (train): z = acc (+ bias[c]) stored in the input dtype, and per-tile
                          (mean, M2) of the rounded z per channel for a Chan merge in
                          batchnorm.finalize_stats (the tile count is implied by BLOCK_M).
+
+K loop: one loop over (tap, channel block), channel block fastest, so Triton's software
+pipeline (num_stages) runs across taps instead of draining at each one (the gate counted
+3 scf.for per 3x3 kernel with the loop nested per tap). A tap moves every row's input
+address by the same amount (kh * dil * stride_h + kw * dil * stride_w), so the loop carries
+(c0, kh, kw) as scalars and each row's base address is computed once.
+
+Few channels (FLAT: the 7x7 stem's 3 input channels, or dgrad's few output channels): a K
+block is one filter row, (kw, c) with c padded to a power of two C_PAD and kw to KW_PAD, so
+its index math is shifts and masks of constants, and the loop runs over kh.
+
+Index math is int32; INDEX_64 (the launcher's choice when a tensor spans 2**31 elements or
+more, see launch.needs_int64) makes every pixel and offset computation int64.
+
+Tile order: n-fastest (program id -> (m tile, n tile) with the n tiles of one m tile adjacent),
+so the programs sharing an activation tile run together and read it from DRAM once.
 """
 
 from __future__ import annotations
@@ -19,88 +35,124 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from ...._utils import interpret
 from .configs import conv_block_m, conv_configs, m_bucket, wgrad_configs
+from .launch import launch, needs_int64
 
-# Input channels per group below which the K loop flattens (kh, kw, c) (see FLAT_K).
-FLAT_K_BELOW = 16
+# Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
+FLAT_BELOW = 16
+# Largest FLAT K block (KW_PAD * C_PAD); wider filter rows take the per-tap loop.
+FLAT_MAX_BLOCK = 256
+
+
+@triton.jit
+def _index(v, INDEX_64: tl.constexpr):
+    if INDEX_64:
+        return v.to(tl.int64)
+    else:
+        return v
+
+
+@triton.jit
+def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
+    if ALLOW_TF32:
+        return tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _tile_ids(N_COLS, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr):
+    """(m tile, n tile, group) of this program; n tiles of one m tile are adjacent ids."""
+    pid = _index(tl.program_id(0), INDEX_64)
+    num_n = tl.cdiv(N_COLS, BLOCK_N)
+    pid_m = pid // num_n
+    return pid_m, pid - pid_m * num_n, _index(tl.program_id(2), INDEX_64)
 
 
 @triton.jit
 def _pixel_rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
-    """The GEMM rows of tile pid_m: flat pixel indices (int64), their mask, and (n, h*W+w, h, w)."""
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-    hw = offs_m % HW
-    return offs_m, offs_m < M, offs_m // HW, hw, hw // W, hw % W
+    """The GEMM rows of tile pid_m: flat pixel indices, their mask, and (n, h*W+w, h, w)."""
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_idx = offs_m // HW
+    hw = offs_m - n_idx * HW
+    h = hw // W
+    return offs_m, offs_m < M, n_idx, hw, h, hw - h * W
+
+
+@triton.jit
+def _next_tap(c0, kh, kw, C, KW, BLOCK_K: tl.constexpr):
+    """Advance (channel block, kw, kh), channel block fastest."""
+    c0 += BLOCK_K
+    wrap_c = c0 >= C
+    c0 = tl.where(wrap_c, 0, c0)
+    kw = tl.where(wrap_c, kw + 1, kw)
+    wrap_w = kw >= KW
+    kw = tl.where(wrap_w, 0, kw)
+    kh = tl.where(wrap_w, kh + 1, kh)
+    return c0, kh, kw
 
 
 @triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
-    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, PAD_H, PAD_W,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
     son, soc, sohw,
     srn, src, srhw,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    FLAT_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    grp = tl.program_id(2).to(tl.int64)
-
+    pid_m, pid_n, grp = _tile_ids(C_OUT_G, BLOCK_N, INDEX_64)
     offs_m, m_mask, n_idx, hw, ho, wo = _pixel_rows(pid_m, M, HWO, WO, BLOCK_M)
+    h0 = ho * STRIDE_H - PAD_H
+    w0 = wo * STRIDE_W - PAD_W
+    x_rows = x_ptr + grp * C_IN_G * sxc + n_idx * sxn + h0 * sxh + w0 * sxw  # tap (0, 0), channel 0
 
-    offs_co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = offs_co_g < C_OUT_G
     offs_co = grp * C_OUT_G + offs_co_g
+    w_cols = w_ptr + offs_co * swo
 
-    x_grp = x_ptr + grp * C_IN_G * sxc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
-        # Few input channels (the 7x7 stem, C_in = 3): K = (kh, kw, c) flattened into one
-        # index so a K block spans several taps instead of padding 3 channels to BLOCK_K.
-        K_TOTAL = KH * KW * C_IN_G
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K_TOTAL
-            c = offs_k % C_IN_G
-            tap = offs_k // C_IN_G
-            kh = tap // KW
-            kw = tap % KW
-            h = ho[:, None] * STRIDE_H - PAD_H + (kh * DIL_H)[None, :]
-            w = wo[:, None] * STRIDE_W - PAD_W + (kw * DIL_W)[None, :]
-            ok = m_mask[:, None] & k_ok[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            a = tl.load(x_grp + (n_idx * sxn)[:, None] + h * sxh + w * sxw + (c * sxc)[None, :], mask=ok, other=0.0)
-            b = tl.load(w_ptr + (offs_co * swo)[None, :] + (c * swi + kh * swh + kw * sww)[:, None],
-                        mask=k_ok[:, None] & co_mask[None, :], other=0.0)
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-    for kh in range(0 if FLAT_K else KH):
-        h = ho * STRIDE_H - PAD_H + kh * DIL_H
-        h_ok = m_mask & (h >= 0) & (h < H)
-        for kw in range(KW):
-            w = wo * STRIDE_W - PAD_W + kw * DIL_W
-            ok = h_ok & (w >= 0) & (w < W)
-            a_base = x_grp + n_idx * sxn + h * sxh + w * sxw
-            b_base = w_ptr + offs_co * swo + kh * swh + kw * sww
-            for c0 in range(0, C_IN_G, BLOCK_K):
-                offs_c = c0 + tl.arange(0, BLOCK_K)
-                c_ok = offs_c < C_IN_G
-                a = tl.load(a_base[:, None] + offs_c[None, :] * sxc, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                b = tl.load(b_base[None, :] + offs_c[:, None] * swi, mask=c_ok[:, None] & co_mask[None, :],
-                            other=0.0)
-                if ALLOW_TF32:
-                    acc = tl.dot(a, b, acc, input_precision="tf32")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+    if FLAT:
+        # K block = one filter row (kw, c), padded to (KW_PAD, C_PAD); the loop runs over kh.
+        offs_f = tl.arange(0, KW_PAD * C_PAD)
+        kw_f = offs_f // C_PAD
+        c_f = offs_f % C_PAD
+        f_ok = (kw_f < KW) & (c_f < C_IN_G)
+        x_cols = kw_f * (DIL_W * sxw) + c_f * sxc
+        w_f = w0[:, None] + (kw_f * DIL_W)[None, :]
+        row_ok = m_mask[:, None] & f_ok[None, :] & (w_f >= 0) & (w_f < W)
+        w_k = kw_f * sww + c_f * swi
+        for kh in range(KH):
+            h = h0 + kh * DIL_H
+            ok = row_ok & ((h >= 0) & (h < H))[:, None]
+            a = tl.load(x_rows[:, None] + kh * (DIL_H * sxh) + x_cols[None, :], mask=ok, other=0.0)
+            b = tl.load(w_cols[None, :] + kh * swh + w_k[:, None], mask=f_ok[:, None] & co_mask[None, :], other=0.0)
+            acc = _dot(a, b, acc, ALLOW_TF32)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        zero = grp * 0
+        c0, kh, kw = zero, zero, zero
+        for _ in range(KH * KW * tl.cdiv(C_IN_G, BLOCK_K)):
+            h = h0 + kh * DIL_H
+            w = w0 + kw * DIL_W
+            ok = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            offs_c = c0 + offs_k
+            c_ok = offs_c < C_IN_G
+            a = tl.load(x_rows[:, None] + (kh * (DIL_H * sxh) + kw * (DIL_W * sxw)) + offs_c[None, :] * sxc,
+                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_c[:, None] * swi,
+                        mask=c_ok[:, None] & co_mask[None, :], other=0.0)
+            acc = _dot(a, b, acc, ALLOW_TF32)
+            c0, kh, kw = _next_tap(c0, kh, kw, C_IN_G, KW, BLOCK_K)
 
     out_dtype = out_ptr.dtype.element_ty
     out_offs = (n_idx * son + hw * sohw)[:, None] + (offs_co * soc)[None, :]
@@ -142,6 +194,14 @@ def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
 
 
+def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
+    """(FLAT, C_PAD, KW_PAD) for a K side of `channels` per tap and filter rows of kw taps."""
+    c_pad, kw_pad = triton.next_power_of_2(channels), triton.next_power_of_2(kw)
+    c_pad = max(c_pad, triton.cdiv(16, kw_pad))  # tl.dot needs K >= 16
+    flat = channels < FLAT_BELOW and kw_pad * c_pad <= FLAT_MAX_BLOCK
+    return flat, c_pad, kw_pad
+
+
 def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
                  pmean=None, pm2=None):
     """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
@@ -155,103 +215,93 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
     block_m = conv_block_m()
     dummy = out
     res = residual if residual is not None else dummy
-    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(c_out_g, meta["BLOCK_N"]), groups)  # noqa: E731
-    wrap_triton(_conv_fwd_kernel)[grid](
+    flat, c_pad, kw_pad = _flat(c_in_g, kw)
+    grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
+    launch(
+        _conv_fwd_kernel, grid,
         x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
         pmean if train else dummy, pm2 if train else dummy,
-        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, padding[0], padding[1],
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         out.stride(0), out.stride(1), _hw_stride(out),
         res.stride(0), res.stride(1), _hw_stride(res),
+        STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
         EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        FLAT_K=c_in_g < FLAT_K_BELOW, ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, ALLOW_TF32=allow_tf32(x.dtype),
+        INDEX_64=needs_int64(x, out, residual), BLOCK_M=block_m,
     )
 
 
 # ---------------------------------------------------------------------------------------
-# dgrad: grad_x[n, ci, h, w] = sum over (co, kh, kw) of dz[n, co, ho, wo] * w[co, ci, kh, kw] (* scale[co])
+# dgrad: grad_x[n, ci, h, w] = sum over (co, kh, kw) of dz[n, co, ho, wo] * w[co, ci, kh, kw]
 # where h = ho * s - p + kh * d. GEMM rows = input pixels, columns = input channels of the group,
 # K = (kh, kw, output channel); taps whose (h + p - kh * d) is not a multiple of s are masked.
+# With the BN scale (eval backward), the launcher folds it into a scaled copy of the weight
+# (rounded to its dtype, as a per-K-step scaling of the weight tile would be).
 
 
 @triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"])
 @triton.jit
 def _conv_dgrad_kernel(
-    dz_ptr, w_ptr, scale_ptr, dx_ptr,
-    M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    dz_ptr, w_ptr, dx_ptr,
+    M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW, PAD_H, PAD_W,
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
     sxn, sxc, sxhw,
-    HAS_SCALE: tl.constexpr, FLAT_K: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_n = tl.program_id(1).to(tl.int64)
-    grp = tl.program_id(2).to(tl.int64)
-
+    pid_m, pid_n, grp = _tile_ids(C_IN_G, BLOCK_N, INDEX_64)
     offs_m, m_mask, n_idx, hw, h, w = _pixel_rows(pid_m, M, HW, W, BLOCK_M)
+    th0 = h + PAD_H  # ho * STRIDE_H = th0 - kh * DIL_H
+    tw0 = w + PAD_W
+    dz_rows = dz_ptr + grp * C_OUT_G * sdc + n_idx * sdn
 
-    offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = offs_ci_g < C_IN_G
+    w_cols = w_ptr + grp * C_OUT_G * swo + offs_ci_g * swi
 
-    dz_grp = dz_ptr + grp * C_OUT_G * sdc
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT_K:
-        # Few output channels: K = (kh, kw, co) flattened into one index (see the forward).
-        K_TOTAL = KH * KW * C_OUT_G
-        for k0 in range(0, K_TOTAL, BLOCK_K):
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K_TOTAL
-            co_g = offs_k % C_OUT_G
-            tap = offs_k // C_OUT_G
-            kh = tap // KW
-            kw = tap % KW
-            th = h[:, None] + PAD_H - (kh * DIL_H)[None, :]
-            tw = w[:, None] + PAD_W - (kw * DIL_W)[None, :]
+    if FLAT:
+        # K block = one filter row (kw, co) padded to (KW_PAD, C_PAD); the loop runs over kh.
+        offs_f = tl.arange(0, KW_PAD * C_PAD)
+        kw_f = offs_f // C_PAD
+        co_f = offs_f % C_PAD
+        f_ok = (kw_f < KW) & (co_f < C_OUT_G)
+        tw = tw0[:, None] - (kw_f * DIL_W)[None, :]
+        wo = tw // STRIDE_W
+        col_ok = m_mask[:, None] & f_ok[None, :] & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO)
+        col_offs = wo * sdw + (co_f * sdc)[None, :]
+        w_k = co_f * swo + kw_f * sww
+        for kh in range(KH):
+            th = th0 - kh * DIL_H
+            ho = th // STRIDE_H
+            h_ok = (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
+            a = tl.load(dz_rows[:, None] + (ho * sdh)[:, None] + col_offs, mask=col_ok & h_ok[:, None], other=0.0)
+            b = tl.load(w_cols[None, :] + kh * swh + w_k[:, None], mask=f_ok[:, None] & ci_mask[None, :], other=0.0)
+            acc = _dot(a, b, acc, ALLOW_TF32)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        zero = grp * 0
+        c0, kh, kw = zero, zero, zero
+        for _ in range(KH * KW * tl.cdiv(C_OUT_G, BLOCK_K)):
+            th = th0 - kh * DIL_H
+            tw = tw0 - kw * DIL_W
             ho = th // STRIDE_H
             wo = tw // STRIDE_W
-            ok = (m_mask[:, None] & k_ok[None, :] & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
+            ok = (m_mask & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
                   & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO))
-            a = tl.load(dz_grp + (n_idx * sdn)[:, None] + ho * sdh + wo * sdw + (co_g * sdc)[None, :], mask=ok,
-                        other=0.0)
-            co = grp * C_OUT_G + co_g
-            b = tl.load(w_ptr + (offs_ci_g * swi)[None, :] + (co * swo + kh * swh + kw * sww)[:, None],
-                        mask=k_ok[:, None] & ci_mask[None, :], other=0.0)
-            if HAS_SCALE:
-                s = tl.load(scale_ptr + co, mask=k_ok, other=0.0).to(tl.float32)
-                b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
-            if ALLOW_TF32:
-                acc = tl.dot(a, b, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(a, b, acc, input_precision="ieee")
-    for kh in range(0 if FLAT_K else KH):
-        th = h + PAD_H - kh * DIL_H
-        ho = th // STRIDE_H
-        h_ok = m_mask & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
-        for kw in range(KW):
-            tw = w + PAD_W - kw * DIL_W
-            wo = tw // STRIDE_W
-            ok = h_ok & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO)
-            a_base = dz_grp + n_idx * sdn + ho * sdh + wo * sdw
-            b_base = w_ptr + offs_ci_g * swi + kh * swh + kw * sww
-            for c0 in range(0, C_OUT_G, BLOCK_K):
-                offs_co_g = c0 + tl.arange(0, BLOCK_K)
-                co_ok = offs_co_g < C_OUT_G
-                offs_co = grp * C_OUT_G + offs_co_g
-                a = tl.load(a_base[:, None] + offs_co_g[None, :] * sdc, mask=ok[:, None] & co_ok[None, :],
-                            other=0.0)
-                b = tl.load(b_base[None, :] + offs_co[:, None] * swo, mask=co_ok[:, None] & ci_mask[None, :],
-                            other=0.0)
-                if HAS_SCALE:
-                    s = tl.load(scale_ptr + offs_co, mask=co_ok, other=0.0).to(tl.float32)
-                    b = (b.to(tl.float32) * s[:, None]).to(a.dtype)
-                if ALLOW_TF32:
-                    acc = tl.dot(a, b, acc, input_precision="tf32")
-                else:
-                    acc = tl.dot(a, b, acc, input_precision="ieee")
+            offs_co_g = c0 + offs_k
+            co_ok = offs_co_g < C_OUT_G
+            a = tl.load(dz_rows[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_co_g[None, :] * sdc,
+                        mask=ok[:, None] & co_ok[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_co_g[:, None] * swo,
+                        mask=co_ok[:, None] & ci_mask[None, :], other=0.0)
+            acc = _dot(a, b, acc, ALLOW_TF32)
+            c0, kh, kw = _next_tap(c0, kh, kw, C_OUT_G, KW, BLOCK_K)
 
     offs_ci = grp * C_IN_G + offs_ci_g
     out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
@@ -264,16 +314,22 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = dz.shape
     m = n * h * w
+    c_out_g = c_out // groups
+    if scale is not None:
+        weight = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
     block_m = conv_block_m()
-    grid = lambda meta: (triton.cdiv(m, block_m), triton.cdiv(c_in_g, meta["BLOCK_N"]), groups)  # noqa: E731
-    wrap_triton(_conv_dgrad_kernel)[grid](
-        dz, weight, scale if scale is not None else dz, grad_x,
-        m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out // groups, kh, kw,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+    flat, c_pad, kw_pad = _flat(c_out_g, kw)
+    grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
+    launch(
+        _conv_dgrad_kernel, grid,
+        dz, weight, grad_x,
+        m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
-        HAS_SCALE=scale is not None, FLAT_K=c_out // groups < FLAT_K_BELOW, ALLOW_TF32=allow_tf32(dz.dtype), BLOCK_M=block_m,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, ALLOW_TF32=allow_tf32(dz.dtype),
+        INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
     )
 
 
@@ -288,18 +344,18 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
-    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT,
-    STRIDE_H, STRIDE_W, PAD_H, PAD_W, DIL_H, DIL_W,
+    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT, PAD_H, PAD_W,
     sdn, sdc, sdhw,
     sxn, sxc, sxh, sxw,
-    FLAT_N: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
+    FLAT_N: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
     axis 1 is the group; otherwise columns are input channels and axis 1 is (group, tap)."""
-    pid_mn = tl.program_id(0).to(tl.int64)
-    axis1 = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    pid_mn = _index(tl.program_id(0), INDEX_64)
+    axis1 = _index(tl.program_id(1), INDEX_64)
+    split = _index(tl.program_id(2), INDEX_64)
     KHW = KH * KW
     if FLAT_N:
         N_COLS = C_IN_G * KHW
@@ -314,10 +370,10 @@ def _conv_wgrad_kernel(
     pid_m = pid_mn // num_n
     pid_n = pid_mn % num_n
 
-    offs_co_g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    offs_co_g = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     co_mask = offs_co_g < C_OUT_G
     offs_co = grp * C_OUT_G + offs_co_g
-    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_mask = offs_j < N_COLS
     if FLAT_N:
         ci_g = offs_j // KHW
@@ -331,7 +387,7 @@ def _conv_wgrad_kernel(
     k_start = split * M_PER_SPLIT
     k_end = tl.minimum(k_start + M_PER_SPLIT, M)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
         n_idx = offs_k // HWO
         hw = offs_k % HWO
@@ -351,10 +407,7 @@ def _conv_wgrad_kernel(
             x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
                         mask=x_ok[:, None] & j_mask[None, :], other=0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
+        acc = _dot(a, b, acc, ALLOW_TF32)
 
     # partials laid out [SPLIT, C_OUT, C_IN_G, KH, KW], contiguous
     row = ((split * C_OUT + offs_co) * C_IN_G * KHW)[:, None]
@@ -370,20 +423,20 @@ def _wgrad_finalize_kernel(
     part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_ptr,
     C_OUT, K, KHW, SPLIT,
     sgo, sgi, sgh, sgw, KW,
-    HAS_SCALE: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GSCALE: tl.constexpr,
+    HAS_SCALE: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GSCALE: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """grad_w = (sum over splits) * scale[co]; grad_scale[co] = sum_k (sum over splits) * w[co, k].
     K = C_in_g * KH * KW flattened in (ci, kh, kw) order; w is read with the partials' layout
     contract of a contiguous weight (the caller passes weight.contiguous())."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs_co = pid * BLOCK_CO + tl.arange(0, BLOCK_CO).to(tl.int64)
+    pid = _index(tl.program_id(0), INDEX_64)
+    offs_co = pid * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_OUT
     if HAS_SCALE:
         scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
     gscale = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         mask = co_mask[:, None] & (offs_k < K)[None, :]
         flat = offs_co[:, None] * K + offs_k[None, :]
         total = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
@@ -422,7 +475,7 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     c_out_g = c_out // groups
     block_m = 64
     # BLOCK_N of the autotuned config is unknown here; count tiles with the smallest one.
-    flat = c_in_g < FLAT_K_BELOW
+    flat = c_in_g < FLAT_BELOW
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
     tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, 32) * axis1
@@ -432,23 +485,25 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
     grid = lambda meta: (  # noqa: E731
         triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, meta["BLOCK_N"]), axis1, split)
-    wrap_triton(_conv_wgrad_kernel)[grid](
+    launch(
+        _conv_wgrad_kernel, grid,
         dz, x, part,
-        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split,
-        stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split, padding[0], padding[1],
         dz.stride(0), dz.stride(1), _hw_stride(dz),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), BLOCK_M=block_m,
+        STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
+        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), INDEX_64=needs_int64(dz, x), BLOCK_M=block_m,
     )
     k = c_in_g * kh * kw
     w_c = weight.contiguous() if grad_scale is not None else weight
     gw = grad_w if grad_w is not None else part
     gs = grad_scale if grad_scale is not None else part
     block_co = 64 if interpret() else 16
-    wrap_triton(_wgrad_finalize_kernel)[(triton.cdiv(c_out, block_co),)](
+    launch(
+        _wgrad_finalize_kernel, (triton.cdiv(c_out, block_co),),
         part, w_c, scale if scale is not None else part, gw, gs,
         c_out, k, kh * kw, split,
         gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,
         HAS_SCALE=scale is not None, WRITE_GW=grad_w is not None, WRITE_GSCALE=grad_scale is not None,
-        BLOCK_CO=block_co, BLOCK_K=256 if interpret() else 64,
+        INDEX_64=needs_int64(part), BLOCK_CO=block_co, BLOCK_K=256 if interpret() else 64,
     )

@@ -1,0 +1,101 @@
+"""The one place the Triton backend launches a kernel, and the hooks that see each launch.
+
+Every launcher in this package calls `launch(kernel, grid, *args, **kwargs)`. Normally that is
+`wrap_triton(kernel)[grid](...)` (eager on a GPU, in the interpreter, and traced by
+torch.compile alike). Two hooks exist for tools and tests:
+
+  recording()   collects the launches instead of running them: the compile gate
+                (resnet_fused.backends.triton.aot) runs the backend's op implementations on
+                meta tensors and gets every kernel with its real arguments and constexprs.
+  observing()   collects the launches and still runs them (tests check which variant ran).
+
+`force_int64()` makes every launcher pick the int64-index variant of its kernel, which it
+otherwise picks only for tensors past 2**31 elements (tests run that variant on small tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch.library import wrap_triton
+
+INT32_LIMIT = 2**31
+
+
+@dataclasses.dataclass
+class Launch:
+    kernel: Any              # a triton JITFunction or Autotuner
+    grid: Any                # a tuple, or a callable of the config's meta-parameters
+    args: tuple
+    kwargs: dict
+
+
+_recorder: list[Launch] | None = None
+_observer: list[Launch] | None = None
+_force_int64 = False
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    if _recorder is not None:
+        _recorder.append(Launch(kernel, grid, args, kwargs))
+        return
+    if _observer is not None:
+        _observer.append(Launch(kernel, grid, args, kwargs))
+    wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Launch]]:
+    """Launches are collected (in order) and not run."""
+    global _recorder
+    previous, _recorder = _recorder, []
+    try:
+        yield _recorder
+    finally:
+        _recorder = previous
+
+
+@contextlib.contextmanager
+def observing() -> Iterator[list[Launch]]:
+    """Launches are collected (in order) and run."""
+    global _observer
+    previous, _observer = _observer, []
+    try:
+        yield _observer
+    finally:
+        _observer = previous
+
+
+@contextlib.contextmanager
+def force_int64() -> Iterator[None]:
+    global _force_int64
+    previous, _force_int64 = _force_int64, True
+    try:
+        yield
+    finally:
+        _force_int64 = previous
+
+
+def _span(t: torch.Tensor) -> int:
+    """One past the largest element offset t addresses (its numel when dense)."""
+    if t.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+
+
+def needs_int64(*tensors: torch.Tensor | None) -> bool:
+    """Whether a kernel addressing these tensors must compute offsets in int64: some offset
+    (or a product of a pixel index and a stride on the way to it) reaches 2**31."""
+    if _force_int64:
+        return True
+    return any(t is not None and _span(t) >= INT32_LIMIT for t in tensors)
+
+
+def grid_size(grid: Callable | tuple, meta: dict) -> tuple[int, int, int]:
+    g = grid(meta) if callable(grid) else grid
+    g = tuple(g) + (1,) * (3 - len(g))
+    return int(g[0]), int(g[1]), int(g[2])
