@@ -86,3 +86,33 @@ def test_3x3_conv_kernels_have_one_pipelined_k_loop(report):
     assert not nested, "\n".join(nested)
     unpipelined = [_where(r) for r in rows if not r["cp_async"]]
     assert not unpipelined, "K loops without cp.async:\n" + "\n".join(unpipelined)
+
+
+def test_configs_per_launch_are_bounded(report):
+    """Pruning leaves at most MAX_CONFIGS configs per kernel launch (each is a compile and a
+    benchmark on the first step)."""
+    from resnet_fused.backends.triton.kernels.configs import MAX_CONFIGS
+
+    configs = defaultdict(set)
+    for r in report["rows"]:
+        configs[(r["kernel"], r["layer"], r["op"], r["launch"], r["dtype"], r["layout"])].add(
+            json.dumps(r["config"], sort_keys=True))
+    over = {k: len(v) for k, v in configs.items() if len(v) > MAX_CONFIGS}
+    assert not over, over
+
+
+def test_wgrad_and_the_statistics_reductions_fill_the_gpu(report):
+    """wgrad's split and the first stage of the training reductions give at least one program
+    per SM of an H100 (132) on the 56x56 layers."""
+    small = [f"{_where(r)}: {r['programs']} programs" for r in report["rows"]
+             if r["kernel"] == "_conv_wgrad_kernel" and r["programs"] < H100_SMS]
+    assert not small, "\n".join(small)
+    # Each reduction is two launches of one kernel: the groups of tiles, then the groups in order.
+    stage1 = {}
+    for r in report["rows"]:
+        if r["kernel"] in ("_chan_merge_kernel", "_sum_partials_kernel") and "@56" in r["layer"]:
+            key = (r["kernel"], r["layer"], r["op"], r["dtype"], r["layout"])
+            stage1[key] = max(stage1.get(key, 0), r["programs"])
+    assert stage1
+    small = {k: v for k, v in stage1.items() if v < H100_SMS}
+    assert not small, small

@@ -1,12 +1,14 @@
 """Paths inside the Triton backend's kernels that the op suite (tests/test_ops.py) does not
 choose by itself: the int64-index variants (picked only for tensors of 2**31 elements or
-more, forced here on small ones).
+more, forced here on small ones), and the launch-time decisions (configs, no CUDA at import).
 Run in the interpreter on CPU (conftest sets TRITON_INTERPRET=1 without a GPU) or on a GPU.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -103,3 +105,96 @@ def test_every_launch_takes_an_index_width():
     assert launches, names
     assert all("INDEX_64" in lc.kwargs for lc in launches), names
 
+
+def test_importing_the_backend_initializes_no_cuda():
+    """Importing the package and its Triton kernels (outside the interpreter, where a GPU's
+    config lists are built) asks CUDA nothing: the architecture is read at launch time."""
+    # is_available() says yes, so that a decoration-time architecture check would go on to ask
+    # the device (on this CPU machine it would otherwise stop at "no GPU").
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "def boom(*a, **k):\n"
+        "    raise AssertionError('CUDA queried at import')\n"
+        "for name in ('get_device_capability', 'get_device_properties', '_lazy_init', 'current_device',\n"
+        "             'device_count', 'init'):\n"
+        "    setattr(torch.cuda, name, boom)\n"
+        "import resnet_fused\n"
+        "import resnet_fused.backends.triton.kernels.conv\n"
+        "import resnet_fused.backends.triton.kernels.batchnorm\n"
+        "assert not torch.cuda.is_initialized()\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _kernels():
+    from resnet_fused.backends.triton.kernels import batchnorm, conv
+
+    return conv, batchnorm
+
+
+@pytest.mark.parametrize("group_tiles", [None, 32, 64], ids=["one-group", "groups32", "groups64"])
+def test_finalize_stats_merges_groups_of_tiles(group_tiles):
+    """The two-stage Chan merge (groups of tiles in parallel, then the groups in order) gives
+    the mean and biased variance of the rows the tiles summarize, with a last partial tile,
+    and the same bits on every run."""
+    _, bn = _kernels()
+    gen = torch.Generator().manual_seed(1)
+    tile_m, c = 8, 40
+    m = 150 * tile_m - 3  # 150 tiles, the last with 5 rows
+    rows = (torch.randn(m, c, generator=gen, dtype=torch.float64) * 3 + 100).to(torch.float32)
+    t = -(-m // tile_m)
+    padded = torch.cat([rows, rows.new_zeros(t * tile_m - m, c)]).view(t, tile_m, c)
+    counts = torch.full((t, 1), float(tile_m))
+    counts[-1] = m - (t - 1) * tile_m
+    pmean = padded.double().sum(1) / counts
+    dev = torch.where((torch.arange(tile_m)[None, :, None] < counts[:, :, None]), padded.double() - pmean[:, None], 0)
+    pm2 = (dev * dev).sum(1)
+    pmean, pm2 = pmean.float().to(DEVICE), pm2.float().to(DEVICE)
+    outs = []
+    for _ in range(2):
+        mean = torch.empty(c, device=DEVICE)
+        var = torch.empty(c, device=DEVICE)
+        bn.finalize_stats(pmean, pm2, mean, var, m, tile_m, group_tiles=group_tiles)
+        outs.append((mean, var))
+    ref_mean, ref_var = rows.double().mean(0), rows.double().var(0, unbiased=False)
+    torch.testing.assert_close(outs[0][0].double().cpu(), ref_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(outs[0][1].double().cpu(), ref_var, rtol=1e-4, atol=0)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("group_tiles", [None, 32], ids=["one-group", "groups32"])
+def test_sum_partials_in_groups(group_tiles):
+    _, bn = _kernels()
+    gen = torch.Generator().manual_seed(2)
+    part = torch.randn(3, 130, 70, generator=gen).to(DEVICE)
+    got = bn.sum_partials(part, group_tiles=group_tiles)
+    torch.testing.assert_close(got.double().cpu(), part.double().sum(1).cpu(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(got, bn.sum_partials(part, group_tiles=group_tiles))
+
+
+@pytest.mark.parametrize("cfg", [(16, 24, 3, 1, 1, 1, 1, 9), (3, 8, 7, 2, 3, 1, 1, 11), (32, 32, 1, 2, 0, 1, 2, 8)],
+                         ids=["3x3", "stem", "1x1s2_groups2"])
+def test_wgrad_split_k(cfg):
+    """wgrad with K (output pixels) split 3 ways into float32 partials, summed in order, against
+    the single split and against float64 (the GPU path picks its split for the SM count; the
+    interpreter's default is 1)."""
+    conv, _ = _kernels()
+    c_in, c_out, k, s, p, d, g, hw = cfg
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, c_in, hw, hw, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in // g, k, k, generator=gen).to(DEVICE)
+    ho = (hw + 2 * p - d * (k - 1) - 1) // s + 1
+    dz = torch.randn(2, c_out, ho, ho, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    geo = ([s, s], [p, p], [d, d], g)
+    results = {}
+    for split in (1, 3):
+        gw = torch.empty_like(w)
+        conv.conv_wgrad(dz, x, w, *geo, grad_w=gw, split=split)
+        results[split] = gw
+    ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, dz.double().cpu(), s, p, d, g)
+    for split, gw in results.items():
+        torch.testing.assert_close(gw.double().cpu(), ref, rtol=1e-4, atol=1e-4, msg=f"split {split}")

@@ -4,11 +4,12 @@ All of them view an activation [N, C, H, W] as rows m = (n, h, w) by channels c,
 through (stride_n, stride_c, stride_hw), which covers NCHW and NHWC storage. Math is float32.
 
   finalize_stats   merges the conv epilogue's per-tile (mean, M2) with Chan's formula in a
-                   fixed order (k-way within a block of tiles, then block after block):
-                   deterministic, and no catastrophic cancellation from sums of squares.
+                   fixed order (k-way within a block of tiles, block after block within a
+                   group of tiles, then group after group): deterministic, and no
+                   catastrophic cancellation from sums of squares.
   bn_apply         y = act((z - mean) * bn_w * rsqrt(var + eps) + bn_b [+ residual]).
   bn_bwd_reduce    g = grad_y masked by y > 0 (ReLU); per-tile partial sums of g, g * (z - mean)
-                   and (z - mean); sum_partials then adds the tiles in order (deterministic).
+                   and (z - mean); sum_partials then adds them in a fixed order (deterministic).
   bn_bwd_dz        dz = bn_w * invstd * (g - sum_g / count - xhat * sum_g_xhat / count), the
                    residual gradient g, and (first row block only) the per-channel grads.
   eval_bwd_g       g = grad_y masked by y > 0, stored once (it is grad_residual and the wgrad
@@ -48,25 +49,49 @@ def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     return mean, m2, n
 
 
+# The per-tile partials of the training statistics and of the backward sums are reduced in
+# two launches: up to STAT_GROUPS programs per channel block each reduce one fixed, contiguous
+# group of tiles, then one program per channel block reduces the groups in order. The grouping
+# depends on the tile count alone (not on the GPU), so the result is the same on every run and
+# every device. One program per channel block over all tiles (the gate: 2 programs for C=64
+# at 56x56, batch 256) ran on 2 of 132 SMs.
+STAT_GROUPS = 256
+STAT_BLOCK_T = 32
+
+
+def stat_group_tiles(t: int) -> int:
+    """Tiles per group: about STAT_GROUPS groups (a group need not be whole BLOCK_T blocks)."""
+    return triton.cdiv(t, STAT_GROUPS)
+
+
 @triton.jit
-def _finalize_stats_kernel(
-    pmean_ptr, pm2_ptr, mean_ptr, var_ptr, T, C, M, TILE_M,
+def _chan_merge_kernel(
+    pmean_ptr, pm2_ptr, pcnt_ptr, out_mean_ptr, out_m2_ptr, out_cnt_ptr, T, C, M, TILE_M, GROUP_T,
+    HAS_CNT: tl.constexpr, FINAL: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid = _index(tl.program_id(0), INDEX_64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Merges the (mean, M2, count) partials of tiles [g * GROUP_T, (g + 1) * GROUP_T), g = grid
+    axis 0, for a block of channels (axis 1). Counts are loaded (HAS_CNT) or implied by TILE_M
+    (the conv epilogue's tiles: all full but the last of M rows). FINAL writes the mean and the
+    biased variance M2 / M in the output dtype; otherwise the group's (mean, M2, count)."""
+    g = _index(tl.program_id(0), INDEX_64)
+    offs_c = _index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
+    t_end = tl.minimum(g * GROUP_T + GROUP_T, T)
     run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
     run_n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
+    for t0 in range(g * GROUP_T, t_end, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = offs_t < T
+        t_ok = offs_t < t_end
         mask = t_ok[:, None] & c_mask[None, :]
         offs = offs_t[:, None] * C + offs_c[None, :]
         mean = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
-        cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(tl.float32)
+        if HAS_CNT:
+            cnt = tl.load(pcnt_ptr + offs_t, mask=t_ok, other=0.0)
+        else:
+            cnt = tl.where(t_ok, tl.minimum(M - offs_t * TILE_M, TILE_M), 0).to(tl.float32)
         # Merge BLOCK_T tiles at once (the k-way form of Chan's formula: deviations of the tile
         # means from the block mean, never a raw sum of squares), then into the running total.
         b_n = tl.sum(cnt, axis=0)
@@ -74,15 +99,38 @@ def _finalize_stats_kernel(
         dev = tl.where(mask, mean - b_mean[None, :], 0.0)
         b_m2 = tl.sum(m2 + dev * dev * cnt[:, None], axis=0)
         run_mean, run_m2, run_n = _chan_combine(run_mean, run_m2, run_n, b_mean, b_m2, b_n)
-    tl.store(mean_ptr + offs_c, run_mean.to(mean_ptr.dtype.element_ty), mask=c_mask)
-    tl.store(var_ptr + offs_c, (run_m2 / M).to(var_ptr.dtype.element_ty), mask=c_mask)
+    if FINAL:
+        tl.store(out_mean_ptr + offs_c, run_mean.to(out_mean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(out_m2_ptr + offs_c, (run_m2 / M).to(out_m2_ptr.dtype.element_ty), mask=c_mask)
+    else:
+        tl.store(out_mean_ptr + g * C + offs_c, run_mean, mask=c_mask)
+        tl.store(out_m2_ptr + g * C + offs_c, run_m2, mask=c_mask)
+        if tl.program_id(1) == 0:
+            tl.store(out_cnt_ptr + g, tl.max(run_n, axis=0))
 
 
-def finalize_stats(pmean, pm2, mean, var, m, tile_m):
+def finalize_stats(pmean, pm2, mean, var, m, tile_m, group_tiles=None):
+    """mean and biased variance per channel from the conv epilogue's per-tile partials [T, C]
+    (tiles of tile_m rows, m rows in all). `group_tiles`: tiles per first-stage group
+    (default stat_group_tiles(T))."""
     t, c = pmean.shape
-    block_c = 32
-    launch(_finalize_stats_kernel, (triton.cdiv(c, block_c),),
-        pmean, pm2, mean, var, t, c, m, tile_m, INDEX_64=needs_int64(pmean), BLOCK_T=32, BLOCK_C=block_c,
+    block_c = 32 if c <= 32 else 64
+    gt = group_tiles or stat_group_tiles(t)
+    groups = triton.cdiv(t, gt)
+    c_blocks = triton.cdiv(c, block_c)
+    gmean = torch.empty((groups, c), dtype=torch.float32, device=pmean.device)
+    gm2 = torch.empty_like(gmean)
+    gcnt = torch.empty((groups,), dtype=torch.float32, device=pmean.device)
+    index_64 = needs_int64(pmean)
+    launch(
+        _chan_merge_kernel, (groups, c_blocks),
+        pmean, pm2, pmean, gmean, gm2, gcnt, t, c, m, tile_m, gt,
+        HAS_CNT=False, FINAL=False, INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c,
+    )
+    launch(
+        _chan_merge_kernel, (1, c_blocks),
+        gmean, gm2, gcnt, mean, var, gcnt, groups, c, m, tile_m, groups,
+        HAS_CNT=True, FINAL=True, INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c,
     )
 
 
@@ -131,29 +179,38 @@ def bn_apply(z, y, residual, mean, var, bn_weight, bn_bias, eps, relu):
 
 
 @triton.jit
-def _sum_partials_kernel(p_ptr, out_ptr, T, C, NUM: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_T: tl.constexpr,
+def _sum_partials_kernel(p_ptr, out_ptr, T, C, GROUP_T, INDEX_64: tl.constexpr, BLOCK_T: tl.constexpr,
                          BLOCK_C: tl.constexpr):
-    """out[i, c] = sum over t of p[i, t, c], tiles added in a fixed order."""
-    pid = _index(tl.program_id(0), INDEX_64)
-    offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+    """out[i, g, c] = sum of p[i, t, c] over the tiles t of group g (grid: g, channel block, i),
+    added in a fixed order."""
+    g = _index(tl.program_id(0), INDEX_64)
+    offs_c = _index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = _index(tl.program_id(2), INDEX_64)
     c_mask = offs_c < C
-    for i in tl.static_range(NUM):
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            mask = (offs_t < T)[:, None] & c_mask[None, :]
-            acc += tl.sum(tl.load(p_ptr + (i * T + offs_t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0),
-                          axis=0)
-        tl.store(out_ptr + i * C + offs_c, acc, mask=c_mask)
+    t_end = tl.minimum(g * GROUP_T + GROUP_T, T)
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(g * GROUP_T, t_end, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        mask = (offs_t < t_end)[:, None] & c_mask[None, :]
+        acc += tl.sum(tl.load(p_ptr + (i * T + offs_t)[:, None] * C + offs_c[None, :], mask=mask, other=0.0),
+                      axis=0)
+    tl.store(out_ptr + (i * tl.num_programs(0) + g) * C + offs_c, acc, mask=c_mask)
 
 
-def sum_partials(part):
+def sum_partials(part, group_tiles=None):
+    """[NUM, T, C] float32 partials -> [NUM, C] sums over T, in two fixed-order stages."""
     num, t, c = part.shape
+    block_c = 32 if c <= 32 else 64
+    gt = group_tiles or stat_group_tiles(t)
+    groups = triton.cdiv(t, gt)
+    c_blocks = triton.cdiv(c, block_c)
+    index_64 = needs_int64(part)
+    mid = torch.empty((num, groups, c), dtype=torch.float32, device=part.device)
+    launch(_sum_partials_kernel, (groups, c_blocks, num), part, mid, t, c, gt,
+           INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c)
     out = torch.empty((num, c), dtype=torch.float32, device=part.device)
-    block_c = 32
-    launch(_sum_partials_kernel, (triton.cdiv(c, block_c),),
-        part, out, t, c, NUM=num, INDEX_64=needs_int64(part), BLOCK_T=32, BLOCK_C=block_c,
-    )
+    launch(_sum_partials_kernel, (1, c_blocks, num), mid, out, groups, c, groups,
+           INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c)
     return out
 
 

@@ -1,9 +1,17 @@
 """Launch configuration shared by the Triton kernels.
 
-Under the interpreter (TRITON_INTERPRET=1) `triton.autotune` cannot benchmark more
-than one config (it times through a GPU driver), so every autotuned kernel gets
-exactly one config there. On a GPU the config set depends on the architecture; the
-README's Triton section says how these sets were chosen.
+Config lists are built at import from the environment alone (TRITON_INTERPRET), never from
+the device, so importing the package initializes no CUDA. Which configs a launch may use is
+decided when it launches (`prune_configs_by`): by the target architecture's shared memory
+(read from the device then, or set by `target()` for the compile gate) and by the layer's
+shape, with at most MAX_CONFIGS per kernel and layer (each one is a compile on the first
+step, and a benchmark).
+
+Under the interpreter (TRITON_INTERPRET=1) `triton.autotune` cannot benchmark more than one
+config (it times through a GPU driver), so every autotuned kernel gets exactly one there.
+
+The figures in the comments are the compile gate's (python -m resnet_fused.backends.triton.aot,
+sm_90, triton 3.8, BLOCK_M 128, batch 256): registers / spill bytes / shared KB.
 """
 
 from __future__ import annotations
@@ -16,35 +24,166 @@ import triton
 
 from ...._utils import interpret
 
+# Shared memory a block may use (the opt-in maximum), by compute capability.
+SMEM_BYTES = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
+SMEM_BYTES_DEFAULT = 101376
+# Compiles (and benchmarks) per conv kernel and layer shape on the first step.
+MAX_CONFIGS = 3
+
+# SMs of the GPU a target architecture stands for in the compile gate (H100/H200 SXM for sm_90).
+TARGET_SMS = {90: 132, 100: 148, 80: 108}
+
+_TARGET: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def target(arch: int, sms: int | None = None):
+    """Choose configs and grids for this architecture (sm_XY as XY) and SM count instead of the
+    current device's: the compile gate (aot.py) enumerates a GPU's launches on a machine
+    without one."""
+    global _TARGET
+    previous, _TARGET = _TARGET, (arch, sms or TARGET_SMS.get(arch, 132))
+    try:
+        yield
+    finally:
+        _TARGET = previous
+
 
 @functools.cache
-def _arch() -> int:
-    if interpret() or not torch.cuda.is_available():
-        return 0
-    major, minor = torch.cuda.get_device_capability()
+def _device_arch(index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
     return major * 10 + minor
 
 
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count() -> int:
+    """SMs of the GPU launches run on (asked at launch time)."""
+    if _TARGET is not None:
+        return _TARGET[1]
+    return _device_sms(torch.cuda.current_device())
+
+
+def target_arch() -> int:
+    """The architecture launches compile for (0 in the interpreter). Asked at launch time only:
+    CUDA is in use by then."""
+    if _TARGET is not None:
+        return _TARGET[0]
+    if interpret():
+        return 0
+    return _device_arch(torch.cuda.current_device())
+
+
+def smem_bytes(arch: int) -> int:
+    return SMEM_BYTES.get(arch, SMEM_BYTES_DEFAULT)
+
+
+def _cfg(block_n, block_k, warps, stages):
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
 def conv_configs() -> list[triton.Config]:
-    """Configs for the implicit-GEMM kernels (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M is
-    fixed by the caller because the training statistics partials are per BLOCK_M tile)."""
+    """Configs of the implicit-GEMM forward and dgrad (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M
+    is fixed by the caller because the training statistics partials are per BLOCK_M tile), in
+    order of preference: pruning keeps the first MAX_CONFIGS that fit."""
     if interpret():
         # The interpreter's cost is per program and per loop iteration, hardly per element.
-        return [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=1)]
-    cfgs = [
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+        return [_cfg(64, 64, 4, 1)]
+    # Gate figures per config (registers / spill bytes / shared KB), bf16 and fp32:
+    #   3x3 64->64 @56 forward      1x1 64->256 @56 forward     1x1 2048->512 @7 dgrad
+    return [
+        # 155/0/96, 216/0/192           236/0/72, 254/0/192           230/0/72, 253/0/192
+        _cfg(64, 64, 4, 4),
+        # C_out >= 128 only: 226/0/80 bf16; fp32 needs 256 KB (over 227: pruned)
+        _cfg(128, 64, 8, 4),
+        # 156/0/64, 165/0/128           179/0/40, 246/0/128           128/0/40, 147/0/128
+        _cfg(128, 32, 8, 4),
+        # 128/0/48, 128/0/96            164/0/36, 204/0/96            150/0/36, 168/0/96
+        _cfg(64, 32, 4, 4),
+        # 155/0/72, 223/0/144 (the 3-stage twin of the first, for 64-channel layers)
+        _cfg(64, 64, 4, 3),
     ]
-    if _arch() >= 90:
-        cfgs.append(triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=4))
-    return cfgs
 
 
 def wgrad_configs() -> list[triton.Config]:
+    """Configs of wgrad (BLOCK_K, warps, stages); its BLOCK_M and BLOCK_N are the launcher's
+    (conv.wgrad_tiles), because its split count depends on them."""
+    def cfg(block_k, warps, stages):
+        return triton.Config({"BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
     if interpret():
-        return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return conv_configs()
+        return [cfg(32, 4, 1)]
+    # 128x128 tiles (8 warps): 1x1 2048->512 @7 bf16 111/0/96 and 97/0/64, fp32 158/0/192 and
+    # 126/0/128. 64-wide tiles (4 warps): 3x3 64->64 @56 bf16 79/0/48 and 70/0/32.
+    return [cfg(64, 8, 3), cfg(32, 8, 4), cfg(64, 4, 3), cfg(32, 4, 4)]
+
+
+def prune_wgrad_configs(configs, named_args, **kwargs):
+    """wgrad configs that fit shared memory, with 8 warps for 128x128 tiles and 4 below (a
+    warp group per 64 rows of the accumulator); at most MAX_CONFIGS."""
+    args = {**named_args, **kwargs}
+    limit = smem_bytes(target_arch())
+    elem = _itemsize(args["dz_ptr"].dtype)
+    block_m, block_n = args["BLOCK_M"], args["BLOCK_N"]
+    warps = 8 if block_m * block_n >= 128 * 128 else 4
+    # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element): BLOCK_K 64 spills
+    # (255 registers; 48 B bf16, 776 B fp32), 32 does not.
+    max_k = 32 if args.get("FLAT_N") else 1 << 30
+    kept = [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_K"] <= max_k
+            and c.num_stages * (block_m + block_n) * c.kwargs["BLOCK_K"] * elem <= limit]
+    if not kept:
+        kept = [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
+    return kept[:MAX_CONFIGS]
+
+
+def _pipeline_smem(cfg: triton.Config, block_m: int, block_k: int, elem_bytes: int) -> int:
+    """Shared memory of the software pipeline: num_stages (A, B) tile pairs. The epilogue's
+    layout conversion reuses it (the gate's shared bytes equal this for every conv config)."""
+    return cfg.num_stages * (block_m + cfg.kwargs["BLOCK_N"]) * block_k * elem_bytes
+
+
+def _itemsize(dtype) -> int:
+    return torch.empty((), dtype=dtype, device="meta").element_size()
+
+
+def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
+    """An early_config_prune for an implicit-GEMM kernel whose columns come from the kernel
+    argument `cols_arg`, whose per-tap K extent is `k_arg`, and whose A operand is `a_ptr_arg`.
+    Keeps, in order, configs that fit shared memory, whose BLOCK_N is not wider than the
+    layer's columns and BLOCK_K not longer than its K per tap (padding columns or K is pure
+    waste); FLAT kernels ignore BLOCK_K (their K block is a filter row), so configs differing
+    only in BLOCK_K count once. At most MAX_CONFIGS."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        limit = smem_bytes(target_arch())
+        elem = _itemsize(args[a_ptr_arg].dtype)
+        block_m = args["BLOCK_M"]
+        flat = bool(args.get("FLAT", False))
+        max_n = max(16, triton.next_power_of_2(int(args[cols_arg])))
+        max_k = max(16, triton.next_power_of_2(int(args[k_arg])))
+        kept, seen = [], set()
+        for cfg in configs:
+            block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            if flat:
+                block_k = args["KW_PAD"] * args["C_PAD"]
+            if _pipeline_smem(cfg, block_m, block_k, elem) > limit:
+                continue
+            if block_n > max_n or (not flat and block_k > max_k):
+                continue
+            key = (block_n, block_k, cfg.num_warps, cfg.num_stages)
+            if key in seen:
+                continue
+            seen.add(key)
+            kept.append(cfg)
+        if not kept:  # a shape no preferred config suits: the smallest tiles
+            kept = [min(configs, key=lambda c: _pipeline_smem(c, block_m, c.kwargs["BLOCK_K"], elem))]
+        return kept[:MAX_CONFIGS]
+
+    return prune
 
 
 def m_bucket(m: int) -> int:
@@ -62,18 +201,3 @@ def conv_block_m() -> int:
 def elementwise_block() -> tuple[int, int]:
     """(rows, channels) tile of the per-channel elementwise/reduction kernels."""
     return (64, 32) if interpret() else (64, 64)
-
-
-_TARGET_ARCH: int | None = None
-
-
-@contextlib.contextmanager
-def target(arch: int):
-    """Choose configs for this architecture (sm_XY as XY) instead of the current device's:
-    the compile gate (aot.py) enumerates a GPU's configs on a machine without one."""
-    global _TARGET_ARCH
-    previous, _TARGET_ARCH = _TARGET_ARCH, arch
-    try:
-        yield
-    finally:
-        _TARGET_ARCH = previous

@@ -37,7 +37,9 @@ import triton
 import triton.language as tl
 
 from ...._utils import interpret
-from .configs import conv_block_m, conv_configs, m_bucket, wgrad_configs
+from .batchnorm import sum_partials
+from .configs import (conv_block_m, conv_configs, m_bucket, prune_gemm_configs, prune_wgrad_configs, sm_count,
+                      wgrad_configs)
 from .launch import launch, needs_int64
 
 # Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
@@ -94,7 +96,8 @@ def _next_tap(c0, kh, kw, C, KW, BLOCK_K: tl.constexpr):
     return c0, kh, kw
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"])
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"],
+                 prune_configs_by={"early_config_prune": prune_gemm_configs("C_OUT_G", "C_IN_G", "x_ptr")})
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
@@ -241,7 +244,8 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
 # (rounded to its dtype, as a per-K-step scaling of the weight tile would be).
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": prune_gemm_configs("C_IN_G", "C_OUT_G", "dz_ptr")})
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
@@ -340,7 +344,8 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
 # that wgrad_finalize sums in a fixed order (deterministic, no atomics).
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"])
+@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"],
+                 prune_configs_by={"early_config_prune": prune_wgrad_configs})
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
@@ -420,90 +425,103 @@ def _conv_wgrad_kernel(
 
 @triton.jit
 def _wgrad_finalize_kernel(
-    part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_ptr,
+    part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_part_ptr,
     C_OUT, K, KHW, SPLIT,
     sgo, sgi, sgh, sgw, KW,
     HAS_SCALE: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GSCALE: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """grad_w = (sum over splits) * scale[co]; grad_scale[co] = sum_k (sum over splits) * w[co, k].
+    """One (co block, k block) tile (grid axes 0, 1): grad_w = (sum over splits, in order) *
+    scale[co]; with WRITE_GSCALE, this k block's share of grad_scale[co] = sum_k wgrad * w[co, k]
+    into gscale_part[k block, co] (summed over k blocks in order by the launcher).
     K = C_in_g * KH * KW flattened in (ci, kh, kw) order; w is read with the partials' layout
     contract of a contiguous weight (the caller passes weight.contiguous())."""
-    pid = _index(tl.program_id(0), INDEX_64)
-    offs_co = pid * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    offs_co = _index(tl.program_id(0), INDEX_64) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    kb = _index(tl.program_id(1), INDEX_64)
+    offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     co_mask = offs_co < C_OUT
-    if HAS_SCALE:
-        scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
-    gscale = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = co_mask[:, None] & (offs_k < K)[None, :]
-        flat = offs_co[:, None] * K + offs_k[None, :]
-        total = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
-        for s in range(SPLIT):
-            total += tl.load(part_ptr + s * C_OUT * K + flat, mask=mask, other=0.0)
-        if WRITE_GSCALE:
-            wv = tl.load(w_ptr + flat, mask=mask, other=0.0).to(tl.float32)
-            gscale += tl.sum(total * wv, axis=1)
-        if WRITE_GW:
-            g = total
-            if HAS_SCALE:
-                g = g * scale[:, None]
-            ci = offs_k // KHW
-            tap = offs_k % KHW
-            g_offs = offs_co[:, None] * sgo + (ci * sgi + (tap // KW) * sgh + (tap % KW) * sgw)[None, :]
-            tl.store(gw_ptr + g_offs, g.to(gw_ptr.dtype.element_ty), mask=mask)
+    mask = co_mask[:, None] & (offs_k < K)[None, :]
+    flat = offs_co[:, None] * K + offs_k[None, :]
+    total = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
+    for s in range(SPLIT):
+        total += tl.load(part_ptr + s * C_OUT * K + flat, mask=mask, other=0.0)
     if WRITE_GSCALE:
-        tl.store(gscale_ptr + offs_co, gscale.to(gscale_ptr.dtype.element_ty), mask=co_mask)
+        wv = tl.load(w_ptr + flat, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gscale_part_ptr + kb * C_OUT + offs_co, tl.sum(total * wv, axis=1), mask=co_mask)
+    if WRITE_GW:
+        g = total
+        if HAS_SCALE:
+            g = g * tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[:, None]
+        ci = offs_k // KHW
+        tap = offs_k % KHW
+        g_offs = offs_co[:, None] * sgo + (ci * sgi + (tap // KW) * sgh + (tap % KW) * sgw)[None, :]
+        tl.store(gw_ptr + g_offs, g.to(gw_ptr.dtype.element_ty), mask=mask)
 
 
-def _wgrad_splits(m: int, tiles: int) -> int:
-    """Split K (output pixels) so that the grid has enough programs on a GPU."""
-    if interpret():  # a single split keeps the interpreter's Python loop count low
-        return 1
-    want = max(1, 264 // max(tiles, 1))  # ~2 waves on 132 SMs
-    return max(1, min(want, triton.cdiv(m, 4096)))
+def wgrad_tiles(c_out_g: int, n_cols: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of wgrad: the launcher's choice (not the autotuner's), so that the
+    split count, which sizes the partials buffer, is computed for the real tile count."""
+    if interpret():
+        return 64, 128
+    return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 else 64)
 
 
-def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, scale=None, grad_scale=None):
+# Fewest output pixels one split reduces: 8 K steps of 64 (shorter ones are mostly prologue).
+WGRAD_MIN_K_PER_SPLIT = 512
+
+
+def wgrad_split(m: int, tiles: int, sms: int) -> int:
+    """Splits of K (output pixels) so that tiles * splits fills two waves of the GPU's SMs
+    (two, so the last wave's tail is half as long), each split at least WGRAD_MIN_K_PER_SPLIT."""
+    want = triton.cdiv(2 * sms, max(tiles, 1))
+    return max(1, min(want, m // WGRAD_MIN_K_PER_SPLIT))
+
+
+def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, scale=None, grad_scale=None,
+               split=None):
     """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
-    is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given."""
+    is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given.
+    `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter)."""
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = dz.shape
     m = n * ho * wo
     c_out_g = c_out // groups
-    block_m = 64
-    # BLOCK_N of the autotuned config is unknown here; count tiles with the smallest one.
     flat = c_in_g < FLAT_BELOW
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
-    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, 32) * axis1
-    split = _wgrad_splits(m, tiles)
-    m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64
+    block_m, block_n = wgrad_tiles(c_out_g, n_cols)
+    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, block_n) * axis1
+    if split is None:
+        split = 1 if interpret() else wgrad_split(m, tiles, sm_count())
+    m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64  # whole K blocks per split
     split = triton.cdiv(m, m_per_split)
     part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
-    grid = lambda meta: (  # noqa: E731
-        triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, meta["BLOCK_N"]), axis1, split)
     launch(
-        _conv_wgrad_kernel, grid,
+        _conv_wgrad_kernel, (tiles // axis1, axis1, split),
         dz, x, part,
         m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split, padding[0], padding[1],
         dz.stride(0), dz.stride(1), _hw_stride(dz),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), INDEX_64=needs_int64(dz, x), BLOCK_M=block_m,
+        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), INDEX_64=needs_int64(dz, x), BLOCK_M=block_m, BLOCK_N=block_n,
     )
+    # The finalize: one program per (16 output channels, 64 K) tile, so that even 64x64x3x3
+    # (36 tiles) is not a handful of programs each summing every split.
     k = c_in_g * kh * kw
+    block_co, block_k = (64, 256) if interpret() else (16, 64)
+    k_blocks = triton.cdiv(k, block_k)
     w_c = weight.contiguous() if grad_scale is not None else weight
     gw = grad_w if grad_w is not None else part
-    gs = grad_scale if grad_scale is not None else part
-    block_co = 64 if interpret() else 16
+    gs_part = (torch.empty((1, k_blocks, c_out), dtype=torch.float32, device=x.device)
+               if grad_scale is not None else part)
     launch(
-        _wgrad_finalize_kernel, (triton.cdiv(c_out, block_co),),
-        part, w_c, scale if scale is not None else part, gw, gs,
+        _wgrad_finalize_kernel, (triton.cdiv(c_out, block_co), k_blocks),
+        part, w_c, scale if scale is not None else part, gw, gs_part,
         c_out, k, kh * kw, split,
         gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,
         HAS_SCALE=scale is not None, WRITE_GW=grad_w is not None, WRITE_GSCALE=grad_scale is not None,
-        INDEX_64=needs_int64(part), BLOCK_CO=block_co, BLOCK_K=256 if interpret() else 64,
+        INDEX_64=needs_int64(part), BLOCK_CO=block_co, BLOCK_K=block_k,
     )
+    if grad_scale is not None:
+        grad_scale.copy_(sum_partials(gs_part)[0])
