@@ -187,7 +187,8 @@ def _float32_twins(name):
     return tv, resnet_fused.from_torchvision(tv)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "resnet14_bottleneck"])
+@pytest.mark.parametrize("name", ["resnet18", "resnet14_bottleneck",
+                                  pytest.param("resnet50", marks=pytest.mark.needs_cuda)])
 def test_float32_model_within_eager(backend, name):
     """float32 through the whole model on `backend` (Triton: under the interpreter on CPU),
     against float64 (the same weights and float32 input): the fused model's error is at most
@@ -196,7 +197,8 @@ def test_float32_model_within_eager(backend, name):
     training step's logits, all parameter gradients and the running statistics (on an input
     without ReLU flips: _flip_free_step). BasicBlocks (resnet18) and Bottlenecks
     (resnet14_bottleneck), every unit type of the builders but the grouped 3x3 (unit level:
-    test_ops.py; composition: test_builder_exact_in_float64)."""
+    test_ops.py; composition: test_builder_exact_in_float64); resnet50 itself on a GPU (the
+    GPU kit's smoke check)."""
     device = backend.device()
     tv32, fused = _float32_twins(name)
     tv32, fused = tv32.to(device), fused.to(device)
