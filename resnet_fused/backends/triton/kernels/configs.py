@@ -129,8 +129,8 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     elem = _itemsize(args["dz_ptr"].dtype)
     block_m, block_n = args["BLOCK_M"], args["BLOCK_N"]
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element): BLOCK_K 64 spills
-    # (255 registers; 48 B bf16, 776 B fp32), 32 does not.
+    # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element): BLOCK_K 64 runs at
+    # 254-255 registers (64x64 tiles, 4 warps; it spilled 48-776 B with 64x128), 32 at 118-157.
     max_k = 32 if args.get("FLAT_N") else 1 << 30
     kept = [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_K"] <= max_k
             and c.num_stages * (block_m + block_n) * c.kwargs["BLOCK_K"] * elem <= limit]

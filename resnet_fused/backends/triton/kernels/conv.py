@@ -458,12 +458,14 @@ def _wgrad_finalize_kernel(
         tl.store(gw_ptr + g_offs, g.to(gw_ptr.dtype.element_ty), mask=mask)
 
 
-def wgrad_tiles(c_out_g: int, n_cols: int) -> tuple[int, int]:
+def wgrad_tiles(c_out_g: int, n_cols: int, flat: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of wgrad: the launcher's choice (not the autotuner's), so that the
-    split count, which sizes the partials buffer, is computed for the real tile count."""
+    split count, which sizes the partials buffer, is computed for the real tile count.
+    FLAT_N (the stem) decodes (ci, kh, kw) and gathers per element of the [BLOCK_K, BLOCK_N]
+    tile: BLOCK_N 128 spills under triton 3.6 (64 B bf16, 168 B fp32 at BLOCK_K 32), 64 not."""
     if interpret():
         return 64, 128
-    return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 else 64)
+    return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 and not flat else 64)
 
 
 # Fewest output pixels one split reduces: 8 K steps of 64 (shorter ones are mostly prologue).
@@ -490,7 +492,7 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     flat = c_in_g < FLAT_BELOW
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
-    block_m, block_n = wgrad_tiles(c_out_g, n_cols)
+    block_m, block_n = wgrad_tiles(c_out_g, n_cols, flat)
     tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, block_n) * axis1
     if split is None:
         split = 1 if interpret() else wgrad_split(m, tiles, sm_count())
