@@ -116,3 +116,25 @@ def test_wgrad_and_the_statistics_reductions_fill_the_gpu(report):
     assert stage1
     small = {k: v for k, v in stage1.items() if v < H100_SMS}
     assert not small, small
+
+
+def test_aot_compiles_are_the_jits(tmp_path):
+    """The gate's specializations are the JIT's: for every launch of one layer's training
+    forward (the autotuned conv, both statistics stages, the apply pass), the binary the gate
+    compiles has the Triton cache key that JITFunction.warmup computes for the same launch. So
+    the gate pointed at a GPU machine's Triton cache (--cache-dir) warms exactly what the first
+    step would compile."""
+    script = (
+        "from resnet_fused.backends.triton import aot\n"
+        "rows, jobs = aot.enumerate_jobs([aot.RESNET50['3x3 64->64 @56']], ['bf16'], ['nhwc'], ['train'], 256, 90)\n"
+        "for job in jobs.values():\n"
+        "    print(job['kernel'], aot.compile_one(job)['hash'] == aot.jit_hash(job))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.split("\n")
+    results = [ln.split() for ln in lines if ln.strip()]
+    assert {k for k, _ in results} >= {"_conv_fwd_kernel", "_chan_merge_kernel", "_bn_apply_kernel"}, proc.stdout
+    assert all(ok == "True" for _, ok in results), proc.stdout

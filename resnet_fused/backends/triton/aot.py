@@ -10,9 +10,11 @@ instead of running them. Each recorded launch is then specialized exactly as Tri
 would specialize it on the GPU (the JIT's own binder: the same i32/i64 argument types,
 divisibility-by-16 attributes and constexprs, pointers 16-byte aligned as the caching
 allocator gives them), once per autotune config that survives the kernel's pruning, and
-compiled with `triton.compile` for the target. Identical specializations compile once; the
-Triton cache key is the JIT's, so pointing --cache-dir at a GPU machine's Triton cache warms
-it with the binaries the first step would otherwise compile.
+compiled with `triton.compile` for the target. Identical specializations compile once. The
+Triton cache key is the JIT's (jit_hash checks it against JITFunction.warmup's), so pointing
+--cache-dir at a GPU machine's Triton cache warms it, on that machine's CPU cores, with the
+binaries the first step would otherwise compile; the report counts the compiles that were
+already in the cache (cache_hits).
 
 Per compile the report has: kernel, layer, op, dtype, layout, config, index width, the grid's
 program count, shared memory bytes, registers, spill bytes (ptxas -v), whether the PTX
@@ -280,6 +282,7 @@ def compile_one(job: dict) -> dict:
         "shared_bytes": compiled.metadata.shared,
         "spill_store_bytes": int(spills[1]) if spills else None,  # None: loaded from the cache, no ptxas run
         "spill_load_bytes": int(spills[2]) if spills else None,
+        "cache_hit": not spills,
         "gemm": "tt.dot" in ttir,
         "wgmma": bool(wgmma_lines),
         "wgmma_tf32": any(".tf32" in ln for ln in wgmma_lines),
@@ -288,9 +291,46 @@ def compile_one(job: dict) -> dict:
         "cp_async": bool(re.search(r"cp\.async\.c[ag]", ptx)),
         "k_loops": len(re.findall(r"\bscf\.for\b", ttgir)),
         "compile_s": round(seconds, 2),
+        "hash": compiled.hash,  # the Triton cache key
     }
     out.update(_resources(compiled.asm["cubin"]))
     return out
+
+
+class _TargetOnlyDriver:
+    """Stands in for the GPU driver while the JIT's own launch path runs with warmup=True
+    (compile, no launch): the target is all it asks."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+
+def jit_hash(job: dict) -> str:
+    """The cache key Triton's JIT itself produces for this job's launch (JITFunction.warmup on a
+    stand-in driver): what compile_one's hash must equal for a warmed cache to hit on the GPU."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    module = sys.modules.get(job["module"]) or __import__(job["module"], fromlist=["_"])
+    fn, _ = _jit_function(getattr(module, job["kernel"]))
+    previous = driver._active
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", job["arch"], 32)))
+    try:
+        fn.device_caches.clear()
+        kernel = fn.warmup(*[_as_jit_arg(a) for a in job["args"]], grid=(1,), **job["kwargs"])
+        return kernel.hash
+    finally:
+        fn.device_caches.clear()
+        driver._active = previous
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,6 +410,7 @@ def run(layers, dtypes, layouts, ops, batch=256, arch=90, jobs_n=None, cache_dir
     return {
         "target": f"sm_{arch}", "triton": triton.__version__, "torch": torch.__version__, "batch": batch,
         "smem_limit": SMEM_LIMIT, "unique_compiles": len(jobs),
+        "cache_hits": sum(1 for r in results.values() if r.get("cache_hit")),
         "compiles_per_layer": {k: len(v) for k, v in sorted(per_layer.items())},
         "seconds": round(time.perf_counter() - start, 1), "rows": rows,
     }
@@ -443,7 +484,7 @@ def summarize(report: dict) -> list[dict]:
 
 def format_summary(report: dict) -> str:
     lines = [f"{report['unique_compiles']} unique compiles for {report['target']} with triton {report['triton']} "
-             f"in {report['seconds']} s"]
+             f"in {report['seconds']} s ({report['cache_hits']} already in the Triton cache)"]
     head = f"{'kernel':24} {'layer':32} {'dtype':5} {'lay':4} {'cfg':>3} {'regs':>11} {'spill B':>9} " \
            f"{'smem KB':>9} {'wgmma':5} {'tma':3} {'loops':5} programs"
     lines.append(head)
