@@ -138,3 +138,13 @@ def test_aot_compiles_are_the_jits(tmp_path):
     results = [ln.split() for ln in lines if ln.strip()]
     assert {k for k, _ in results} >= {"_conv_fwd_kernel", "_chan_merge_kernel", "_bn_apply_kernel"}, proc.stdout
     assert all(ok == "True" for _, ok in results), proc.stdout
+
+
+def test_1x1_forward_on_nhwc_loads_by_tma(report):
+    """Where a conv is a plain GEMM (1x1, stride 1, dense NHWC), the forward's tiles arrive by
+    TMA (UTMALDG in the SASS), still feeding wgmma."""
+    rows = [r for r in report["rows"] if r["kernel"] == "_conv_fwd_kernel" and r["layer"].startswith("1x1 ")
+            and r["layout"] == "nhwc"]
+    assert rows
+    bad = [_where(r) for r in rows if not (r["tma"] and r["sass"]["UTMALDG"] and r["wgmma"])]
+    assert not bad, "\n".join(bad)

@@ -198,3 +198,37 @@ def test_wgrad_split_k(cfg):
     ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, dz.double().cpu(), s, p, d, g)
     for split, gw in results.items():
         torch.testing.assert_close(gw.double().cpu(), ref, rtol=1e-4, atol=1e-4, msg=f"split {split}")
+
+
+@pytest.mark.parametrize("c_in,c_out,hw", [(8, 16, 5), (40, 72, 13)], ids=["c8", "c40_tails"])
+def test_1x1_forward_through_tma_descriptors(c_in, c_out, hw, monkeypatch):
+    """A 1x1 stride-1 conv on dense NHWC runs the TMA-descriptor GEMM (rows and channels past
+    the ends zero-filled by the copy: 13x13 pixels are not whole 64-row tiles, 40 channels not a
+    whole K block), in both epilogues, and matches the pointer-load kernel it replaces and float64."""
+    launch = _launch_mod()
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, c_in, hw, hw, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c_out, c_in, 1, 1, generator=gen).to(DEVICE)
+    scale, shift = torch.rand(c_out, generator=gen).to(DEVICE) + 0.5, torch.randn(c_out, generator=gen).to(DEVICE)
+    res = torch.randn(2, c_out, hw, hw, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+    geo = ([1, 1], [0, 0], [1, 1], 1)
+    ops = _ops()
+
+    def run():
+        with launch.observing() as launches:
+            y = ops.conv_bn_eval(x, w, scale, shift, res, *geo, True)
+            z = ops.conv_bn_train(x, w, None, scale, shift, None, *geo, 1e-5, False)[1]
+        conv_launches = [lc for lc in launches if "TMA" in lc.kwargs]
+        return y, z, {lc.kwargs["TMA"] for lc in conv_launches}
+
+    y, z, tma = run()
+    assert tma == {True}
+    monkeypatch.setenv("RESNET_FUSED_TRITON_TMA", "0")
+    y_ptr, z_ptr, tma_off = run()
+    assert tma_off == {False}
+    ref_z = torch.nn.functional.conv2d(x.double().cpu(), w.double().cpu())
+    ref_y = torch.relu(ref_z * scale.double().cpu()[:, None, None] + shift.double().cpu()[:, None, None]
+                       + res.double().cpu())
+    for got, ptr, ref in ((y, y_ptr, ref_y), (z, z_ptr, ref_z)):
+        torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got, ptr, rtol=1e-6, atol=1e-6)

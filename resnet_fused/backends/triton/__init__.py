@@ -5,7 +5,7 @@ Kernels (kernels/):
   conv_bn_train           implicit-GEMM conv storing z and per-tile (mean, M2); a Chan merge
                           in fixed order (finalize_stats); an apply pass (bn_apply).
   conv_bn_eval_backward   ReLU mask (+ per-channel sum for grad_shift) in one pass; Triton
-                          dgrad with the BN scale folded into the weight tile; Triton wgrad
+                          dgrad on a copy of the weight scaled by the BN scale; Triton wgrad
                           (split-K float32 partials, ordered sum) whose finalize writes
                           grad_w = wgrad * scale and grad_scale = sum(wgrad * w).
   conv_bn_train_backward  fused ReLU mask + residual grad + BatchNorm backward (reduce pass
@@ -14,7 +14,9 @@ Kernels (kernels/):
   SyncBatchNorm blocks    conv_bn_stats (the training conv + finalize), bn_apply,
                           bn_apply_backward_reduce / bn_apply_backward (the two passes of the
                           BatchNorm backward, split where distributed.py all-reduces).
-Every reduction is deterministic (no atomics; fixed merge order).
+Every reduction is deterministic (no atomics; fixed merge order). kernels/conv.py describes
+the GEMM design (one pipelined K loop, int32 indices, TMA for 1x1), kernels/configs.py the
+config pruning; aot.py is the sm_90 compile gate that measures them without a GPU.
 
 Coverage (`unsupported_reason`): float16, bfloat16 and float32 tensors on CUDA (compute capability
 >= 8.0), or on CPU under TRITON_INTERPRET=1; any stride, padding, dilation, kernel size

@@ -280,6 +280,8 @@ def compile_one(job: dict) -> dict:
     wgmma_lines = [ln for ln in ptx.splitlines() if "wgmma.mma_async" in ln]
     out = {
         "shared_bytes": compiled.metadata.shared,
+        # Global scratch per program (device-side TMA descriptors); > 0 needs triton.set_allocator.
+        "global_scratch_bytes": getattr(compiled.metadata, "global_scratch_size", 0),
         "spill_store_bytes": int(spills[1]) if spills else None,  # None: loaded from the cache, no ptxas run
         "spill_load_bytes": int(spills[2]) if spills else None,
         "cache_hit": not spills,

@@ -26,11 +26,20 @@ its index math is shifts and masks of constants, and the loop runs over kh.
 Index math is int32; INDEX_64 (the launcher's choice when a tensor spans 2**31 elements or
 more, see launch.needs_int64) makes every pixel and offset computation int64.
 
+TMA (forward): a 1x1, stride-1, unpadded conv on dense NHWC input is the plain GEMM
+x[M, C_in] @ w[C_out, C_in]^T; its tiles are loaded through device-side tensor descriptors
+(tl.make_tensor_descriptor, triton >= 3.4), whose out-of-bounds zero fill replaces the row and
+channel masks (gate, bf16 1x1 256->64 @56: 112 registers against 126-164 with pointer loads;
+UTMALDG instead of LDGSTS). The descriptors need 256 B of global scratch per program, which
+Triton takes from triton.set_allocator (set to torch's allocator when unset).
+
 Tile order: n-fastest (program id -> (m tile, n tile) with the n tiles of one m tile adjacent),
 so the programs sharing an activation tile run together and read it from DRAM once.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -96,7 +105,7 @@ def _next_tap(c0, kh, kw, C, KW, BLOCK_K: tl.constexpr):
     return c0, kh, kw
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE"],
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE", "TMA"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_OUT_G", "C_IN_G", "x_ptr")})
 @triton.jit
 def _conv_fwd_kernel(
@@ -108,7 +117,7 @@ def _conv_fwd_kernel(
     srn, src, srhw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
-    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr,
+    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, TMA: tl.constexpr,
     ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -124,7 +133,18 @@ def _conv_fwd_kernel(
     w_cols = w_ptr + offs_co * swo
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if FLAT:
+    if TMA:
+        # A 1x1, stride-1, unpadded conv on dense NHWC is the GEMM x[M, C_in] @ w[C_out, C_in]^T:
+        # both tiles arrive by TMA, out-of-bounds rows and channels zero-filled by the copy.
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, C_IN_G], strides=[sxw, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C_OUT, C_IN_G], strides=[swo, 1],
+                                           block_shape=[BLOCK_N, BLOCK_K])
+        for k0 in range(0, C_IN_G, BLOCK_K):
+            a = x_desc.load([pid_m * BLOCK_M, k0])
+            b = w_desc.load([pid_n * BLOCK_N, k0])
+            acc = _dot(a, b.T, acc, ALLOW_TF32)
+    elif FLAT:
         # K block = one filter row (kw, c), padded to (KW_PAD, C_PAD); the loop runs over kh.
         offs_f = tl.arange(0, KW_PAD * C_PAD)
         kw_f = offs_f // C_PAD
@@ -205,6 +225,38 @@ def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
     return flat, c_pad, kw_pad
 
 
+def _tma_aligned(t: torch.Tensor, rows_stride: int) -> bool:
+    """A TMA descriptor's base and row stride must be 16-byte multiples (the allocator's
+    blocks are 512-byte aligned, so the storage offset decides)."""
+    size = t.element_size()
+    return (t.storage_offset() * size) % 16 == 0 and (rows_stride * size) % 16 == 0
+
+
+def use_tma_1x1(x, weight, stride, padding, dilation, groups) -> bool:
+    """Whether the forward runs as a TMA-fed GEMM: a 1x1, stride-1, unpadded, ungrouped conv on
+    dense NHWC input, channels contiguous in the weight, every address 16-byte aligned.
+    RESNET_FUSED_TRITON_TMA=0 turns it off."""
+    if os.environ.get("RESNET_FUSED_TRITON_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    n, c_in, h, w = x.shape
+    if weight.shape[2:] != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
+        return False
+    dense_nhwc = x.stride() == (h * w * c_in, 1, w * c_in, c_in)
+    return (dense_nhwc and weight.stride(1) == 1 and _tma_aligned(x, c_in)
+            and _tma_aligned(weight, weight.stride(0)))
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors live in global scratch that Triton asks an allocator for;
+    set one (torch's caching allocator) where the caller has not."""
+    if interpret():
+        return
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+
+
 def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
                  pmean=None, pm2=None):
     """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
@@ -219,6 +271,9 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
     dummy = out
     res = residual if residual is not None else dummy
     flat, c_pad, kw_pad = _flat(c_in_g, kw)
+    tma = use_tma_1x1(x, weight, stride, padding, dilation, groups)
+    if tma:
+        _ensure_allocator()
     grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
     launch(
         _conv_fwd_kernel, grid,
@@ -231,7 +286,7 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
         res.stride(0), res.stride(1), _hw_stride(res),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
         EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, ALLOW_TF32=allow_tf32(x.dtype),
+        FLAT=flat and not tma, C_PAD=c_pad, KW_PAD=kw_pad, TMA=tma, ALLOW_TF32=allow_tf32(x.dtype),
         INDEX_64=needs_int64(x, out, residual), BLOCK_M=block_m,
     )
 
