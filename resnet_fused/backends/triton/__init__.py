@@ -329,7 +329,8 @@ def unsupported_reason(op_name: str, *args) -> str | None:
         return "empty input"
     for t in tensors:
         if not _device_ok(t):
-            return f"a {t.device.type} tensor: the Triton kernels run on CUDA tensors (CPU ones only under TRITON_INTERPRET=1)"
+            return (f"a {t.device.type} tensor: the Triton kernels run on CUDA tensors "
+                    "(CPU ones only under TRITON_INTERPRET=1)")
         if t.dtype not in _SUPPORTED_DTYPES:
             return f"dtype {t.dtype}; the Triton kernels take float16, bfloat16 and float32"
         if t.device != x.device:
