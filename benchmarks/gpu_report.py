@@ -10,8 +10,9 @@ the headline, and write a report with its provenance.
 
 The window (gpu_kit/budget.py TIMELINE; --quick halves each step):
   build + warm   100 s  the CUDA extension built for this GPU only (pip install -e, 4 nvcc jobs),
-                        beside workers compiling every Triton kernel the headline cases launch,
-                        and torch.compile's baseline, into the on-disk caches
+                        beside the Triton compile gate (resnet_fused.backends.triton.aot) compiling
+                        every kernel the headline launches on the free CPU cores, and workers
+                        compiling torch.compile's baseline, into the on-disk caches
   smoke          180 s  pytest -m gpu_smoke over pytest-xdist workers; a fused backend with a
                         failed smoke test is excluded from the benchmarks, with its failures
   models-core    150 s  resnet50, bf16, batch 256, 224 px: inference and a training step, each

@@ -21,7 +21,7 @@ from gpu_kit import ROOT, SCRIPT
 from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE
 from gpu_kit.phases import (backend_of_test, backend_verdicts, excluded_providers, junit_outcomes, probe_backends,
                            pytest_summary)
-from gpu_kit.warm import shards, warm_workers
+from gpu_kit.warm import aot_command, aot_jobs
 from gpu_kit.plot import render_plot
 from gpu_kit.report import SCHEMA, output_paths, report_stem, write_report
 from gpu_kit.worker import INJECT_FAULT_ENV
@@ -53,7 +53,9 @@ def test_every_phase_ran_and_the_report_is_complete(smoke):
                                                      "models-extra", "ops-extra", "tests"]
     phases = {p["name"]: p for p in report["phases"]}
     assert phases["build"]["status"] == "skipped"
-    assert phases["warm"]["status"] == "done" and report["warm"]["cases"]["warmed"] == 6
+    assert phases["warm"]["status"] == "done", phases["warm"]
+    gate = report["warm"]["triton_gate"]
+    assert gate["returncode"] == 0 and gate["target"] == "sm_90" and gate["unique_compiles"] >= 1
     assert report["smoke"]["command"].startswith(sys.executable) and "-m 'gpu_smoke and needs_cuda'" in \
         report["smoke"]["command"]
     assert report["tests"]["command"].endswith("pytest tests -m 'needs_cuda and not gpu_smoke' -q -rfE --tb=short "
@@ -193,9 +195,12 @@ def test_smoke_failures_are_charged_to_their_backend(tmp_path):
     assert junit_outcomes(tmp_path / "missing.xml") == {}
 
 
-def test_warm_up_work_is_dealt_over_the_free_cores():
-    assert warm_workers(16, building=True) == 8 and warm_workers(16, building=False) == 12
-    assert warm_workers(2, building=True) == 1
-    dealt = shards(list("abcde"), 3)
-    assert dealt == [[(0, "a"), (3, "d")], [(1, "b"), (4, "e")], [(2, "c")]]
-    assert shards(["a"], 4) == [[(0, "a")]]
+def test_warm_up_compiles_on_the_free_cores_for_the_gpu_at_hand(tmp_path):
+    assert aot_jobs(16, building=True, compile_workers=2) == 8 and aot_jobs(16, False, 2) == 12
+    assert aot_jobs(2, building=True, compile_workers=2) == 1
+    cmd = aot_command(dict(capability="9.0"), 8, tmp_path / "cache", tmp_path / "gate.json")
+    assert cmd[1:3] == ["-m", "resnet_fused.backends.triton.aot"]
+    assert cmd[cmd.index("--target") + 1] == "sm_90" and cmd[cmd.index("--subset") + 1] == "all"
+    assert cmd[cmd.index("--batch") + 1] == "256" and cmd[cmd.index("--cache-dir") + 1] == str(tmp_path / "cache")
+    blackwell = aot_command(dict(capability="10.0"), 8, tmp_path, tmp_path / "g.json")
+    assert blackwell[blackwell.index("--target") + 1] == "sm_100"

@@ -13,7 +13,7 @@ import time
 # The planned window, step by step: the most seconds each may take (--quick: half each).
 # Estimates for a fresh H100/H200 with 16 CPU cores; the report records what each took.
 TIMELINE = {
-    "build+warm": 100,   # nvcc on 4 cores for this GPU's architecture, beside 12 Triton warm-up workers
+    "build+warm": 100,   # nvcc on 4 cores for this GPU's architecture, beside the Triton compile gate on 8
     "smoke": 180,        # the gpu_smoke tests, over pytest-xdist workers
     "models-core": 150,  # resnet50 bf16 batch 256: inference and a training step per provider
     "ops-core": 90,      # the ResNet-50 layers at batch 256: fused vs conv alone vs the eager unit

@@ -131,7 +131,7 @@ def run(args, argv: list[str]) -> int:
     def deadline(step):
         return budget.share(1.0, cap=settings["timeline_s"][step])
 
-    # The build runs in the background beside the warm-up workers (the two share the CPU cores).
+    # The build runs in the background beside the warm-up (the two share the CPU cores).
     t0, entries = time.time(), cache_entries(cache_dir)
     build_proc = None
     if "build" in phases and on_gpu:
@@ -142,7 +142,7 @@ def run(args, argv: list[str]) -> int:
         skipped("build", "no GPU: the CUDA extension is not built in a CPU smoke run")
     step_deadline = deadline("build+warm")
     if "warm" in phases:
-        phase("warm", run_warm, step_deadline, paths, report, on_gpu, build_proc is not None)
+        phase("warm", run_warm, step_deadline, paths, report, gpu, build_proc is not None)
     if build_proc is not None:
         # The build may use the rest of the step's time, and more when no other phase follows.
         end = step_deadline if phases - {"build"} else budget.share(1.0)

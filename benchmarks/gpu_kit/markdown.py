@@ -166,12 +166,12 @@ def _build_and_tests(report: dict) -> list[str]:
                   f"{b.get('cuda_backend_after') or 'usable'}. Log: `{b['log']}`."]
     w = report.get("warm")
     if w:
-        c = w["cases"]
+        g, c = w["triton_gate"], w["compile_baseline"]
         lines += ["", "## Warm-up", "",
-                  f"{w['workers']} workers ({w['op_workers']} on the per-layer Triton cases, {w['compile_workers']} on "
-                  f"torch.compile's baseline): {c['warmed']} cases compiled, {c['skipped']} skipped, {c['error']} "
-                  f"errors, {c['not_reached']} not reached; {w['killed_at_deadline']} workers stopped at the deadline. "
-                  f"Log: `{w['log']}`."]
+                  f"Triton compile gate (`{g['command']}`, {g['jobs']} jobs): exit status {g['returncode']}, "
+                  f"{_f(g.get('unique_compiles'), 'd')} kernels for {g.get('target')} in {_f(g.get('seconds'), '.0f')} s, "
+                  f"{_f(g.get('cache_hits'), 'd')} of them already cached. torch.compile's baseline: {c['warmed']} "
+                  f"compiled, {c['error']} errors, {c['not_reached']} not reached. Log: `{w['log']}`."]
         lines += [f"- `{_cell(e, 300)}`" for e in w["errors"]]
     for name, title in (("smoke", "GPU smoke tests (gpu_smoke)"), ("tests", "The rest of the GPU test suite")):
         t = report.get(name)

@@ -69,9 +69,6 @@ def op_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
 
     if not on_gpu:
         layers = bl.cpu_layers()
-        if phase == "warm":
-            return [c.to_dict() for c in bl.op_cases(layers, (2,), "fp32", ("fused-reference",),
-                                                     ops=("eval", "train_bwd"))]
         if phase == "ops-core":
             return [c.to_dict() for c in bl.op_cases(layers[:2], (2,), "fp32", bl.CPU_PROVIDERS)]
         smoke_providers = ("conv-alone", "eager-unit", "fused-reference")
@@ -80,12 +77,6 @@ def op_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
     main_providers = ("conv-alone", "eager-unit", "fused-triton", "fused-cuda")
     if phase == "ops-core":
         return [c.to_dict() for c in bl.op_cases(layers, (256,), "bf16", main_providers)]
-    if phase == "warm":
-        # Every Triton kernel the headline cases launch: the per-layer eval and training
-        # backward (whose set-up runs the training forward) at the headline's shapes, and
-        # add_relu; resnet50's own layers are these layers.
-        return [c.to_dict() for c in bl.op_cases(layers, (256,), "bf16", ("fused-triton",),
-                                                 ops=("eval", "train_bwd", "add_relu"))]
     cases = bl.op_cases(layers, (256,), "bf16", ("compile-unit",))
     cases += bl.op_cases(layers, (32,), "bf16", main_providers)
     cases += bl.op_cases(layers, (32,), "bf16", ("compile-unit",))

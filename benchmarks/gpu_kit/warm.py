@@ -1,14 +1,15 @@
 """The warm phase: the kernels the headline cases will JIT-compile, compiled before they run,
-in parallel worker processes, while the CUDA extension builds.
+while the CUDA extension builds.
 
-One resnet50 step on the Triton backend compiles about 300 kernels (layer shapes x kernels x
-autotune configs), serially in the process that first calls them. Here the per-layer cases
-that launch exactly those kernels (the same shapes, dtypes and strides, so the same
-specializations) are spread over many worker processes sharing Triton's on-disk cache; the
-timed phases then load the binaries. torch.compile's baseline is compiled the same way, into
-Inductor's on-disk caches. The warm workers do not write autotuning results to disk: their
-timings, taken side by side on one GPU, would be noise; the timed phases autotune (on
-already compiled kernels) themselves.
+One resnet50 step on the Triton backend compiles about 170 kernels (layer shapes x kernels x
+kept autotune configs), serially, in the process that first calls them. Here the Triton
+backend's compile gate (`python -m resnet_fused.backends.triton.aot`) compiles every kernel
+and kept config the backend launches for ResNet-50's 24 convolutions at the headline's batch,
+dtype and layout, with the JIT's own specializations, in parallel on the CPU cores, into
+Triton's on-disk cache (its cache keys equal the JIT's: tests/test_triton_compile_gate.py).
+It needs no GPU, so it does not disturb anything. torch.compile's baseline is compiled the
+same way beside it, in worker processes, into Inductor's on-disk caches (those workers do
+not write autotuning results: timings taken side by side would be noise).
 
 The Triton cache's entries are counted before and after each phase, so the report says how
 many kernels each phase still had to compile (cache misses).
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 
 from . import SCRIPT
-from .plan import model_plan, op_plan
+from .plan import model_plan
 from .processes import start_logged, wait_logged, worker_env
 
-BUILD_JOBS = 4            # nvcc jobs while the warm workers run
+BUILD_JOBS = 4            # nvcc jobs while the warm-up runs
 COMPILE_THREADS = 2       # Inductor compile threads per torch.compile warm worker
 
 
@@ -45,64 +46,79 @@ def cache_entries(path: Path) -> int:
         return 0
 
 
-def warm_workers(cpus: int | None, building: bool) -> int:
-    """Triton warm-up workers: the cores left by the build and the torch.compile workers."""
+def aot_jobs(cpus: int | None, building: bool, compile_workers: int) -> int:
+    """Parallel compiles for the Triton gate: the cores the build and the torch.compile
+    workers leave."""
     cpus = cpus or 2
-    return max(1, cpus - (BUILD_JOBS if building else 0) - 2 * COMPILE_THREADS)
+    return max(1, cpus - (BUILD_JOBS if building else 0) - COMPILE_THREADS * compile_workers)
 
 
-def shards(cases: list, n: int) -> list[list]:
-    """cases, with their plan indices, dealt round-robin into at most n non-empty shards."""
-    dealt = [list(enumerate(cases))[i::n] for i in range(n)]
-    return [shard for shard in dealt if shard]
+def aot_command(gpu: dict | None, jobs: int, cache_dir: Path, json_path: Path) -> list[str]:
+    """The compile gate for this GPU's architecture over the headline's kernels (ResNet-50's
+    24 convolutions, bf16, NHWC, batch 256, every op); without a GPU (--cpu-smoke), one small
+    case, to check the pipeline."""
+    cmd = [sys.executable, "-m", "resnet_fused.backends.triton.aot", "--jobs", str(jobs), "--cache-dir", str(cache_dir),
+           "--json", str(json_path)]
+    if gpu is None:
+        return cmd + ["--target", "sm_90", "--layers", "1x1 2048->512 @7", "--dtypes", "bf16", "--ops", "eval",
+                      "--batch", "2"]
+    target = "sm_" + gpu["capability"].replace(".", "")
+    return cmd + ["--target", target, "--subset", "all", "--dtypes", "bf16", "--layouts", "nhwc", "--batch", "256"]
 
 
-def run_warm(deadline: float, paths: dict, report: dict, on_gpu: bool, building: bool) -> dict:
-    """Runs the warm-up cases in parallel workers until done or the deadline. Returns the
-    phase record."""
-    device = "cuda" if on_gpu else "cpu"
-    n = warm_workers(os.cpu_count(), building) if on_gpu else 2
-    op_shards = [("ops", shard) for shard in shards(op_plan("warm", on_gpu, False), n)]
+def run_warm(deadline: float, paths: dict, report: dict, gpu: dict | None, building: bool) -> dict:
+    """Runs the compile gate and the torch.compile warm-up workers side by side until done or
+    the deadline. Returns the phase record."""
+    on_gpu = gpu is not None
     compile_cases = [c for c in model_plan("models-core", on_gpu, False) if c["provider"] == "torchvision-compile"]
-    model_shards = [("models", [(i, case)]) for i, case in enumerate(compile_cases)]
     env = worker_env()
     env["TRITON_CACHE_AUTOTUNING"] = "0"  # compile, but keep no side-by-side timings
-    running = []
-    for number, (kind, shard) in enumerate(op_shards + model_shards):
+    aot_json = paths["dir"] / f".{paths['stem']}-aot.json"
+    aot_json.unlink(missing_ok=True)
+    jobs = aot_jobs(os.cpu_count(), building, len(compile_cases))
+    aot_cmd = aot_command(gpu, jobs, triton_cache_dir(), aot_json)
+    aot = start_logged(aot_cmd, paths["warm_log"], env)
+    workers = []
+    for number, case in enumerate(compile_cases):
         plan_path = paths["dir"] / f".{paths['stem']}-warm-{number}-plan.json"
         results_path = paths["dir"] / f".{paths['stem']}-warm-{number}-results.jsonl"
         results_path.unlink(missing_ok=True)
-        plan_path.write_text(json.dumps(dict(kind=kind, device=device, deadline=deadline, warm=True, excluded={},
-                                             target_seconds=0, cases=shard)))
-        worker_env_ = dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(COMPILE_THREADS)) if kind == "models" else env
+        plan_path.write_text(json.dumps(dict(kind="models", device="cuda" if on_gpu else "cpu", deadline=deadline,
+                                             warm=True, excluded={}, target_seconds=0, cases=[(number, case)])))
         cmd = [sys.executable, str(SCRIPT), "--worker", str(plan_path), "--results", str(results_path)]
-        running.append((start_logged(cmd, paths["warm_log"], worker_env_), plan_path, results_path, len(shard)))
-    counts = dict(warmed=0, skipped=0, error=0, not_reached=0)
-    killed = 0
+        proc = start_logged(cmd, paths["warm_log"], dict(env, TORCHINDUCTOR_COMPILE_THREADS=str(COMPILE_THREADS)))
+        workers.append((proc, plan_path, results_path))
+
+    aot_rc = wait_logged(aot, paths["warm_log"], deadline - time.time())
+    gate = {}
+    if aot_json.exists():
+        summary = json.loads(aot_json.read_text())
+        gate = {k: summary.get(k) for k in ("target", "triton", "unique_compiles", "cache_hits", "seconds")}
+        aot_json.unlink()
+    triton = dict(command=" ".join(aot_cmd[1:]).replace(str(aot_json), "REPORT.json"), jobs=jobs, returncode=aot_rc,
+                  **gate)
+    baseline = dict(warmed=0, error=0, not_reached=0)
     errors = []
-    for proc, plan_path, results_path, planned in running:
-        rc = wait_logged(proc, paths["warm_log"], deadline - time.time())
-        killed += rc is None
-        done = 0
-        if results_path.exists():
-            for line in results_path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if event["event"] != "result":
-                    continue
-                done += 1
-                status = event["row"]["status"]
-                counts[status if status in counts else "error"] += 1
-                if status == "error":
-                    errors.append(f"{event['row']['id']}: {event['row'].get('reason', '')[:300]}")
-        counts["not_reached"] += planned - done
+    for proc, plan_path, results_path in workers:
+        wait_logged(proc, paths["warm_log"], deadline - time.time())
+        rows = [json.loads(line)["row"] for line in (results_path.read_text().splitlines()
+                                                     if results_path.exists() else [])
+                if line.startswith("{") and '"event": "result"' in line]
+        if not rows:
+            baseline["not_reached"] += 1
+        for row in rows:
+            ok = row["status"] == "warmed"
+            baseline["warmed" if ok else "error"] += 1
+            if not ok:
+                errors.append(f"{row['id']}: {row.get('reason', '')[:300]}")
         plan_path.unlink(missing_ok=True)
         results_path.unlink(missing_ok=True)
-    report["warm"] = dict(workers=len(running), op_workers=len(op_shards), compile_workers=len(model_shards),
-                          cases=counts, killed_at_deadline=killed, errors=errors[:20], log=paths["warm_log"].name)
-    status = "done" if not killed and not counts["error"] else ("partial" if not counts["error"] else "errors")
-    return dict(status=status, workers=len(running), cases=dict(ok=counts["warmed"], skipped=counts["skipped"],
-                                                                error=counts["error"]),
-                notes=[f"{counts['not_reached']} cases not reached by the deadline"] if counts["not_reached"] else [])
+    report["warm"] = dict(triton_gate=triton, compile_baseline=baseline, errors=errors[:20], log=paths["warm_log"].name)
+    if aot_rc is None:
+        status, note = "partial", "the Triton compile gate was stopped at the deadline"
+    elif aot_rc != 0:
+        status, note = "errors", f"the Triton compile gate exited with status {aot_rc} (log: {paths['warm_log'].name})"
+    else:
+        status, note = ("errors" if baseline["error"] else "done"), None
+    return dict(status=status, note=note, triton_compiles=gate.get("unique_compiles"),
+                triton_cache_hits=gate.get("cache_hits"))
