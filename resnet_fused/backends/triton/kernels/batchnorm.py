@@ -23,20 +23,12 @@ import triton
 import triton.language as tl
 
 from .configs import elementwise_block
-from .launch import launch, needs_int64
+from .launch import as_index, launch, needs_int64
 
 
 def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
     assert t.size(2) == 1 or t.stride(2) == t.size(3) * t.stride(3), "H and W must be dense together"
     return t.stride(0), t.stride(1), t.stride(3)
-
-
-@triton.jit
-def _index(v, INDEX_64: tl.constexpr):
-    if INDEX_64:
-        return v.to(tl.int64)
-    else:
-        return v
 
 
 @triton.jit
@@ -74,8 +66,8 @@ def _chan_merge_kernel(
     axis 0, for a block of channels (axis 1). Counts are loaded (HAS_CNT) or implied by TILE_M
     (the conv epilogue's tiles: all full but the last of M rows). FINAL writes the mean and the
     biased variance M2 / M in the output dtype; otherwise the group's (mean, M2, count)."""
-    g = _index(tl.program_id(0), INDEX_64)
-    offs_c = _index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    g = as_index(tl.program_id(0), INDEX_64)
+    offs_c = as_index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     t_end = tl.minimum(g * GROUP_T + GROUP_T, T)
     run_mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -142,8 +134,8 @@ def _bn_apply_kernel(
     HAS_RES: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_m = _index(tl.program_id(0), INDEX_64)
-    pid_c = _index(tl.program_id(1), INDEX_64)
+    pid_m = as_index(tl.program_id(0), INDEX_64)
+    pid_c = as_index(tl.program_id(1), INDEX_64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     m_mask = offs_m < M
@@ -183,9 +175,9 @@ def _sum_partials_kernel(p_ptr, out_ptr, T, C, GROUP_T, INDEX_64: tl.constexpr, 
                          BLOCK_C: tl.constexpr):
     """out[i, g, c] = sum of p[i, t, c] over the tiles t of group g (grid: g, channel block, i),
     added in a fixed order."""
-    g = _index(tl.program_id(0), INDEX_64)
-    offs_c = _index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = _index(tl.program_id(2), INDEX_64)
+    g = as_index(tl.program_id(0), INDEX_64)
+    offs_c = as_index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = as_index(tl.program_id(2), INDEX_64)
     c_mask = offs_c < C
     t_end = tl.minimum(g * GROUP_T + GROUP_T, T)
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -220,8 +212,8 @@ def _bn_bwd_reduce_kernel(
     sgn, sgc, sghw, syn, syc, syhw, szn, szc, szhw,
     RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = _index(tl.program_id(0), INDEX_64)
-    pid_c = _index(tl.program_id(1), INDEX_64)
+    pid_m = as_index(tl.program_id(0), INDEX_64)
+    pid_c = as_index(tl.program_id(1), INDEX_64)
     T = tl.num_programs(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -252,8 +244,8 @@ def _bn_bwd_dz_kernel(
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_RES: tl.constexpr, WRITE_VEC: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = _index(tl.program_id(0), INDEX_64)
-    pid_c = _index(tl.program_id(1), INDEX_64)
+    pid_m = as_index(tl.program_id(0), INDEX_64)
+    pid_c = as_index(tl.program_id(1), INDEX_64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
@@ -349,8 +341,8 @@ def _eval_bwd_g_kernel(
     RELU: tl.constexpr, WRITE_G: tl.constexpr, WRITE_SUM: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = _index(tl.program_id(0), INDEX_64)
-    pid_c = _index(tl.program_id(1), INDEX_64)
+    pid_m = as_index(tl.program_id(0), INDEX_64)
+    pid_c = as_index(tl.program_id(1), INDEX_64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C

@@ -49,20 +49,12 @@ from ...._utils import interpret
 from .batchnorm import sum_partials
 from .configs import (conv_block_m, conv_configs, m_bucket, prune_gemm_configs, prune_wgrad_configs, sm_count,
                       wgrad_configs)
-from .launch import launch, needs_int64
+from .launch import as_index, launch, needs_int64
 
 # Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
 FLAT_BELOW = 16
 # Largest FLAT K block (KW_PAD * C_PAD); wider filter rows take the per-tap loop.
 FLAT_MAX_BLOCK = 256
-
-
-@triton.jit
-def _index(v, INDEX_64: tl.constexpr):
-    if INDEX_64:
-        return v.to(tl.int64)
-    else:
-        return v
 
 
 @triton.jit
@@ -76,10 +68,10 @@ def _dot(a, b, acc, ALLOW_TF32: tl.constexpr):
 @triton.jit
 def _tile_ids(N_COLS, BLOCK_N: tl.constexpr, INDEX_64: tl.constexpr):
     """(m tile, n tile, group) of this program; n tiles of one m tile are adjacent ids."""
-    pid = _index(tl.program_id(0), INDEX_64)
+    pid = as_index(tl.program_id(0), INDEX_64)
     num_n = tl.cdiv(N_COLS, BLOCK_N)
     pid_m = pid // num_n
-    return pid_m, pid - pid_m * num_n, _index(tl.program_id(2), INDEX_64)
+    return pid_m, pid - pid_m * num_n, as_index(tl.program_id(2), INDEX_64)
 
 
 @triton.jit
@@ -413,9 +405,9 @@ def _conv_wgrad_kernel(
 ):
     """FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
     axis 1 is the group; otherwise columns are input channels and axis 1 is (group, tap)."""
-    pid_mn = _index(tl.program_id(0), INDEX_64)
-    axis1 = _index(tl.program_id(1), INDEX_64)
-    split = _index(tl.program_id(2), INDEX_64)
+    pid_mn = as_index(tl.program_id(0), INDEX_64)
+    axis1 = as_index(tl.program_id(1), INDEX_64)
+    split = as_index(tl.program_id(2), INDEX_64)
     KHW = KH * KW
     if FLAT_N:
         N_COLS = C_IN_G * KHW
@@ -491,8 +483,8 @@ def _wgrad_finalize_kernel(
     into gscale_part[k block, co] (summed over k blocks in order by the launcher).
     K = C_in_g * KH * KW flattened in (ci, kh, kw) order; w is read with the partials' layout
     contract of a contiguous weight (the caller passes weight.contiguous())."""
-    offs_co = _index(tl.program_id(0), INDEX_64) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    kb = _index(tl.program_id(1), INDEX_64)
+    offs_co = as_index(tl.program_id(0), INDEX_64) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    kb = as_index(tl.program_id(1), INDEX_64)
     offs_k = kb * BLOCK_K + tl.arange(0, BLOCK_K)
     co_mask = offs_co < C_OUT
     mask = co_mask[:, None] & (offs_k < K)[None, :]

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import triton
+import triton.language as tl
 from torch.library import wrap_triton
 
 INT32_LIMIT = 2**31
@@ -93,6 +95,15 @@ def needs_int64(*tensors: torch.Tensor | None) -> bool:
     if _force_int64:
         return True
     return any(t is not None and _span(t) >= INT32_LIMIT for t in tensors)
+
+
+@triton.jit
+def as_index(v, INDEX_64: tl.constexpr):
+    """v in the kernel's index type: int64 when the launcher chose INDEX_64 (needs_int64), else as is (int32)."""
+    if INDEX_64:
+        return v.to(tl.int64)
+    else:
+        return v
 
 
 def grid_size(grid: Callable | tuple, meta: dict) -> tuple[int, int, int]:
