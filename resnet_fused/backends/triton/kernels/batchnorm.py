@@ -32,6 +32,16 @@ def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 @triton.jit
+def _channel_tile(M, C, HW, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The (BLOCK_M rows, BLOCK_C channels) tile of program (0: rows, 1: channels) of a
+    per-channel kernel: its channel offsets and mask, the 2-D mask, and each row's (n, h*W+w)."""
+    offs_m = as_index(tl.program_id(0), INDEX_64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = as_index(tl.program_id(1), INDEX_64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    return offs_c, c_mask, (offs_m < M)[:, None] & c_mask[None, :], offs_m // HW, offs_m % HW
+
+
+@triton.jit
 def _chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
     n = n_a + n_b
     frac = tl.where(n > 0, n_b / tl.maximum(n, 1.0), 0.0)
@@ -134,15 +144,7 @@ def _bn_apply_kernel(
     HAS_RES: tl.constexpr, RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_m = as_index(tl.program_id(0), INDEX_64)
-    pid_c = as_index(tl.program_id(1), INDEX_64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_mask = offs_m < M
-    c_mask = offs_c < C
-    mask = m_mask[:, None] & c_mask[None, :]
-    n_idx = offs_m // HW
-    hw = offs_m % HW
+    offs_c, c_mask, mask, n_idx, hw = _channel_tile(M, C, HW, INDEX_64, BLOCK_M, BLOCK_C)
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     var = tl.load(var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32)
     scale = tl.load(w_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) * tl.rsqrt(var + eps)
@@ -213,14 +215,8 @@ def _bn_bwd_reduce_kernel(
     RELU: tl.constexpr, INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = as_index(tl.program_id(0), INDEX_64)
-    pid_c = as_index(tl.program_id(1), INDEX_64)
     T = tl.num_programs(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    mask = (offs_m < M)[:, None] & c_mask[None, :]
-    n_idx = offs_m // HW
-    hw = offs_m % HW
+    offs_c, c_mask, mask, n_idx, hw = _channel_tile(M, C, HW, INDEX_64, BLOCK_M, BLOCK_C)
     g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask,
                 other=0.0).to(tl.float32)
     if RELU:
@@ -244,14 +240,7 @@ def _bn_bwd_dz_kernel(
     RELU: tl.constexpr, WRITE_DZ: tl.constexpr, WRITE_RES: tl.constexpr, WRITE_VEC: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = as_index(tl.program_id(0), INDEX_64)
-    pid_c = as_index(tl.program_id(1), INDEX_64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    mask = (offs_m < M)[:, None] & c_mask[None, :]
-    n_idx = offs_m // HW
-    hw = offs_m % HW
+    offs_c, c_mask, mask, n_idx, hw = _channel_tile(M, C, HW, INDEX_64, BLOCK_M, BLOCK_C)
 
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
     invstd = tl.rsqrt(tl.load(var_ptr + offs_c, mask=c_mask, other=1.0).to(tl.float32) + eps)
@@ -259,7 +248,7 @@ def _bn_bwd_dz_kernel(
     sum_g = tl.load(sums_ptr + offs_c, mask=c_mask, other=0.0)
     sum_g_xhat = tl.load(sums_ptr + C + offs_c, mask=c_mask, other=0.0) * invstd
     if WRITE_VEC:
-        if pid_m == 0:
+        if tl.program_id(0) == 0:  # one row tile writes the per-channel vectors
             sum_xhat = tl.load(sums_ptr + 2 * C + offs_c, mask=c_mask, other=0.0) * invstd
             # sum over rows of dz, the conv bias gradient
             gbias = bw * invstd * (sum_g - count * (sum_g / count) - sum_xhat * (sum_g_xhat / count))
@@ -341,14 +330,7 @@ def _eval_bwd_g_kernel(
     RELU: tl.constexpr, WRITE_G: tl.constexpr, WRITE_SUM: tl.constexpr,
     INDEX_64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_m = as_index(tl.program_id(0), INDEX_64)
-    pid_c = as_index(tl.program_id(1), INDEX_64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = offs_c < C
-    mask = (offs_m < M)[:, None] & c_mask[None, :]
-    n_idx = offs_m // HW
-    hw = offs_m % HW
+    offs_c, c_mask, mask, n_idx, hw = _channel_tile(M, C, HW, INDEX_64, BLOCK_M, BLOCK_C)
     g = tl.load(gy_ptr + (n_idx * sgn + hw * sghw)[:, None] + (offs_c * sgc)[None, :], mask=mask, other=0.0)
     if RELU:
         y = tl.load(y_ptr + (n_idx * syn + hw * syhw)[:, None] + (offs_c * syc)[None, :], mask=mask, other=0.0)
@@ -357,7 +339,8 @@ def _eval_bwd_g_kernel(
         tl.store(g_ptr + (n_idx * son + hw * sohw)[:, None] + (offs_c * soc)[None, :],
                  g.to(g_ptr.dtype.element_ty), mask=mask)
     if WRITE_SUM:
-        tl.store(part_ptr + pid_m * C + offs_c, tl.sum(g.to(tl.float32), axis=0), mask=c_mask)
+        tile = as_index(tl.program_id(0), INDEX_64)
+        tl.store(part_ptr + tile * C + offs_c, tl.sum(g.to(tl.float32), axis=0), mask=c_mask)
 
 
 def eval_backward_g(grad_y, y, relu, g_out, want_sum):
