@@ -16,7 +16,7 @@ import time
 from . import SCRIPT
 from .plan import row_base
 from .processes import run_logged, tail, worker_env
-from .worker import STICKY_EXIT_STATUS
+from .worker import STICKY_EXIT_STATUS, read_events
 
 WORKER_GRACE_S = 20         # a worker past its phase's deadline by this much is killed
 MAX_CRASHES_PER_PROVIDER = 2
@@ -56,19 +56,14 @@ def run_worker_phase(kind: str, cases: list, device: str, phase_deadline: float,
         log_offset = paths["benchmarks_log"].stat().st_size if paths["benchmarks_log"].exists() else 0
         rc, _ = run_logged(cmd, paths["benchmarks_log"], phase_deadline - time.time() + WORKER_GRACE_S, worker_env())
         started, finished = None, set()
-        if results_path.exists():
-            for line in results_path.read_text().splitlines():
-                try:
-                    event = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by a kill
-                if event["event"] == "env":
-                    report["provenance"].setdefault("backends", event["backends"])
-                elif event["event"] == "start":
-                    started = event["index"]
-                elif event["event"] == "result":
-                    rows[event["index"]] = event["row"]
-                    finished.add(event["index"])
+        for event in read_events(results_path):
+            if event["event"] == "env":
+                report["provenance"].setdefault("backends", event["backends"])
+            elif event["event"] == "start":
+                started = event["index"]
+            elif event["event"] == "result":
+                rows[event["index"]] = event["row"]
+                finished.add(event["index"])
         plan_path.unlink(missing_ok=True)
         results_path.unlink(missing_ok=True)
         pending = [(i, c) for i, c in pending if i not in finished]

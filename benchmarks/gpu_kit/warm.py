@@ -26,6 +26,7 @@ from pathlib import Path
 from . import SCRIPT
 from .plan import model_plan
 from .processes import start_logged, wait_logged, worker_env
+from .worker import read_events
 
 BUILD_JOBS = 4            # nvcc jobs while the warm-up runs
 COMPILE_THREADS = 2       # Inductor compile threads per torch.compile warm worker
@@ -101,9 +102,7 @@ def run_warm(deadline: float, paths: dict, report: dict, gpu: dict | None, build
     errors = []
     for proc, plan_path, results_path in workers:
         wait_logged(proc, paths["warm_log"], deadline - time.time())
-        rows = [json.loads(line)["row"] for line in (results_path.read_text().splitlines()
-                                                     if results_path.exists() else [])
-                if line.startswith("{") and '"event": "result"' in line]
+        rows = [event["row"] for event in read_events(results_path) if event["event"] == "result"]
         if not rows:
             baseline["not_reached"] += 1
         for row in rows:

@@ -122,6 +122,19 @@ def main(plan_path: str, results_path: str) -> int:
     return 0
 
 
+def read_events(results_path) -> list[dict]:
+    """The events a worker wrote to its results file (none if it wrote none); a last line cut
+    off by a kill is skipped."""
+    events = []
+    if results_path.exists():
+        for line in results_path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return events
+
+
 def _compile_case(case, provider: str, device) -> None:
     """The first call of an op case (bench_layers.OpCase) or of a model provider (a
     bench_models.ModelConfig): what JIT-compiles its kernels (Triton, Inductor)."""

@@ -131,12 +131,3 @@ def clear_auto_choices() -> None:
     """Forget auto's per-shape choices (they are re-timed on the next call of each shape)."""
     _auto_choices.clear()
 
-
-def auto_choices() -> dict[tuple, dict]:
-    """auto's per-shape choices so far: shape key -> {"backend": name, "ms": {backend: median ms}}."""
-    return {key: dict(value, ms=dict(value["ms"])) for key, value in _auto_choices.items()}
-
-
-def clear_auto_choices() -> None:
-    """Forget auto's per-shape choices (they are re-timed on the next call of each shape)."""
-    _auto_choices.clear()
