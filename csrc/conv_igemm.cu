@@ -8,8 +8,9 @@
 // float32 with TF32 disallowed runs an exact FFMA path over the same shared-memory tiles
 // (each thread an 8 x 4 block of the 64 x 64 tile).
 // Pipeline: cp.async (16-byte, zero-filling out-of-bounds/padding) into a 3-stage (16-bit types)
-// or 2-stage (float32) shared-memory ring; when c_in is not a multiple of the 16-byte vector
-// (the 3-channel stem) A is gathered element by element with ordinary loads instead.
+// or 2-stage (float32) shared-memory ring. x must be 16-byte aligned with c_in a multiple of the
+// 16-byte vector: the launcher pads the 3-channel stem with zero channels (the element-wise
+// gather with scalar loads it replaced was the only kernel variant with a stack frame).
 // Epilogues (fp32 accumulators staged through shared memory):
 //   eval : y = act(acc * scale[c] + shift[c] [+ residual])
 //   train: z = acc [+ bias[c]] rounded to the activation dtype; per-(M tile, channel) mean and M2
@@ -102,10 +103,10 @@ struct EpilogueArgs {
   int64_t num_m_tiles;    // train
 };
 
-// VEC_A: c_in % kVec == 0 and x 16-byte aligned, so every 16-byte chunk of an A row lies in
-// one (r, s) filter tap and can be copied with cp.async.
+// c_in % kVec == 0 and x 16-byte aligned (conv_igemm_supported), so every 16-byte chunk of an
+// A row lies in one (r, s) filter tap and can be copied with cp.async.
 // EXACT (float32 only): FFMA instead of TF32 tensor cores.
-template <typename T, bool VEC_A, Epilogue EPI, bool EXACT>
+template <typename T, Epilogue EPI, bool EXACT>
 __global__ void __launch_bounds__(kThreads)
     conv_igemm_kernel(const ConvShape s, const T* __restrict__ x, const T* __restrict__ w, T* __restrict__ out,
                       const EpilogueArgs ep) {
@@ -133,23 +134,21 @@ __global__ void __launch_bounds__(kThreads)
   const int chunk_col = (tid % Cfg::kChunksPerRow) * VA;
   const int chunk_row0 = tid / Cfg::kChunksPerRow;
 
-  // A rows owned by this thread (vectorized path): image base offset and top-left input pixel.
+  // A rows owned by this thread: image base offset and top-left input pixel.
   int64_t a_base[Cfg::kChunksPerThread];
   int a_h[Cfg::kChunksPerThread], a_w[Cfg::kChunksPerThread];
   bool a_valid[Cfg::kChunksPerThread];
-  if constexpr (VEC_A) {
 #pragma unroll
-    for (int i = 0; i < Cfg::kChunksPerThread; ++i) {
-      const int64_t m = m0 + chunk_row0 + i * Cfg::kRowStep;
-      a_valid[i] = m < M;
-      const int64_t mm = a_valid[i] ? m : 0;
-      const int64_t img = mm / hw_out;
-      const int64_t rem = mm - img * hw_out;
-      const int64_t ho = rem / s.w_out, wo = rem - (rem / s.w_out) * s.w_out;
-      a_base[i] = img * s.h * s.w * s.c_in;
-      a_h[i] = static_cast<int>(ho * s.stride_h - s.pad_h);
-      a_w[i] = static_cast<int>(wo * s.stride_w - s.pad_w);
-    }
+  for (int i = 0; i < Cfg::kChunksPerThread; ++i) {
+    const int64_t m = m0 + chunk_row0 + i * Cfg::kRowStep;
+    a_valid[i] = m < M;
+    const int64_t mm = a_valid[i] ? m : 0;
+    const int64_t img = mm / hw_out;
+    const int64_t rem = mm - img * hw_out;
+    const int64_t ho = rem / s.w_out, wo = rem - (rem / s.w_out) * s.w_out;
+    a_base[i] = img * s.h * s.w * s.c_in;
+    a_h[i] = static_cast<int>(ho * s.stride_h - s.pad_h);
+    a_w[i] = static_cast<int>(wo * s.stride_w - s.pad_w);
   }
 
   auto load_tile = [&](int stage, int kt) {
@@ -168,42 +167,20 @@ __global__ void __launch_bounds__(kThreads)
         cp_async16(sb + row * Cfg::kLds + chunk_col, src, pred);
       }
     }
-    if constexpr (VEC_A) {
-      const int64_t k = k0 + chunk_col;
-      const bool k_ok = k < s.k;
-      const int64_t kk = k_ok ? k : 0;
-      const int64_t tap = kk / s.c_in;
-      const int64_t ci = kk - tap * s.c_in;
-      const int r = static_cast<int>(tap / s.kw), q = static_cast<int>(tap - (tap / s.kw) * s.kw);
-      const int dh = r * static_cast<int>(s.dil_h), dw = q * static_cast<int>(s.dil_w);
+    const int64_t k = k0 + chunk_col;
+    const bool k_ok = k < s.k;
+    const int64_t kk = k_ok ? k : 0;
+    const int64_t tap = kk / s.c_in;
+    const int64_t ci = kk - tap * s.c_in;
+    const int r = static_cast<int>(tap / s.kw), q = static_cast<int>(tap - (tap / s.kw) * s.kw);
+    const int dh = r * static_cast<int>(s.dil_h), dw = q * static_cast<int>(s.dil_w);
 #pragma unroll
-      for (int i = 0; i < Cfg::kChunksPerThread; ++i) {
-        const int row = chunk_row0 + i * Cfg::kRowStep;
-        const int hi = a_h[i] + dh, wi = a_w[i] + dw;
-        const bool pred = k_ok && a_valid[i] && hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
-        const T* src = pred ? x + a_base[i] + (static_cast<int64_t>(hi) * s.w + wi) * s.c_in + ci : x;
-        cp_async16(sa + row * Cfg::kLds + chunk_col, src, pred);
-      }
-    } else {
-      // Element-wise gather (c_in not a multiple of the vector width): BM * BK elements.
-      const T zero = from_float<T>(0.f);
-      for (int e = tid; e < BM * BK; e += kThreads) {
-        const int row = e / BK, col = e % BK;
-        const int64_t m = m0 + row;
-        const int64_t k = k0 + col;
-        T v = zero;
-        if (m < M && k < s.k) {
-          const int64_t img = m / hw_out;
-          const int64_t rem = m - img * hw_out;
-          const int64_t ho = rem / s.w_out, wo = rem - (rem / s.w_out) * s.w_out;
-          const int64_t tap = k / s.c_in, ci = k - (k / s.c_in) * s.c_in;
-          const int64_t r = tap / s.kw, q = tap - (tap / s.kw) * s.kw;
-          const int64_t hi = ho * s.stride_h - s.pad_h + r * s.dil_h;
-          const int64_t wi = wo * s.stride_w - s.pad_w + q * s.dil_w;
-          if (hi >= 0 && hi < s.h && wi >= 0 && wi < s.w) v = x[((img * s.h + hi) * s.w + wi) * s.c_in + ci];
-        }
-        sa[row * Cfg::kLds + col] = v;
-      }
+    for (int i = 0; i < Cfg::kChunksPerThread; ++i) {
+      const int row = chunk_row0 + i * Cfg::kRowStep;
+      const int hi = a_h[i] + dh, wi = a_w[i] + dw;
+      const bool pred = k_ok && a_valid[i] && hi >= 0 && hi < s.h && wi >= 0 && wi < s.w;
+      const T* src = pred ? x + a_base[i] + (static_cast<int64_t>(hi) * s.w + wi) * s.c_in + ci : x;
+      cp_async16(sa + row * Cfg::kLds + chunk_col, src, pred);
     }
   };
 
@@ -347,13 +324,8 @@ void launch_conv_t(const ConvShape& s, const void* x, const void* w, void* out, 
                    cudaStream_t stream) {
   const int64_t M = s.n * s.h_out * s.w_out;
   const dim3 grid(static_cast<unsigned int>(ceil_div(M, BM)), static_cast<unsigned int>(ceil_div(s.c_out, BN)));
-  const bool vec_a = s.c_in % TileConfig<T>::kVec == 0 && aligned16(x);
-  if (vec_a)
-    conv_igemm_kernel<T, true, EPI, EXACT><<<grid, kThreads, 0, stream>>>(
-        s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(out), ep);
-  else
-    conv_igemm_kernel<T, false, EPI, EXACT><<<grid, kThreads, 0, stream>>>(
-        s, static_cast<const T*>(x), static_cast<const T*>(w), static_cast<T*>(out), ep);
+  conv_igemm_kernel<T, EPI, EXACT><<<grid, kThreads, 0, stream>>>(s, static_cast<const T*>(x), static_cast<const T*>(w),
+                                                                   static_cast<T*>(out), ep);
 }
 
 template <typename T, Epilogue EPI>
@@ -381,7 +353,7 @@ __device__ __forceinline__ Stats chan_merge(Stats a, Stats b) {
 constexpr int kFinalizeThreads = 256;
 
 __global__ void bn_finalize_kernel(const float* __restrict__ partial_mean, const float* __restrict__ partial_m2,
-                                   int64_t num_m_tiles, int64_t rows, const float* __restrict__ bn_weight,
+                                   int64_t num_m_tiles, int64_t tile_rows, int64_t rows, const float* __restrict__ bn_weight,
                                    const float* __restrict__ bn_bias, float eps, float* __restrict__ mean_out,
                                    float* __restrict__ var_out, float* __restrict__ scale_out,
                                    float* __restrict__ shift_out) {
@@ -390,8 +362,8 @@ __global__ void bn_finalize_kernel(const float* __restrict__ partial_mean, const
   const int t = threadIdx.x;
   Stats acc{0.f, 0.f, 0.f};
   for (int64_t tile = t; tile < num_m_tiles; tile += kFinalizeThreads) {
-    const int64_t left = rows - tile * BM;
-    const Stats p{static_cast<float>(left < BM ? left : BM), partial_mean[c * num_m_tiles + tile],
+    const int64_t left = rows - tile * tile_rows;
+    const Stats p{static_cast<float>(left < tile_rows ? left : tile_rows), partial_mean[c * num_m_tiles + tile],
                   partial_m2[c * num_m_tiles + tile]};
     acc = chan_merge(acc, p);
   }
@@ -416,8 +388,8 @@ __global__ void bn_finalize_kernel(const float* __restrict__ partial_mean, const
 }  // namespace
 
 bool conv_igemm_supported(DType dtype, const ConvShape& s) {
-  (void)dtype;
-  return s.k_pad % 8 == 0 && s.k_pad >= s.k && s.n > 0 && s.c_out > 0 && s.h_out > 0 && s.w_out > 0 &&
+  const int64_t vec = dtype == DType::Float ? 4 : 8;  // elements per 16-byte cp.async chunk
+  return s.c_in % vec == 0 && s.k_pad % 8 == 0 && s.k_pad >= s.k && s.n > 0 && s.c_out > 0 && s.h_out > 0 && s.w_out > 0 &&
          ceil_div(s.c_out, BN) <= 65535 && ceil_div(s.n * s.h_out * s.w_out, BM) <= 2147483647LL &&
          s.h <= 2147483647LL / 2 && s.w <= 2147483647LL / 2;
 }
@@ -442,11 +414,11 @@ void launch_conv_train(DType dtype, const ConvShape& s, const void* x, const voi
   dispatch_dtype(dtype, [&](auto tag) { launch_conv<decltype(tag), Epilogue::Train>(s, x, w, z, ep, allow_tf32, stream); });
 }
 
-void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t rows,
-                        int64_t channels, const float* bn_weight, const float* bn_bias, double eps, float* mean,
-                        float* var, float* scale, float* shift, cudaStream_t stream) {
+void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t tile_rows,
+                        int64_t rows, int64_t channels, const float* bn_weight, const float* bn_bias, double eps,
+                        float* mean, float* var, float* scale, float* shift, cudaStream_t stream) {
   bn_finalize_kernel<<<static_cast<unsigned int>(channels), kFinalizeThreads, 0, stream>>>(
-      partial_mean, partial_m2, num_m_tiles, rows, bn_weight, bn_bias, static_cast<float>(eps), mean, var, scale,
+      partial_mean, partial_m2, num_m_tiles, tile_rows, rows, bn_weight, bn_bias, static_cast<float>(eps), mean, var, scale,
       shift);
 }
 

@@ -72,8 +72,9 @@ struct ConvShape {
 constexpr int kConvTileM = 64;
 constexpr int kConvTileN = 64;
 
-// Whether conv_igemm can run this shape/dtype at all (it needs sm80+ at run time).
-// Conditions: x and weight pointers 16-byte aligned (checked by the launcher).
+// Whether conv_igemm can run this shape/dtype at all (it needs sm80+ at run time): c_in a
+// multiple of the 16-byte vector (8 elements, 4 for float32). x and the weight rows must be
+// 16-byte aligned; ops.cpp pads channels (the stem) and realigns before launching.
 bool conv_igemm_supported(DType dtype, const ConvShape& s);
 
 // Eval: y = act(conv(x, w) * scale[c] + shift[c] [+ r]), NHWC in and out; r may be null.
@@ -90,8 +91,37 @@ void launch_conv_train(DType dtype, const ConvShape& s, const void* x, const voi
 // Train, finalize: merges the partials of each channel in tile order with Chan's formula
 // (deterministic), writes the biased batch mean/var and the folded scale/shift:
 //   scale = bn_weight * rsqrt(var + eps), shift = bn_bias - mean * scale.
-void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t rows,
-                        int64_t channels, const float* bn_weight, const float* bn_bias, double eps, float* mean,
-                        float* var, float* scale, float* shift, cudaStream_t stream);
+// Tile t of the partials holds min(tile_rows, rows - t*tile_rows) rows.
+void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int64_t num_m_tiles, int64_t tile_rows,
+                        int64_t rows, int64_t channels, const float* bn_weight, const float* bn_bias, double eps,
+                        float* mean, float* var, float* scale, float* shift, cudaStream_t stream);
+
+// ---- sm90/ -----------------------------------------------------------------------------
+// CUTLASS 3 implicit GEMM for Hopper: TMA im2col loads, warp-specialized wgmma, the BatchNorm
+// epilogues as visitor trees; 128x128 tiles. Built for sm_90a only (setup.py); these return
+// false without launching anything when the extension was built without sm_90a, for another
+// device, or for a shape or alignment the kernel cannot take; the caller then runs the
+// launchers above.
+
+constexpr int kSm90TileM = 128;
+
+struct KernelInfo {
+  int shared_bytes;  // dynamic shared memory per block
+  int stages;        // mainloop pipeline stages
+  int threads;       // per block
+};
+
+// Whether the sm90 kernels were compiled into this build (TORCH_CUDA_ARCH_LIST had 9.0a).
+bool conv_sm90_built();
+
+// Eval, as launch_conv_eval. float32 runs only with allow_tf32 (TF32 wgmma).
+bool launch_conv_eval_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
+                           const float* shift, const void* r, void* y, bool relu, bool allow_tf32,
+                           cudaStream_t stream);
+
+// Train conv pass, as launch_conv_train, with kSm90TileM-row tiles: partial_mean / partial_m2
+// are [c_out][ceil(M / kSm90TileM)].
+bool launch_conv_train_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
+                            float* partial_mean, float* partial_m2, bool allow_tf32, cudaStream_t stream);
 
 }  // namespace resnet_fused

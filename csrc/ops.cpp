@@ -162,14 +162,41 @@ ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
 // (torch.backends.cudnn.allow_tf32, default True), as nn.Conv2d does; else the exact path.
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
-// Weight as [c_out][k_pad] OHWI rows (zero-padded), 16-byte aligned for cp.async: a view when
-// it already is (aligned channels_last weights with k % 8 == 0), else one small copy.
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The implicit GEMMs read x as NHWC rows of whole 16-byte vectors from a 16-byte aligned base
+// (cp.async on sm80; TMA im2col on sm90). Returns x in that form, padding channels with zeros
+// to a multiple of the vector (the 3-channel stem: 8 for 16-bit types, 4 for float32) and
+// updating s (c_in, k, k_pad) to the padded shape; gemm_weight then pads the weight to match.
+Tensor gemm_input(const Tensor& x, ConvShape& s, DType dtype) {
+  const int64_t vec = dtype == DType::Float ? 4 : 8;
+  const int64_t c_pad = (s.c_in + vec - 1) / vec * vec;
+  Tensor xc = nhwc(x);
+  if (c_pad != s.c_in) {
+    Tensor padded = at::zeros({s.n, c_pad, s.h, s.w}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+    padded.narrow(1, 0, s.c_in).copy_(xc);
+    s.c_in = c_pad;
+    s.k = s.kh * s.kw * s.c_in;
+    s.k_pad = (s.k + 7) / 8 * 8;
+    return padded;
+  }
+  if (!aligned16(xc.data_ptr())) return xc.clone(at::MemoryFormat::ChannelsLast);  // a view at an odd offset
+  return xc;
+}
+
+// Weight as [c_out][k_pad] OHWI rows, input channels zero-padded to s.c_in (see gemm_input)
+// and rows to k_pad, 16-byte aligned: a view when it already is (aligned channels_last weights
+// with k % 8 == 0), else one small copy.
 Tensor gemm_weight(const Tensor& weight, const ConvShape& s) {
   Tensor ohwi = weight.permute({0, 2, 3, 1});
-  if (s.k == s.k_pad && ohwi.is_contiguous() && reinterpret_cast<uintptr_t>(ohwi.data_ptr()) % 16 == 0)
+  const int64_t c = weight.size(1);
+  if (c == s.c_in && s.k == s.k_pad && ohwi.is_contiguous() && aligned16(ohwi.data_ptr()))
     return ohwi.reshape({s.c_out, s.k});
+  Tensor taps = at::zeros({s.c_out, s.kh, s.kw, s.c_in}, weight.options());
+  taps.narrow(3, 0, c).copy_(ohwi);
+  if (s.k == s.k_pad) return taps.view({s.c_out, s.k});
   Tensor padded = at::zeros({s.c_out, s.k_pad}, weight.options());
-  padded.narrow(1, 0, s.k).copy_(ohwi.reshape({s.c_out, s.k}));
+  padded.narrow(1, 0, s.k).copy_(taps.view({s.c_out, s.k}));
   return padded;
 }
 
@@ -216,13 +243,20 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
   Output y(out_size, x.options(), layout_of(x));
   if (y.out.numel() == 0) return y.out;
   check_sm80(x, op);
-  check_conv_supported(s, dtype, op);
-  const Tensor xc = nhwc(x);
-  const Tensor wc = gemm_weight(weight, s);
+  ConvShape g = s;  // the GEMM's shape: channels padded to whole 16-byte vectors
+  const Tensor xc = gemm_input(x, g, dtype);
+  const Tensor wc = gemm_weight(weight, g);
+  check_conv_supported(g, dtype, op);
   const Tensor scale_f = to_float_vec(scale), shift_f = to_float_vec(shift);
   const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
-  launch_conv_eval(dtype, s, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(), shift_f.data_ptr<float>(),
-                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), relu, allow_tf32(), current_stream(x));
+  const void* r = rc.defined() ? rc.data_ptr() : nullptr;
+  const cudaStream_t stream = current_stream(x);
+  // Hopper: the CUTLASS TMA + wgmma kernel where it applies; else (other GPUs, the 3-channel
+  // stem, exact float32, unaligned views) the sm80 implicit GEMM.
+  if (!launch_conv_eval_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(),
+                             shift_f.data_ptr<float>(), r, y.buf.data_ptr(), relu, allow_tf32(), stream))
+    launch_conv_eval(dtype, g, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(), shift_f.data_ptr<float>(), r,
+                     y.buf.data_ptr(), relu, allow_tf32(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y.finish();
 }
@@ -230,22 +264,35 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
 // The training conv pass and its statistics: z_buf (NHWC) = conv(x, weight) [+ bias] with
 // per-(M tile, channel) partials in the GEMM epilogue, merged in tile order into the batch
 // mean and biased variance of the stored z, and the folded scale/shift of bn_weight/bn_bias.
-void conv_and_stats(DType dtype, const ConvShape& s, const Tensor& x, const Tensor& weight,
+void conv_and_stats(const char* op, DType dtype, const ConvShape& s, const Tensor& x, const Tensor& weight,
                     const std::optional<Tensor>& bias, const Tensor& bn_weight_f, const Tensor& bn_bias_f, double eps,
                     const Tensor& z_buf, const Tensor& mean, const Tensor& var, const Tensor& scale,
                     const Tensor& shift, cudaStream_t stream) {
   const at::TensorOptions stat_opts = x.options().dtype(at::kFloat);
-  const Tensor xc = nhwc(x);
-  const Tensor wc = gemm_weight(weight, s);
+  ConvShape g = s;  // the GEMM's shape: channels padded to whole 16-byte vectors
+  const Tensor xc = gemm_input(x, g, dtype);
+  const Tensor wc = gemm_weight(weight, g);
+  check_conv_supported(g, dtype, op);
   const Tensor bias_f = bias.has_value() ? to_float_vec(*bias) : Tensor();
   const int64_t rows = s.n * s.h_out * s.w_out;
-  const int64_t tiles = (rows + kConvTileM - 1) / kConvTileM;
+  const float* bias_p = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
+  // Hopper: the CUTLASS kernel with its 128-row tiles where it applies (as in conv_bn_eval); else
+  // the sm80 implicit GEMM with 64-row tiles. Both write per-(channel, tile) (mean, M2).
+  int64_t tile_rows = kSm90TileM;
+  int64_t tiles = (rows + tile_rows - 1) / tile_rows;
   Tensor partial_mean = at::empty({s.c_out, tiles}, stat_opts), partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
-  launch_conv_train(dtype, s, xc.data_ptr(), wc.data_ptr(), bias_f.defined() ? bias_f.data_ptr<float>() : nullptr,
-                    z_buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(),
-                    stream);
+  if (!launch_conv_train_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p,
+                              z_buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(),
+                              allow_tf32(), stream)) {
+    tile_rows = kConvTileM;
+    tiles = (rows + tile_rows - 1) / tile_rows;
+    partial_mean = at::empty({s.c_out, tiles}, stat_opts);
+    partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
+    launch_conv_train(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(),
+                      partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(), stream);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, rows, s.c_out,
+  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, tile_rows, rows, s.c_out,
                      bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),
                      var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -282,11 +329,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> conv_bn_train(const Tensor& x, const 
     return {y.out, z.out, mean, var};
   }
   check_sm80(x, op);
-  check_conv_supported(s, dtype, op);
   const Tensor bn_weight_f = to_float_vec(bn_weight), bn_bias_f = to_float_vec(bn_bias);
   const Tensor rc = residual.has_value() ? nhwc(*residual) : Tensor();
   Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
-  conv_and_stats(dtype, s, x, weight, bias, bn_weight_f, bn_bias_f, eps, z.buf, mean, var, scale, shift, stream);
+  conv_and_stats(op, dtype, s, x, weight, bias, bn_weight_f, bn_bias_f, eps, z.buf, mean, var, scale, shift, stream);
   launch_bn_apply(dtype, z.buf.data_ptr(), scale.data_ptr<float>(), shift.data_ptr<float>(),
                   rc.defined() ? rc.data_ptr() : nullptr, y.buf.data_ptr(), rows * s.c_out, s.c_out, relu, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -492,11 +538,10 @@ std::tuple<Tensor, Tensor, Tensor> conv_bn_stats(const Tensor& x, const Tensor& 
     return {z.out, mean, var};
   }
   check_sm80(x, op);
-  check_conv_supported(s, dtype, op);
   // The folded scale/shift are not needed here: identity BatchNorm parameters, scratch outputs.
   const Tensor ones = at::ones({s.c_out}, stat_opts), zeros = at::zeros({s.c_out}, stat_opts);
   Tensor scale = at::empty({s.c_out}, stat_opts), shift = at::empty({s.c_out}, stat_opts);
-  conv_and_stats(dtype, s, x, weight, bias, ones, zeros, 0.0, z.buf, mean, var, scale, shift, current_stream(x));
+  conv_and_stats(op, dtype, s, x, weight, bias, ones, zeros, 0.0, z.buf, mean, var, scale, shift, current_stream(x));
   return {z.finish(), mean, var};
 }
 

@@ -457,8 +457,9 @@ def check_sync_building_blocks(ns, dtype, device, channels_last=False):
 
 
 # Shapes that exercise tile edges (M, c_out, K not multiples of the tiles: 64 x 64 x 32 for
-# the CUDA kernels, BLOCK_M 64/128 for Triton), several K tiles, the element-wise gather
-# (c_in % 8 != 0), 7x7 stem, strides, dilation, a non-square kernel.
+# the CUDA WMMA kernel, 128 x 128 x 64 for its CUTLASS kernels on H100/H200, which take
+# c_in % 64 == 0 and c_out % 8 == 0, BLOCK_M 64/128 for Triton), several K tiles, channel
+# padding (c_in % 8 != 0), 7x7 stem, strides, dilation, a non-square kernel.
 # (n, c_in, h, w, c_out, kernel, stride, padding, dilation)
 DIRECT_SHAPES = {
     "stem7x7s2": (2, 3, 23, 19, 64, 7, 2, 3, 1),

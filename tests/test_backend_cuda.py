@@ -6,8 +6,10 @@ torch.ops.resnet_fused_cuda); its ops run the shared op suite (tests/test_ops.py
     reason, a missing extension never breaks `import resnet_fused`, and CPU tensors are not
     covered. Skipped, with the reason, when the extension is not built (a build that exists
     but fails to load is a failure, and so is a missing build under RESNET_FUSED_FORCE_CUDA=1).
-  * On a GPU (@needs_cuda): what is covered (groups=1 only), float32 with TF32 allowed, and an
-    input whose data pointer is not 16-byte aligned (the element-wise gather path).
+  * On a GPU (@needs_cuda): what is covered (groups=1 only), float32 with TF32 allowed, an
+    input whose data pointer is not 16-byte aligned (realigned by a copy), the channel padding
+    of a 3-channel stem, and on an H100/H200 the CUTLASS sm90 kernels against the sm80 kernel
+    (RESNET_FUSED_CUDA_SM90=0) and the float64 reference.
 
 GPU run: RESNET_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e . &&
          pytest tests/test_ops.py tests/test_backend_cuda.py
@@ -148,7 +150,7 @@ def test_tf32_float32_conv(cuda_backend_on):
 
 
 @pytest.mark.needs_cuda
-def test_misaligned_input_uses_the_gather_path(cuda_backend_on):
+def test_misaligned_input_is_realigned(cuda_backend_on):
     """x whose data pointer is not 16-byte aligned (a view at an odd offset)."""
     base = torch.randn(2 * 16 * 9 * 9 + 1, device="cuda", dtype=torch.float16)
     x = base[1:].view(2, 9, 9, 16).permute(0, 3, 1, 2)  # channels_last view, 2-byte offset
@@ -158,3 +160,47 @@ def test_misaligned_input_uses_the_gather_path(cuda_backend_on):
     y = getattr(torch.ops, NS).conv_bn_eval(*args)
     compare_outputs("misaligned", y, torch.ops.resnet_fused.conv_bn_eval(*args),
                     torch.ops.resnet_fused.conv_bn_eval(*as64(args)))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("c_in", [3, 12])
+def test_channels_padded_to_whole_vectors(cuda_backend_on, c_in):
+    """Channel counts that are not a multiple of 16 bytes (the stem's 3) are zero-padded for the
+    implicit GEMM, in eval and training."""
+    x = torch.randn(2, c_in, 17, 17, device="cuda", dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, c_in, 7, 7, device="cuda", dtype=torch.bfloat16) / 10
+    scale, shift = torch.rand(16, device="cuda") + 0.5, torch.randn(16, device="cuda")
+    conv = conv_args(stride=2, padding=3)
+    args = (x, w, scale, shift, None, *conv, True)
+    compare_outputs(f"eval c_in={c_in}", getattr(torch.ops, NS).conv_bn_eval(*args),
+                    torch.ops.resnet_fused.conv_bn_eval(*args), torch.ops.resnet_fused.conv_bn_eval(*as64(args)))
+    targs = (x, w, None, scale, shift, None, *conv, 1e-5, True)
+    compare_outputs(f"train c_in={c_in}", getattr(torch.ops, NS).conv_bn_train(*targs),
+                    torch.ops.resnet_fused.conv_bn_train(*targs), torch.ops.resnet_fused.conv_bn_train(*as64(targs)))
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("residual", [False, True])
+def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype, residual):
+    """On an H100/H200 the CUTLASS kernels (TMA im2col + wgmma) take the 64-channel layers; the
+    sm80 kernel (RESNET_FUSED_CUDA_SM90=0) and the float64 reference judge them, eval and
+    training, with a residual and odd spatial sizes (partial M tiles)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 kernels run on compute capability 9.0 only")
+    x = torch.randn(3, 64, 15, 13, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(128, 64, 3, 3, device="cuda", dtype=dtype) / 24
+    scale, shift = torch.rand(128, device="cuda") + 0.5, torch.randn(128, device="cuda")
+    r = torch.randn(3, 128, 15, 13, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last) \
+        if residual else None
+    conv = conv_args()
+    eval_args = (x, w, scale, shift, r, *conv, True)
+    train_args = (x, w, None, scale, shift, r, *conv, 1e-5, True)
+    with tf32(True):
+        got_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
+        got_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
+        monkeypatch.setenv("RESNET_FUSED_CUDA_SM90", "0")
+        sm80_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
+        sm80_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
+    compare_outputs("sm90 eval", got_eval, sm80_eval, torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args)))
+    compare_outputs("sm90 train", got_train, sm80_train, torch.ops.resnet_fused.conv_bn_train(*as64(train_args)))
