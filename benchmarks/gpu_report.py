@@ -9,7 +9,7 @@ the headline, and write a report with its provenance.
     python benchmarks/gpu_report.py --render REPORT.json      # rewrite the .md/.png from a report's JSON
 
 The window (gpu_kit/budget.py TIMELINE; --quick halves each step):
-  build + warm   100 s  the CUDA extension built for this GPU only (pip install -e, 4 nvcc jobs),
+  build + warm   100 s  the CUDA extension built for this GPU only (pip install -e, 6 nvcc jobs),
                         beside the Triton compile gate (resnet_fused.backends.triton.aot) compiling
                         every kernel the headline launches on the free CPU cores, and workers
                         compiling torch.compile's baseline, into the on-disk caches

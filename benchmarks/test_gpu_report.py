@@ -21,7 +21,7 @@ from gpu_kit import ROOT, SCRIPT
 from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE
 from gpu_kit.phases import (backend_of_test, backend_verdicts, excluded_providers, junit_outcomes, probe_backends,
                            pytest_summary)
-from gpu_kit.warm import aot_command, aot_jobs
+from gpu_kit.warm import BUILD_JOBS, aot_command, aot_jobs
 from gpu_kit.plot import render_plot
 from gpu_kit.report import SCHEMA, output_paths, report_stem, write_report
 from gpu_kit.worker import INJECT_FAULT_ENV
@@ -195,8 +195,31 @@ def test_smoke_failures_are_charged_to_their_backend(tmp_path):
     assert junit_outcomes(tmp_path / "missing.xml") == {}
 
 
+def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):
+    """A GPU machine without network gets CUTLASS from the wheel carried in .whl/; without
+    one, the build goes on without the sm90 kernels and says so."""
+    import tempfile
+    import zipfile
+
+    import gpu_kit.phases as phases
+
+    monkeypatch.delenv("CUTLASS_DIR", raising=False)
+    monkeypatch.setattr(phases.importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(phases, "ROOT", tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    assert "not built" in phases.cutlass_headers({})["note"]
+    (tmp_path / ".whl").mkdir()
+    with zipfile.ZipFile(tmp_path / ".whl" / "nvidia_cutlass-4.2.0.0-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("cutlass_library/source/include/cutlass/cutlass.h", "// header")
+        wheel.writestr("cutlass_library/__init__.py", "")
+    got = phases.cutlass_headers({})
+    assert (Path(got["CUTLASS_DIR"]) / "include" / "cutlass" / "cutlass.h").is_file()
+    assert not (Path(got["CUTLASS_DIR"]).parent / "__init__.py").exists()
+
+
 def test_warm_up_compiles_on_the_free_cores_for_the_gpu_at_hand(tmp_path):
-    assert aot_jobs(16, building=True, compile_workers=2) == 8 and aot_jobs(16, False, 2) == 12
+    assert aot_jobs(16, building=True, compile_workers=2) == 16 - BUILD_JOBS - 4 and aot_jobs(16, False, 2) == 12
     assert aot_jobs(2, building=True, compile_workers=2) == 1
     cmd = aot_command(dict(capability="9.0"), 8, tmp_path / "cache", tmp_path / "gate.json")
     assert cmd[1:3] == ["-m", "resnet_fused.backends.triton.aot"]

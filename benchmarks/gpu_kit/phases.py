@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from . import ROOT
 from .processes import gpu_env, run_logged, start_logged, tail, wait_logged, worker_env
@@ -44,6 +45,29 @@ def probe_backends() -> dict:
         return dict(error=f"{type(exc).__name__}: {exc}")
 
 
+def cutlass_headers(paths: dict) -> dict:
+    """Where the build finds CUTLASS's headers for the Hopper kernels: CUTLASS_DIR, the
+    installed nvidia-cutlass package, or its wheel carried in .whl/ (unzipped to a temporary
+    directory; a GPU machine has no network). {"note": ..., "CUTLASS_DIR": ... when set here}."""
+    import glob
+    import tempfile
+    import zipfile
+
+    if os.environ.get("CUTLASS_DIR"):
+        return dict(note=f"CUTLASS_DIR={os.environ['CUTLASS_DIR']}")
+    if importlib.util.find_spec("cutlass_library") is not None:
+        return dict(note="the installed nvidia-cutlass package")
+    wheels = sorted(glob.glob(str(ROOT / ".whl" / "nvidia_cutlass-*.whl")))
+    if not wheels:
+        return dict(note="none found (no nvidia-cutlass, no .whl/nvidia_cutlass-*.whl): the sm90 CUTLASS kernels "
+                         "are not built, the CUDA backend runs its WMMA kernel")
+    target = Path(tempfile.gettempdir()) / "resnet_fused_cutlass"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        wheel.extractall(target, [n for n in wheel.namelist() if n.startswith("cutlass_library/source/")])
+    return dict(note=f"unzipped from {os.path.basename(wheels[-1])}",
+                CUTLASS_DIR=str(target / "cutlass_library" / "source"))
+
+
 def start_build(build: str, paths: dict, report: dict, gpu: dict | None, jobs: int | None):
     """Starts the build of the CUDA extension in the background (--build auto, always or
     never; jobs: nvcc's parallel jobs, None for setup.py's default). Returns
@@ -57,12 +81,19 @@ def start_build(build: str, paths: dict, report: dict, gpu: dict | None, jobs: i
         return None, dict(status="skipped", note="the CUDA extension already loads (--build always rebuilds it)")
     env = dict(os.environ, RESNET_FUSED_FORCE_CUDA="1")
     if gpu and "TORCH_CUDA_ARCH_LIST" not in os.environ:
-        env["TORCH_CUDA_ARCH_LIST"] = gpu["capability"]  # this GPU's architecture only: half the compile time
+        # This GPU's architecture only: half the compile time. Hopper as 9.0a, which the
+        # CUTLASS kernels (wgmma, TMA) need.
+        capability = gpu["capability"]
+        env["TORCH_CUDA_ARCH_LIST"] = "9.0a" if capability == "9.0" else capability
     if jobs is not None and "MAX_JOBS" not in os.environ:
         env["MAX_JOBS"] = str(jobs)
+    cutlass = cutlass_headers(paths)
+    if cutlass.get("CUTLASS_DIR"):
+        env["CUTLASS_DIR"] = cutlass["CUTLASS_DIR"]
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", "."]
     record = dict(command=shlex.join(cmd), env={k: env[k] for k in ("RESNET_FUSED_FORCE_CUDA", "TORCH_CUDA_ARCH_LIST",
-                                                                    "MAX_JOBS") if k in env},
+                                                                    "MAX_JOBS", "CUTLASS_DIR") if k in env},
+                  cutlass=cutlass["note"],
                   how="built on this machine (pip install -e, this GPU's architecture only)", started=time.time())
     return start_logged(cmd, paths["build_log"], env), record
 

@@ -28,7 +28,9 @@ from .plan import model_plan
 from .processes import start_logged, wait_logged, worker_env
 from .worker import read_events
 
-BUILD_JOBS = 4            # nvcc jobs while the warm-up runs
+# nvcc jobs while the warm-up runs: 13 translation units, 9 of them CUTLASS kernels of about
+# 30 s each (2 cores here, two architectures); 6 jobs keep the build near a minute.
+BUILD_JOBS = 6
 COMPILE_THREADS = 2       # Inductor compile threads per torch.compile warm worker
 
 
