@@ -20,8 +20,8 @@ config pruning; aot.py is the sm_90 compile gate that measures them without a GP
 
 Coverage (`unsupported_reason`): float16, bfloat16 and float32 tensors on CUDA (compute capability
 >= 8.0), or on CPU under TRITON_INTERPRET=1; any stride, padding, dilation, kernel size
-and group count (groups are a grid axis: one GEMM per group); NCHW or channels_last (the
-kernels take element strides; channels_last is the fast layout). float64, empty tensors
+and group count (groups are a grid axis: one GEMM per group); channels_last, or NCHW through
+copies to channels_last (kernels/conv.py says why). float64, empty tensors
 and mixed dtypes take the reference path. fp32 uses TF32 iff torch.backends.cudnn.allow_tf32.
 """
 

@@ -1,9 +1,11 @@
 """Implicit-GEMM convolution kernels (forward with fused epilogues, dgrad, wgrad).
 
-Every kernel takes the element strides of its tensors, so it runs on NHWC
-(channels_last) and NCHW storage alike without copies; channels_last is the fast
-layout (the GEMM K loop walks input channels, contiguous in NHWC). Groups are a
-grid axis (one GEMM per group). Accumulation is float32; fp32 operands use TF32 on
+The GEMM kernels run on NHWC (channels_last) activations and weights: the launchers copy
+NCHW (or otherwise strided) operands to channels_last, and compute an NCHW output into a
+channels_last buffer copied back. The kernels still take element strides, but gathers along
+a strided channel axis spilled in the sm_90 gate (up to 1.9 KB; the NCHW forward of 1x1
+256->64 @56 had no spill-free config), and NHWC-only halves the JIT's specializations.
+Groups are a grid axis (one GEMM per group). Accumulation is float32; fp32 operands use TF32 on
 tensor cores only when the caller allows it (ALLOW_TF32), exact fp32 otherwise.
 
 Forward GEMM: rows = output pixels (n, ho, wo), columns = output channels of the
@@ -199,6 +201,21 @@ def _conv_fwd_kernel(
         tl.store(pm2_ptr + p_offs, m2, mask=co_mask)
 
 
+def _nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
+    """t as dense channels_last: itself when it already is, else a copy."""
+    if t is None or t.is_contiguous(memory_format=torch.channels_last):
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _nhwc_buffer(out: torch.Tensor) -> torch.Tensor:
+    """Where a kernel writes `out`: out itself when channels_last, else a channels_last buffer
+    that the launcher copies into out."""
+    if out.is_contiguous(memory_format=torch.channels_last):
+        return out
+    return torch.empty_like(out, memory_format=torch.channels_last)
+
+
 def _hw_stride(t: torch.Tensor) -> int:
     """Stride of the flattened (h, w) index; valid for NCHW and NHWC dense tensors."""
     assert t.stride(2) == t.size(3) * t.stride(3) or t.size(2) == 1, "H and W must be dense together"
@@ -253,6 +270,8 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
                  pmean=None, pm2=None):
     """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
     pmean/pm2 of shape [cdiv(M, block_m()), C_out]; `shift` is then the conv bias or None)."""
+    x, weight, residual = _nhwc(x), _nhwc(weight), _nhwc(residual)
+    result, out = out, _nhwc_buffer(out)
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = out.shape
@@ -281,6 +300,8 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
         FLAT=flat and not tma, C_PAD=c_pad, KW_PAD=kw_pad, TMA=tma, ALLOW_TF32=allow_tf32(x.dtype),
         INDEX_64=needs_int64(x, out, residual), BLOCK_M=block_m,
     )
+    if out is not result:
+        result.copy_(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -361,13 +382,15 @@ def _conv_dgrad_kernel(
 
 def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
     """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x."""
+    dz, weight = _nhwc(dz), _nhwc(weight)
+    result, grad_x = grad_x, _nhwc_buffer(grad_x)
     n, _, h, w = grad_x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = dz.shape
     m = n * h * w
     c_out_g = c_out // groups
     if scale is not None:
-        weight = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
+        weight = _nhwc((weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype))
     block_m = conv_block_m()
     flat, c_pad, kw_pad = _flat(c_out_g, kw)
     grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
@@ -382,6 +405,8 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
         FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, ALLOW_TF32=allow_tf32(dz.dtype),
         INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
     )
+    if grad_x is not result:
+        result.copy_(grad_x)
 
 
 # ---------------------------------------------------------------------------------------
@@ -530,7 +555,9 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
                split=None):
     """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
     is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given.
-    `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter)."""
+    `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter).
+    grad_w may have any layout: the finalize kernel writes it by strides."""
+    dz, x = _nhwc(dz), _nhwc(x)
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = dz.shape
