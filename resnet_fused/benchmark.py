@@ -127,11 +127,13 @@ def model_input(batch: int, image_size: int, device: torch.device, seed: int = 0
     return x.to(device).contiguous(memory_format=torch.channels_last)
 
 
-def build_model(provider: str, tv_model: torch.nn.Module) -> torch.nn.Module:
-    """A fresh model for `provider` with tv_model's parameters and buffers (tv_model is left as it is)."""
+def build_model(provider: str, tv_model: torch.nn.Module, recompute_bn_relu: bool = False) -> torch.nn.Module:
+    """A fresh model for `provider` with tv_model's parameters and buffers (tv_model is left as it is).
+    recompute_bn_relu: fused models keep only the pre-BatchNorm activations in training."""
     backend = provider_backend(provider)
     if backend is not None:
-        return resnet_fused.from_torchvision(tv_model)  # a copy
+        model = resnet_fused.from_torchvision(tv_model)  # a copy
+        return resnet_fused.nn.set_recompute_bn_relu(model, recompute_bn_relu)
     model = copy.deepcopy(tv_model)
     if provider == EAGER:
         return model
@@ -288,25 +290,46 @@ def record_backends():
     return resnet_fused.backends.record_selections()
 
 
+def saved_activation_bytes(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd keeps for backward during one forward of `model`
+    (as called: training mode, autocast and backend are the caller's), parameters and buffers
+    excluded. Counted by saved_tensors_hooks, so the same on every device."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(saved.values())
+
+
 def max_memory_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
                      reference_logits: torch.Tensor, warmup: int,
-                     progress: Callable[[str], object] | None = None) -> tuple[Callable[[], object], dict]:
+                     progress: Callable[[str], object] | None = None, *,
+                     recompute_bn_relu: bool = False) -> tuple[Callable[[], object], dict]:
     """Builds `provider`'s model, checks its eval logits against reference_logits (before any
     training step changes the weights), then warms its step up. The logit check and the first
     step (torch.compile, Triton autotuning, cuDNN's search happen there) are timed together as
     warmup_s; then `warmup` more steps. progress, if given, is called after each model call
-    with its phase ("check", then "warm-up"). Returns (step, info)."""
+    with its phase ("check", then "warm-up"). In training, info["saved_mib"] is the activation
+    memory one forward keeps for backward (saved_activation_bytes; not for compiled models,
+    whose saved tensors autograd hooks do not see). Returns (step, info)."""
     if progress is None:
         def progress(phase):
             pass
     device = x.device
     autocast = autocast_for(device, precision)
-    model = build_model(provider, tv_model)
-    info: dict = dict(backends_used=None)
+    model = build_model(provider, tv_model, recompute_bn_relu)
+    info: dict = dict(backends_used=None, saved_mib=None)
     t_first = time.perf_counter()
     model.eval()
     with _provider_context(provider), torch.inference_mode(), autocast():
@@ -319,6 +342,10 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
         info["max_abs_logit_diff"] = (logits.float() - reference_logits).abs().max().item()
     del logits
     progress("check")
+    if mode == "train" and "compile" not in provider:
+        model.train()
+        with _provider_context(provider), autocast():
+            info["saved_mib"] = saved_activation_bytes(model, x) / 2**20
     step = model_step(provider, model, x, mode, autocast)
     step()
     synchronize(device)
@@ -336,13 +363,14 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
 def run_model_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
                        reference_logits: torch.Tensor, *, warmup: int, rounds: int | None,
                        target_seconds: float = 2.0, max_rounds: int = 50,
-                       progress: Callable[[str], object] | None = None) -> dict:
+                       progress: Callable[[str], object] | None = None, recompute_bn_relu: bool = False) -> dict:
     """Times one provider (median over `rounds` steps; None: about target_seconds' worth) and
     returns one result row with images/s, its logit check and, on a GPU, its peak memory.
     progress, if given, is called after each model call with its phase ("check", "warm-up",
     "timed"): calls_per_provider(warmup, rounds) calls in all."""
     device = x.device
-    step, info = prepare_provider(provider, tv_model, x, mode, precision, reference_logits, warmup, progress)
+    step, info = prepare_provider(provider, tv_model, x, mode, precision, reference_logits, warmup, progress,
+                                  recompute_bn_relu=recompute_bn_relu)
     if rounds is None:
         rounds = rounds_for(info.pop("seconds_per_call"), target_seconds, lo=5, hi=max_rounds)
     else:
@@ -420,6 +448,9 @@ def _parse(argv):
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to run instead of the defaults; any of "
                         + ", ".join(MODEL_PROVIDERS))
+    p.add_argument("--recompute-bn-relu", action="store_true",
+                   help="fused models keep only the pre-BatchNorm activations for backward in training "
+                        "(resnet_fused.nn.set_recompute_bn_relu); see the saved MiB column")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results and provenance here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -514,7 +545,8 @@ def main(argv=None) -> int:
         progress.start(label, calls_per_provider(warmup, iters))
         try:
             rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
-                                           warmup=warmup, rounds=iters, progress=progress))
+                                           warmup=warmup, rounds=iters, progress=progress,
+                                           recompute_bn_relu=args.recompute_bn_relu))
         finally:
             progress.close()
     eager = next((r for r in rows if r["provider"] == EAGER and r["status"] == "ok"), None)
@@ -535,6 +567,8 @@ def main(argv=None) -> int:
               f"{dlogit:>13}")
     if on_gpu:
         header += f"{'peak MiB':>10}"
+    if args.mode == "train":
+        header += f"{'saved MiB':>11}"
     print(header + "  fused ops ran on")
     for r in rows:
         if r["status"] != "ok":
@@ -546,16 +580,22 @@ def main(argv=None) -> int:
                 f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_logit_diff']:>13.2e}")
         if on_gpu:
             line += f"{r['peak_memory_mib']:>10.0f}"
+        if args.mode == "train":
+            line += f"{r['saved_mib']:>11.1f}" if r.get("saved_mib") is not None else f"{'-':>11}"
         print(line + f"  {_format_backends(r['backends_used'])}")
     if args.mode == "train":
         print("* max|dlogit|: the eval-mode logits against torchvision eager's, checked once before training "
               "(the timed training steps change the weights and are not compared)")
+        print("saved MiB: activation memory one forward keeps for backward (autograd's saved tensors, "
+              "parameters excluded; - for compiled models)"
+              + ("; fused models with --recompute-bn-relu" if args.recompute_bn_relu else ""))
     if warning is not None:
         sys.stdout.flush()
         print(f"WARNING: {warning}", file=sys.stderr)
     if args.json:
         meta = dict(
             model=args.model, mode=args.mode, batch=batch, image_size=size, precision=precision, iters=iters,
+            recompute_bn_relu=args.recompute_bn_relu,
             warmup=warmup, device=_device_name(device), torch=torch.__version__,
             torchvision=torchvision.__version__, cuda=torch.version.cuda,
             cudnn=torch.backends.cudnn.version() if on_gpu else None, resnet_fused=resnet_fused.__version__,

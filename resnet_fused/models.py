@@ -14,7 +14,8 @@ from torchvision.models._api import BUILTIN_MODELS, WeightsEnum, register_model
 from torchvision.models._utils import IntermediateLayerGetter, handle_legacy_interface
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from .nn import BasicBlock, Bottleneck, conv_bn_act, records_graph
+from . import recompute
+from .nn import BasicBlock, Bottleneck, conv_bn_act, records_graph, recompute_stem, set_recompute_bn_relu
 from .distributed import SyncBatchNorm
 
 __all__ = [
@@ -26,19 +27,35 @@ __all__ = [
 
 class ResNet(tv_resnet.ResNet):
     """torchvision.models.ResNet (same constructor, modules, init and state_dict) whose
-    stem and blocks run fused. Build it through the `resnet*` functions below."""
+    stem and blocks run fused. Build it through the `resnet*` functions below.
+
+    recompute_bn_relu: training keeps only each block's pre-BatchNorm activations and its
+    output, recomputing the inner BatchNorm + ReLU in backward (nn.set_recompute_bn_relu)."""
+
+    recompute_bn_relu: bool = False  # nn.set_recompute_bn_relu
+
+    def __init__(self, *args: Any, recompute_bn_relu: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if recompute_bn_relu:
+            set_recompute_bn_relu(self)
 
     def _forward_impl(self, x: Tensor) -> Tensor:
         fused_stem = False
+        pooled = False
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             fused_stem = not records_graph()
-            if fused_stem:
+            if fused_stem and self.recompute_bn_relu and recompute_stem(self.conv1, self.bn1, self.relu, self.maxpool):
+                pre = recompute.conv_stats(self.conv1, self.bn1, x)
+                x = recompute.bn_act_max_pool(pre, self.maxpool)
+                pooled = True
+            elif fused_stem:
                 x = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
         if not fused_stem:  # torchvision's stem
             x = self.conv1(x)
             x = self.bn1(x)
             x = self.relu(x)
-        x = self.maxpool(x)
+        if not pooled:
+            x = self.maxpool(x)
         x = self.layer1(x)
         x = self.layer2(x)
         x = self.layer3(x)

@@ -17,10 +17,10 @@ import torchvision.models.resnet as tv_resnet
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from . import ops
+from . import ops, recompute
 from .distributed import is_sync_batch_norm
 
-__all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act"]
+__all__ = ["ConvBNReLU2d", "BasicBlock", "Bottleneck", "conv_bn_act", "set_recompute_bn_relu"]
 
 _is_fx_symbolic_tracing = getattr(torch.fx._symbolic_trace, "is_fx_symbolic_tracing", None) or (
     lambda: torch.fx._symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling())  # torch < 2.7
@@ -144,13 +144,44 @@ def _identity(downsample: nn.Module | None, x: Tensor) -> Tensor:
     return downsample(x)
 
 
+def _chain(block: nn.Module, units: list[tuple[nn.Module, nn.Module]]) -> bool:
+    """Whether a block's units run as a recompute chain (recompute.py): asked for
+    (recompute_bn_relu), in training, every conv fusable, every norm a training-mode
+    nn.BatchNorm2d, the activation nn.ReLU."""
+    return (block.recompute_bn_relu and type(block.relu) is nn.ReLU
+            and all(_fusable_conv(conv) and recompute.eligible_norm(norm) for conv, norm in units))
+
+
+def recompute_stem(conv: nn.Module, norm: nn.Module, act: nn.Module, pool: nn.Module) -> bool:
+    """Whether a ResNet stem (conv, norm, ReLU, max pooling) runs as a recompute chain."""
+    return (type(act) is nn.ReLU and _fusable_conv(conv) and recompute.eligible_norm(norm)
+            and recompute.eligible_pool(pool))
+
+
+def set_recompute_bn_relu(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Training keeps only each block's pre-BatchNorm activations (z) and its output, and
+    recomputes BatchNorm + ReLU of the inner units (and the stem's, with its max pooling) in
+    backward (recompute.py), with the same results. Applies to every fused block and ResNet of
+    `model`; returns it. Eval is unaffected."""
+    for m in model.modules():
+        if hasattr(type(m), "recompute_bn_relu"):  # the fused blocks and models.ResNet
+            m.recompute_bn_relu = enabled
+    return model
+
+
 class BasicBlock(tv_resnet.BasicBlock):
     """torchvision's BasicBlock (same constructor, submodules, state_dict), fused forward.
     Scripted or recorded for another runtime (records_graph), it runs torchvision's forward."""
 
+    recompute_bn_relu: bool = False  # set_recompute_bn_relu
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
+                if _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)]):
+                    pre = recompute.conv_stats(self.conv1, self.bn1, x)
+                    pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
+                    return recompute.bn_act(pre, _identity(self.downsample, x))
                 out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
                 return conv_bn_act(self.conv2, self.bn2, out, residual=_identity(self.downsample, x), act=self.relu)
         # torchvision's forward, statement for statement (the same FX nodes and names).
@@ -171,9 +202,16 @@ class Bottleneck(tv_resnet.Bottleneck):
     """torchvision's Bottleneck (same constructor, submodules, state_dict), fused forward.
     Scripted or recorded for another runtime (records_graph), it runs torchvision's forward."""
 
+    recompute_bn_relu: bool = False  # set_recompute_bn_relu
+
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
+                if _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]):
+                    pre = recompute.conv_stats(self.conv1, self.bn1, x)
+                    pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
+                    pre = recompute.bn_act_conv_stats(pre, self.conv3, self.bn3)
+                    return recompute.bn_act(pre, _identity(self.downsample, x))
                 out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
                 out = conv_bn_act(self.conv2, self.bn2, out, act=self.relu)
                 return conv_bn_act(self.conv3, self.bn3, out, residual=_identity(self.downsample, x), act=self.relu)

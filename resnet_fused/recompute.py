@@ -1,0 +1,275 @@
+"""Training that keeps only the pre-BatchNorm activations (z) for backward.
+
+Eager PyTorch (and the plain fused units) keep, per conv + BatchNorm + ReLU unit, both z (the
+conv output, which BatchNorm's backward needs) and y = relu(bn(z)) (the ReLU mask, and the
+next convolution's input for its weight gradient). Inside a ResNet block y's only consumer is
+the next convolution, so y can be recomputed from z and the unit's (mean, var, weight, bias)
+when the backward needs it. A block then keeps z1, z2, z3 and its output instead of also y1
+and y2: about 0.83x the activation bytes for Bottleneck nets and 0.75x for BasicBlock nets.
+The stem's activation feeds a max pooling, whose backward needs only the argmax: it keeps z
+and recomputes both (bn_act_max_pool).
+
+A block's units, chained (Bottleneck: three convolutions; BasicBlock: two):
+
+  conv_stats(x)                        z1 and its batch statistics (x is the block input,
+                                       kept anyway: the previous block's output)
+  bn_act_conv_stats(z1 ...)            y1 = relu(bn1(z1)) (not kept), z2 = conv2(y1), stats
+  ...
+  bn_act(z3 ..., identity)             the block output relu(bn3(z3) + identity), kept once
+                                       for its two consumers (the next block and its residual)
+
+Each link is an autograd.Function over the backends' building-block ops (conv_bn_stats,
+bn_apply, bn_apply_backward_reduce, bn_apply_backward, conv_bn_eval_backward; the ops
+SyncBatchNorm uses), so every backend runs it. The backward of bn_act_conv_stats recomputes
+y_in with the same bn_apply call as the forward (bit-identical: the ReLU mask and the weight
+gradient see the forward's values) and folds the previous unit's BatchNorm backward in, so the
+statistics are non-differentiable outputs whose gradient is part of that formula.
+
+Not yet in the kernels: the forward still writes y_in (transiently: it is freed after the
+next convolution reads it), and the backward applies BatchNorm + ReLU again in its own pass.
+Moving that transform into the convolution's operand load (prologue) removes both passes.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import _library
+from ._utils import stat_dtype, update_running_stats
+from .backends import select_ops
+
+__all__ = ["PreActivation", "conv_stats", "bn_act_conv_stats", "bn_act", "bn_act_max_pool", "eligible_norm",
+           "eligible_pool"]
+
+
+class PreActivation(NamedTuple):
+    """A unit's conv output z with what its BatchNorm-apply + ReLU needs: the batch mean and
+    biased variance of z (float32, or float64 for float64 z), the affine parameters, eps."""
+
+    z: Tensor
+    mean: Tensor
+    var: Tensor
+    bn_weight: Tensor
+    bn_bias: Tensor
+    eps: float
+
+
+def eligible_norm(norm: nn.Module) -> bool:
+    """A norm the chain reproduces: an nn.BatchNorm2d (exact type) in training mode. Frozen,
+    synchronized, evaluating or user-defined norms run their unit as usual."""
+    return type(norm) is nn.BatchNorm2d and norm.training
+
+
+def _conv_args(conv: nn.Conv2d) -> tuple:
+    return list(conv.stride), list(conv.padding), list(conv.dilation), conv.groups
+
+
+def _bn_params(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
+    acc = stat_dtype(like.dtype)
+    weight = bn.weight if bn.weight is not None else torch.ones(bn.num_features, dtype=acc, device=like.device)
+    bias = bn.bias if bn.bias is not None else torch.zeros(bn.num_features, dtype=acc, device=like.device)
+    return weight, bias
+
+
+def _count(z: Tensor) -> int:
+    return z.numel() // z.size(1) if z.size(1) else 0
+
+
+def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
+    """nn.BatchNorm2d.forward's bookkeeping in training: num_batches_tracked, the momentum
+    (cumulative average when momentum is None), the running statistics."""
+    if count == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} value per channel")
+    if not bn.track_running_stats or bn.running_mean is None:
+        return
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    if count > 0:
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
+
+
+def _cast(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(x, weight, bias) as the fused unit's autocast rule casts them (no-op outside autocast)."""
+    x, weight, bias, *_ = _library.autocast_args("conv_bn_stats", (x, conv.weight, conv.bias), x.device.type)
+    return x, weight, bias
+
+
+def _conv_grads(grad_z: Tensor, x: Tensor, weight: Tensor, conv_args: tuple, need_x: bool, need_w: bool):
+    """dgrad and wgrad of conv(x, weight) for grad_z (the backend's conv_bn_eval_backward with a
+    unit scale and no activation)."""
+    if not (need_x or need_w):
+        return None, None
+    ones = torch.ones(weight.size(0), dtype=stat_dtype(x.dtype), device=x.device)
+    args = (grad_z, x, weight, ones, None, *conv_args, False, [need_x, need_w, False, False, False])
+    grads = select_ops("conv_bn_eval_backward", *args).conv_bn_eval_backward(*args)
+    return (grads[0] if need_x else None), (grads[1] if need_w else None)
+
+
+def _bn_backward(grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor,
+                 eps: float, relu: bool, need: tuple[bool, bool, bool, bool]):
+    """Training BatchNorm (+ ReLU) backward through the batch statistics: (dz, grad_residual,
+    grad_bn_weight, grad_bn_bias), each None where `need` says so."""
+    need_dz, need_residual, need_bw, need_bb = need
+    ops = select_ops("bn_apply_backward_reduce", grad_y, z, y, mean, relu)
+    sum_g, sum_g_zc = ops.bn_apply_backward_reduce(grad_y, z, y, mean, relu)
+    dz = grad_residual = None
+    if need_dz or need_residual:
+        args = (grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, _count(z), eps, relu, [need_dz, need_residual])
+        dz, grad_residual = select_ops("bn_apply_backward", *args).bn_apply_backward(*args)
+    invstd = torch.rsqrt(var + eps)
+    grad_bw = (sum_g_zc * invstd).to(bn_weight.dtype) if need_bw else None
+    grad_bb = sum_g.to(bn_weight.dtype) if need_bb else None
+    return (dz if need_dz else None), (grad_residual if need_residual else None), grad_bw, grad_bb
+
+
+def _bn_apply(z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
+              eps: float, relu: bool) -> Tensor:
+    args = (z, mean, var, bn_weight, bn_bias, residual, eps, relu)
+    return select_ops("bn_apply", *args).bn_apply(*args)
+
+
+class _ConvStats(torch.autograd.Function):
+    """(z, mean, var) = conv(x) (+ bias) and z's batch statistics. Keeps x and the weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv_args):
+        ops = select_ops("conv_bn_stats", x, weight, bias, *conv_args)
+        z, mean, var = ops.conv_bn_stats(x, weight, bias, *conv_args)
+        ctx.save_for_backward(x, weight)
+        ctx.conv_args, ctx.has_bias = conv_args, bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_var):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_x, grad_w = _conv_grads(grad_z, x, weight, ctx.conv_args, need[0], need[1])
+        grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[2] else None
+        return grad_x, grad_w, grad_bias, None
+
+
+class _BnActConvStats(torch.autograd.Function):
+    """y_in = act(bn(z_in)) with z_in's batch statistics, then (z, mean, var) = conv(y_in)
+    (+ bias) and z's statistics. Keeps z_in (not y_in) and the weight."""
+
+    @staticmethod
+    def forward(ctx, z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight, bias, eps, relu, conv_args):
+        y_in = _bn_apply(z_in, mean_in, var_in, bn_weight_in, bn_bias_in, None, eps, relu)
+        ops = select_ops("conv_bn_stats", y_in, weight, bias, *conv_args)
+        z, mean, var = ops.conv_bn_stats(y_in, weight, bias, *conv_args)
+        ctx.save_for_backward(z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight)
+        ctx.eps, ctx.relu, ctx.conv_args, ctx.has_bias = eps, relu, conv_args, bias is not None
+        ctx.mark_non_differentiable(mean, var)
+        return z, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_mean, _grad_var):
+        z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        # The forward's y_in again, by the same call: the ReLU mask and wgrad see its values.
+        y_in = _bn_apply(z_in, mean_in, var_in, bn_weight_in, bn_bias_in, None, ctx.eps, ctx.relu)
+        need_in = need[0] or need[3] or need[4]
+        grad_y_in, grad_w = _conv_grads(grad_z, y_in, weight, ctx.conv_args, need_in, need[5])
+        grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[6] else None
+        dz_in = grad_bw = grad_bb = None
+        if need_in:
+            dz_in, _, grad_bw, grad_bb = _bn_backward(grad_y_in, z_in, y_in if ctx.relu else None, mean_in, var_in,
+                                                      bn_weight_in, ctx.eps, ctx.relu, (need[0], False, need[3],
+                                                                                       need[4]))
+        return dz_in, None, None, grad_bw, grad_bb, grad_w, grad_bias, None, None, None
+
+
+class _BnAct(torch.autograd.Function):
+    """y = act(bn(z) [+ residual]) with z's batch statistics. Keeps z and y (for the ReLU mask;
+    y is the block output, which its consumers keep anyway)."""
+
+    @staticmethod
+    def forward(ctx, z, mean, var, bn_weight, bn_bias, residual, eps, relu):
+        y = _bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu)
+        ctx.save_for_backward(z, y if relu else None, mean, var, bn_weight)
+        ctx.eps, ctx.relu, ctx.has_residual = eps, relu, residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        z, y, mean, var, bn_weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dz, grad_residual, grad_bw, grad_bb = _bn_backward(
+            grad_y, z, y, mean, var, bn_weight, ctx.eps, ctx.relu, (need[0], ctx.has_residual and need[5], need[3],
+                                                                    need[4]))
+        return dz, None, None, grad_bw, grad_bb, grad_residual, None, None
+
+
+class _BnActMaxPool(torch.autograd.Function):
+    """max_pool(act(bn(z))) with z's batch statistics: the stem. Keeps z only: the backward
+    recomputes act(bn(z)) and the pooling's argmax (the same values, so the same indices),
+    where eager keeps the activation (8 MiB for a batch of 8 at 128 px) and int64 indices."""
+
+    @staticmethod
+    def forward(ctx, z, mean, var, bn_weight, bn_bias, eps, relu, pool):
+        y = _bn_apply(z, mean, var, bn_weight, bn_bias, None, eps, relu)
+        out = torch.ops.aten.max_pool2d_with_indices(y, *pool)[0]
+        ctx.save_for_backward(z, mean, var, bn_weight, bn_bias)
+        ctx.eps, ctx.relu, ctx.pool = eps, relu, pool
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, mean, var, bn_weight, bn_bias = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        y = _bn_apply(z, mean, var, bn_weight, bn_bias, None, ctx.eps, ctx.relu)
+        indices = torch.ops.aten.max_pool2d_with_indices(y, *ctx.pool)[1]
+        grad_y = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, y, *ctx.pool, indices)
+        dz, _, grad_bw, grad_bb = _bn_backward(grad_y, z, y if ctx.relu else None, mean, var, bn_weight, ctx.eps,
+                                               ctx.relu, (need[0], False, need[3], need[4]))
+        return dz, None, None, grad_bw, grad_bb, None, None, None
+
+
+def conv_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> PreActivation:
+    """The first unit of a chain: z = conv(x) and its batch statistics; updates bn's running
+    statistics as bn(z) in training would."""
+    x, weight, bias = _cast(conv, x)
+    z, mean, var = _ConvStats.apply(x, weight, bias, _conv_args(conv))
+    _update_running_stats(bn, mean, var, _count(z))
+    bn_weight, bn_bias = _bn_params(bn, z)
+    return PreActivation(z, mean, var, bn_weight, bn_bias, bn.eps)
+
+
+def bn_act_conv_stats(pre: PreActivation, conv: nn.Conv2d, bn: nn.BatchNorm2d, relu: bool = True) -> PreActivation:
+    """The next unit: z = conv(act(bn(pre.z))) and its batch statistics, keeping pre.z but not
+    act(bn(pre.z)); updates bn's running statistics."""
+    z_in, weight, bias = _cast(conv, pre.z)
+    z, mean, var = _BnActConvStats.apply(z_in, pre.mean, pre.var, pre.bn_weight, pre.bn_bias, weight, bias, pre.eps,
+                                         relu, _conv_args(conv))
+    _update_running_stats(bn, mean, var, _count(z))
+    bn_weight, bn_bias = _bn_params(bn, z)
+    return PreActivation(z, mean, var, bn_weight, bn_bias, bn.eps)
+
+
+def eligible_pool(pool: nn.Module) -> bool:
+    """An nn.MaxPool2d (exact type) without return_indices: the stem's pooling."""
+    return type(pool) is nn.MaxPool2d and not pool.return_indices
+
+
+def bn_act_max_pool(pre: PreActivation, pool: nn.MaxPool2d, relu: bool = True) -> Tensor:
+    """pool(act(bn(pre.z))), keeping pre.z only (the stem: conv_stats then this)."""
+    def pair(v):
+        return [v, v] if isinstance(v, int) else list(v)
+
+    args = (pair(pool.kernel_size), pair(pool.stride if pool.stride is not None else pool.kernel_size),
+            pair(pool.padding), pair(pool.dilation), bool(pool.ceil_mode))
+    return _BnActMaxPool.apply(pre.z, pre.mean, pre.var, pre.bn_weight, pre.bn_bias, pre.eps, relu, args)
+
+
+def bn_act(pre: PreActivation, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """The chain's output: act(bn(pre.z) [+ residual])."""
+    if residual is not None and residual.dtype != pre.z.dtype and _library.autocast_dtype(pre.z.device.type):
+        residual = residual.to(pre.z.dtype)  # as the fused unit's autocast rule
+    return _BnAct.apply(pre.z, pre.mean, pre.var, pre.bn_weight, pre.bn_bias, residual, pre.eps, relu)
