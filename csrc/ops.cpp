@@ -572,6 +572,19 @@ Tensor bn_apply(const Tensor& z, const Tensor& mean, const Tensor& var, const Te
   return y.finish();
 }
 
+// The recompute chain's forward (resnet_fused/recompute.py): conv_bn_stats of bn_apply(z_in).
+// The activation goes through a temporary here; the Triton backend applies the BatchNorm + ReLU
+// in its conv kernel's operand load instead (a CUTLASS prologue is future work).
+std::tuple<Tensor, Tensor, Tensor> bn_act_conv_bn_stats(const Tensor& z_in, const Tensor& mean, const Tensor& var,
+                                                        const Tensor& bn_weight, const Tensor& bn_bias, double eps,
+                                                        bool relu, const Tensor& weight,
+                                                        const std::optional<Tensor>& bias, at::IntArrayRef stride,
+                                                        at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                        int64_t groups) {
+  const Tensor y_in = bn_apply(z_in, mean, var, bn_weight, bn_bias, std::nullopt, eps, relu);
+  return conv_bn_stats(y_in, weight, bias, stride, padding, dilation, groups);
+}
+
 std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,
                                                     const std::optional<Tensor>& y, const Tensor& mean, bool relu) {
   constexpr const char* op = "bn_apply_backward_reduce";
@@ -644,6 +657,7 @@ TORCH_LIBRARY_IMPL(resnet_fused_cuda, CUDA, m) {
   m.impl("bn_apply", &bn_apply);
   m.impl("bn_apply_backward_reduce", &bn_apply_backward_reduce);
   m.impl("bn_apply_backward", &bn_apply_backward);
+  m.impl("bn_act_conv_bn_stats", &bn_act_conv_bn_stats);
 }
 
 }  // namespace resnet_fused

@@ -99,10 +99,18 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad_y, Tensor z, Tensor? y, Tensor mean, Tensor var, Tensor bn_weight, Tensor sum_g,"
         " Tensor sum_g_zc, int count, float eps, bool relu, bool[2] output_mask) -> (Tensor, Tensor)"
     ),
+    # conv_bn_stats of bn_apply(z_in, ...) without the residual: the recompute chain's forward
+    # (recompute.py), the previous unit's BatchNorm + ReLU applied as the convolution loads it.
+    "bn_act_conv_bn_stats": (
+        "(Tensor z_in, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, float eps, bool relu,"
+        f" Tensor weight, Tensor? bias, {CONV_ARGS}) -> (Tensor, Tensor, Tensor)"
+    ),
 }
 
-# The building blocks of the synchronized BatchNorm path (no autograd formula of their own).
+# The building blocks of the synchronized BatchNorm path and of recompute.py's chain (no
+# autograd formula of their own: the autograd.Functions there compose them).
 SYNC_OP_NAMES = ("conv_bn_stats", "bn_apply", "bn_apply_backward_reduce", "bn_apply_backward")
+CHAIN_OP_NAMES = ("bn_act_conv_bn_stats",)
 
 OP_NAMES = tuple(SCHEMAS)
 
@@ -168,6 +176,11 @@ def _fake_conv_bn_stats(x, weight, bias, stride, padding, dilation, groups):
     return empty_like_format(size, x), x.new_empty(size[1], dtype=acc), x.new_empty(size[1], dtype=acc)
 
 
+def _fake_bn_act_conv_bn_stats(z_in, mean, var, bn_weight, bn_bias, eps, relu, weight, bias, stride, padding,
+                               dilation, groups):
+    return _fake_conv_bn_stats(z_in, weight, bias, stride, padding, dilation, groups)
+
+
 def _fake_bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu):
     return empty_like_format(z.shape, z)
 
@@ -191,6 +204,7 @@ FAKES = {
     "bn_apply": _fake_bn_apply,
     "bn_apply_backward_reduce": _fake_bn_apply_backward_reduce,
     "bn_apply_backward": _fake_bn_apply_backward,
+    "bn_act_conv_bn_stats": _fake_bn_act_conv_bn_stats,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -269,6 +283,11 @@ def _raising_autograd(message: str):
 
 
 def _no_formula(name: str):
+    if name in CHAIN_OP_NAMES:
+        return _raising_autograd(
+            f"resnet_fused: {name} is a building block of recompute_bn_relu's chain (recompute.py) and has no "
+            "autograd formula of its own."
+        )
     if name in SYNC_OP_NAMES:
         return _raising_autograd(
             f"resnet_fused: {name} is a building block of the synchronized BatchNorm path and has no "
@@ -387,7 +406,13 @@ def _flops_conv_bn_train_backward(grad_y, x, weight, *args, out_shape=None, **kw
     return _conv_flops(x, weight, grad_y) * (int(need_x) + int(need_w))
 
 
+def _flops_bn_act_conv_forward(z_in, mean, var, bn_weight, bn_bias, eps, relu, weight, *args, out_shape=None,
+                               **kwargs) -> int:
+    return _flops_conv_forward(z_in, weight, out_shape=out_shape)
+
+
 FLOP_FORMULAS = {
+    "bn_act_conv_bn_stats": _flops_bn_act_conv_forward,
     "conv_bn_eval": _flops_conv_forward,
     "conv_bn_train": _flops_conv_forward,
     "conv_bn_stats": _flops_conv_forward,

@@ -159,6 +159,39 @@ def test_conv_ops_vs_reference(backend, shape, channels_last, dtype):
         compare_outputs(f"conv_bn_train_backward {tag}", ours, ref, ref64, reduction_scale)
 
 
+@pytest.mark.parametrize("dtype", dtype_params(torch.float32, torch.float16, torch.bfloat16))
+@LAYOUTS
+@pytest.mark.parametrize("shape", DIRECT_SHAPES.values(), ids=DIRECT_SHAPES.keys())
+def test_bn_act_conv_bn_stats_vs_reference(backend, shape, channels_last, dtype):
+    """bn_act_conv_bn_stats (the recompute chain's forward: the previous unit's BatchNorm + ReLU
+    applied to z_in as the conv loads it, then z and its statistics) against the reference op:
+    z per the 2x rule, the float32 statistics against float64 statistics of the stored z. z_in
+    has a shifted mean so that the ReLU zeroes part of the input and the padding must stay zero
+    after the transform (relu(bn(0)) would not be)."""
+    if backend.interpreted and shape not in INTERPRETED_SHAPES:
+        pytest.skip("a GPU-sized shape (seconds per op in the Triton interpreter): runs compiled on a GPU")
+    device = backend.device(dtype)
+    ns, ref_ops = backend.ops, torch.ops.resnet_fused
+    for relu, with_bias in ((True, False), (False, True)):
+        x, w, _, conv = direct_inputs(shape, dtype, channels_last, False, device)
+        c_in = x.shape[1]
+        z_in = (x.float() * 2 + 0.5).to(dtype)
+        mean = torch.randn(c_in, device=device) * 0.3 + 0.5
+        var = torch.rand(c_in, device=device) * 2 + 0.5
+        bn_w, bn_b = torch.rand(c_in, device=device) + 0.5, torch.randn(c_in, device=device) * 0.5 + 0.3
+        bias = torch.randn(w.shape[0], device=device, dtype=dtype) if with_bias else None
+        args = (z_in, mean, var, bn_w, bn_b, 1e-5, relu, w, bias, *conv)
+        backend.require("bn_act_conv_bn_stats", *args)
+        z, mean_z, var_z = ns.bn_act_conv_bn_stats(*args)
+        tag = f"relu={relu} bias={with_bias}"
+        compare_outputs(f"bn_act_conv_bn_stats z {tag}", z, ref_ops.bn_act_conv_bn_stats(*args)[0],
+                        ref_ops.bn_act_conv_bn_stats(*as64(args))[0])
+        z64 = z.double()
+        torch.testing.assert_close(mean_z.double(), z64.mean(dim=(0, 2, 3)), rtol=1e-5,
+                                   atol=1e-5 * z64.abs().max().item())
+        torch.testing.assert_close(var_z.double(), z64.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+
+
 def _op_results(backend, name, args):
     """(this backend's result, reference result, reference float64 result), each a list."""
     backend.require(name, *args)

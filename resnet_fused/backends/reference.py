@@ -213,6 +213,14 @@ def bn_apply_backward(
     return tuple(t if t is not None else _empty(z) for t in (dz, grad_residual))
 
 
+def bn_act_conv_bn_stats(
+    z_in: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float, relu: bool,
+    weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    y_in = bn_apply(z_in, mean, var, bn_weight, bn_bias, None, eps, relu)
+    return conv_bn_stats(y_in, weight, bias, stride, padding, dilation, groups)
+
+
 def unavailable_reason() -> str | None:
     return None  # runs wherever PyTorch runs
 

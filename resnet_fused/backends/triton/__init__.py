@@ -1,4 +1,4 @@
-"""Triton backend: the five resnet_fused ops as `torch.library.triton_op`s.
+"""Triton backend: the resnet_fused ops (_library.SCHEMAS) as `torch.library.triton_op`s.
 
 Kernels (kernels/):
   conv_bn_eval            one implicit-GEMM kernel: conv + scale/shift (+ residual) (+ ReLU).
@@ -14,6 +14,9 @@ Kernels (kernels/):
   SyncBatchNorm blocks    conv_bn_stats (the training conv + finalize), bn_apply,
                           bn_apply_backward_reduce / bn_apply_backward (the two passes of the
                           BatchNorm backward, split where distributed.py all-reduces).
+  bn_act_conv_bn_stats    recompute.py's chain: conv_bn_stats with the previous unit's
+                          BatchNorm + ReLU applied to the A tile as the conv kernel loads it
+                          (PROLOGUE; padding zeroed after the transform).
 Every reduction is deterministic (no atomics; fixed merge order). kernels/conv.py describes
 the GEMM design (one pipelined K loop, int32 indices, TMA for 1x1), kernels/configs.py the
 config pruning; aot.py is the sm_90 compile gate that measures them without a GPU.
@@ -72,9 +75,10 @@ def conv_bn_eval(
     return y
 
 
-def _conv_stats(x, weight, bias, stride, padding, dilation, groups):
+def _conv_stats(x, weight, bias, stride, padding, dilation, groups, prologue=None):
     """z = conv(x, weight) (+ bias) with per-tile (mean, M2) partials in the GEMM epilogue, merged
-    in tile order (Chan) into the per-channel mean and biased variance of the stored z."""
+    in tile order (Chan) into the per-channel mean and biased variance of the stored z.
+    prologue: the previous unit's BatchNorm + ReLU applied to x as it loads (conv_forward)."""
     size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
     z = empty_like_format(size, x)
     c_out = size[1]
@@ -84,7 +88,7 @@ def _conv_stats(x, weight, bias, stride, padding, dilation, groups):
     pmean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
     pm2 = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
     _k_conv.conv_forward(x, weight, z, None, bias.contiguous() if bias is not None else None, None,
-                         stride, padding, dilation, groups, False, pmean=pmean, pm2=pm2)
+                         stride, padding, dilation, groups, False, pmean=pmean, pm2=pm2, prologue=prologue)
     acc = stat_dtype(x.dtype)
     mean = torch.empty(c_out, dtype=acc, device=x.device)
     var = torch.empty(c_out, dtype=acc, device=x.device)
@@ -183,6 +187,16 @@ def conv_bn_stats(
     return _conv_stats(x, weight, bias, stride, padding, dilation, groups)
 
 
+def bn_act_conv_bn_stats(
+    z_in: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float, relu: bool,
+    weight: Tensor, bias: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """conv_bn_stats of bn_apply(z_in, ...): the BatchNorm + ReLU run in the conv kernel's operand
+    load (its prologue), so the activation is never written."""
+    prologue = (mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
+    return _conv_stats(z_in, weight, bias, stride, padding, dilation, groups, prologue=prologue)
+
+
 def bn_apply(
     z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
     eps: float, relu: bool,
@@ -229,6 +243,7 @@ _IMPLS = {
     "bn_apply": bn_apply,
     "bn_apply_backward_reduce": bn_apply_backward_reduce,
     "bn_apply_backward": bn_apply_backward,
+    "bn_act_conv_bn_stats": bn_act_conv_bn_stats,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -312,9 +327,9 @@ def _device_ok(t: Tensor) -> bool:
     return t.device.type == ("cpu" if interpret() else "cuda")
 
 
-# Position of the residual and of the first of (stride, padding, dilation) per conv op.
-_RESIDUAL_ARG = {"conv_bn_eval": 4, "conv_bn_train": 5}
-_CONV_GEOMETRY_ARG = {"conv_bn_eval": 5, "conv_bn_train": 6, "conv_bn_stats": 3}
+# Positions of (weight, conv bias, residual, first of (stride, padding, dilation)) per conv op.
+_CONV_ARGS_AT = {"conv_bn_eval": (1, None, 4, 5), "conv_bn_train": (1, 2, 5, 6), "conv_bn_stats": (1, 2, None, 3),
+                 "bn_act_conv_bn_stats": (7, 8, None, 9)}
 
 
 def unsupported_reason(op_name: str, *args) -> str | None:
@@ -337,20 +352,20 @@ def unsupported_reason(op_name: str, *args) -> str | None:
             return "tensors on different devices"
     if op_name == "add_relu":
         return None if args[1].dtype == x.dtype else "x and residual differ in dtype"
-    if op_name in _CONV_GEOMETRY_ARG:
-        weight = args[1]
+    if op_name in _CONV_ARGS_AT:
+        w_at, bias_at, res_at, i = _CONV_ARGS_AT[op_name]
+        weight = args[w_at]
         if x.dim() != 4 or weight.dim() != 4:
             return "x and weight must be 4-D"
         if weight.dtype != x.dtype:
             return "weight's dtype differs from x's"
         if weight.numel() == 0:
             return "empty weight"
-        residual = args[_RESIDUAL_ARG[op_name]] if op_name in _RESIDUAL_ARG else None
+        residual = args[res_at] if res_at is not None else None
         if residual is not None and residual.dtype != x.dtype:
             return "residual's dtype differs from x's"
-        if op_name != "conv_bn_eval" and args[2] is not None and args[2].dtype != x.dtype:
+        if bias_at is not None and args[bias_at] is not None and args[bias_at].dtype != x.dtype:
             return "the conv bias's dtype differs from x's"
-        i = _CONV_GEOMETRY_ARG[op_name]
         size = conv_output_size(list(x.shape), list(weight.shape), args[i], args[i + 1], args[i + 2])
         return None if size[0] * size[1] * size[2] * size[3] > 0 else "empty output"
     return None  # the backward and SyncBatchNorm ops run on whatever their forward covered

@@ -99,7 +99,9 @@ CI_SUBSET = {
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-OPS = ("eval", "train", "train_bwd", "eval_bwd")
+# chain: recompute_bn_relu's forward, the conv with the previous unit's BatchNorm + ReLU in its
+# operand load (bn_act_conv_bn_stats; not for the stem, whose input is the image).
+OPS = ("eval", "train", "train_bwd", "eval_bwd", "chain")
 SMEM_LIMIT = 232448  # sm_90: 227 KB of shared memory per block (opt-in maximum)
 
 
@@ -136,7 +138,7 @@ def _meta(shape, dtype, layout):
 
 def record_op(layer: Layer, op: str, dtype: torch.dtype, layout: str, batch: int):
     """The launches the backend makes for one op call of this layer."""
-    from . import conv_bn_eval, conv_bn_eval_backward, conv_bn_train, conv_bn_train_backward
+    from . import bn_act_conv_bn_stats, conv_bn_eval, conv_bn_eval_backward, conv_bn_train, conv_bn_train_backward
     from .kernels import launch as launch_mod
 
     n, s, p = batch, [layer.stride] * 2, [layer.padding] * 2
@@ -157,6 +159,9 @@ def record_op(layer: Layer, op: str, dtype: torch.dtype, layout: str, batch: int
             y = _meta(out_shape, dtype, layout) if layer.relu else None
             conv_bn_train_backward(gy, x, w, z, y, vec, vec, vec, s, p, d, 1, 1e-5, layer.relu,
                                    [layer.needs_grad_x, True, False, True, True, layer.residual])
+        elif op == "chain":
+            if layer.c_in >= 8:  # not the stem
+                bn_act_conv_bn_stats(x, vec, vec, vec, vec, 1e-5, True, w, None, s, p, d, 1)
         elif op == "eval_bwd":  # frozen BatchNorm (fine-tuning): grads of x and the weight only
             gy = _meta(out_shape, dtype, layout)
             y = _meta(out_shape, dtype, layout) if layer.relu else None

@@ -155,7 +155,10 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
     Keeps, in order, configs that fit shared memory, whose BLOCK_N is not wider than the
     layer's columns and BLOCK_K not longer than its K per tap (padding columns or K is pure
     waste); FLAT kernels ignore BLOCK_K (their K block is a filter row), so configs differing
-    only in BLOCK_K count once. At most MAX_CONFIGS."""
+    only in BLOCK_K count once. With a PROLOGUE (the recompute chain's BatchNorm + ReLU on the
+    A tile, in float32 registers) 4-warp configs keep BLOCK_K <= 32: at 64 the 1x1 forwards
+    used 255 registers and spilled 8-64 B in the sm_90 gate (bf16, 32: 227-233, no spill).
+    At most MAX_CONFIGS."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -163,6 +166,7 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
         elem = _itemsize(args[a_ptr_arg].dtype)
         block_m = args["BLOCK_M"]
         flat = bool(args.get("FLAT", False))
+        prologue = bool(args.get("PROLOGUE", False))
         max_n = max(16, triton.next_power_of_2(int(args[cols_arg])))
         max_k = max(16, triton.next_power_of_2(int(args[k_arg])))
         kept, seen = [], set()
@@ -173,6 +177,8 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
             if _pipeline_smem(cfg, block_m, block_k, elem) > limit:
                 continue
             if block_n > max_n or (not flat and block_k > max_k):
+                continue
+            if prologue and cfg.num_warps == 4 and block_k > 32:
                 continue
             key = (block_n, block_k, cfg.num_warps, cfg.num_stages)
             if key in seen:

@@ -99,11 +99,29 @@ def _next_tap(c0, kh, kw, C, KW, BLOCK_K: tl.constexpr):
     return c0, kh, kw
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE", "TMA"],
+@triton.jit
+def _bn_act_prologue(a, a_ok, ch, c_ok, mean_ptr, var_ptr, w_ptr, b_ptr, eps, RELU: tl.constexpr):
+    """The previous unit's BatchNorm + ReLU on an input tile, as batchnorm._bn_apply_kernel
+    computes it ((z - mean) * (w * rsqrt(var + eps)) + b in float32, rounded to the input
+    dtype), then zero where the tile reads padding or out-of-range channels: padding is zero
+    after the transform, as it is in the materialized activation."""
+    mean = tl.load(mean_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+    var = tl.load(var_ptr + ch, mask=c_ok, other=1.0).to(tl.float32)
+    scale = tl.load(w_ptr + ch, mask=c_ok, other=0.0).to(tl.float32) * tl.rsqrt(var + eps)
+    shift = tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)
+    y = (a.to(tl.float32) - mean[None, :]) * scale[None, :] + shift[None, :]
+    if RELU:
+        y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
+    return tl.where(a_ok, y.to(a.dtype), 0.0).to(a.dtype)
+
+
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE", "TMA",
+                                              "PROLOGUE"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_OUT_G", "C_IN_G", "x_ptr")})
 @triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
+    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
     M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, PAD_H, PAD_W,
     sxn, sxc, sxh, sxw,
     swo, swi, swh, sww,
@@ -112,6 +130,7 @@ def _conv_fwd_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
     FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, TMA: tl.constexpr,
+    PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -164,8 +183,12 @@ def _conv_fwd_kernel(
             ok = m_mask & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             offs_c = c0 + offs_k
             c_ok = offs_c < C_IN_G
+            a_ok = ok[:, None] & c_ok[None, :]
             a = tl.load(x_rows[:, None] + (kh * (DIL_H * sxh) + kw * (DIL_W * sxw)) + offs_c[None, :] * sxc,
-                        mask=ok[:, None] & c_ok[None, :], other=0.0)
+                        mask=a_ok, other=0.0)
+            if PROLOGUE:
+                a = _bn_act_prologue(a, a_ok, grp * C_IN_G + offs_c, c_ok, in_mean_ptr, in_var_ptr, in_w_ptr,
+                                     in_b_ptr, in_eps, IN_RELU)
             b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_c[:, None] * swi,
                         mask=c_ok[:, None] & co_mask[None, :], other=0.0)
             acc = _dot(a, b, acc, ALLOW_TF32)
@@ -267,9 +290,11 @@ def _ensure_allocator() -> None:
 
 
 def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
-                 pmean=None, pm2=None):
+                 pmean=None, pm2=None, prologue=None):
     """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
-    pmean/pm2 of shape [cdiv(M, block_m()), C_out]; `shift` is then the conv bias or None)."""
+    pmean/pm2 of shape [cdiv(M, block_m()), C_out]; `shift` is then the conv bias or None).
+    prologue: (mean, var, bn_weight, bn_bias, eps, relu) of the previous unit, applied to x as
+    it is loaded (x is then that unit's z): the pointer path (no TMA, no FLAT K blocks)."""
     x, weight, residual = _nhwc(x), _nhwc(weight), _nhwc(residual)
     result, out = out, _nhwc_buffer(out)
     n, _, h, w = x.shape
@@ -282,14 +307,16 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
     dummy = out
     res = residual if residual is not None else dummy
     flat, c_pad, kw_pad = _flat(c_in_g, kw)
-    tma = use_tma_1x1(x, weight, stride, padding, dilation, groups)
+    tma = prologue is None and use_tma_1x1(x, weight, stride, padding, dilation, groups)
     if tma:
         _ensure_allocator()
+    in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (dummy,) * 4 + (0.0, False)
     grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
     launch(
         _conv_fwd_kernel, grid,
         x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
         pmean if train else dummy, pm2 if train else dummy,
+        in_mean, in_var, in_w, in_b, in_eps,
         m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, padding[0], padding[1],
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
@@ -297,7 +324,8 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
         res.stride(0), res.stride(1), _hw_stride(res),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
         EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        FLAT=flat and not tma, C_PAD=c_pad, KW_PAD=kw_pad, TMA=tma, ALLOW_TF32=allow_tf32(x.dtype),
+        FLAT=flat and not tma and prologue is None, C_PAD=c_pad, KW_PAD=kw_pad, TMA=tma,
+        PROLOGUE=prologue is not None, IN_RELU=in_relu, ALLOW_TF32=allow_tf32(x.dtype),
         INDEX_64=needs_int64(x, out, residual), BLOCK_M=block_m,
     )
     if out is not result:
