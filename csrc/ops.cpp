@@ -585,6 +585,20 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_conv_bn_stats(const Tensor& z_in, cons
   return conv_bn_stats(y_in, weight, bias, stride, padding, dilation, groups);
 }
 
+// Its backward's conv part: dgrad masked by the ReLU of relu(bn(z_in)) (as threshold_backward:
+// zero where the activation is <= 0) and wgrad against that activation, through a temporary.
+std::tuple<Tensor, Tensor> bn_act_conv_backward(const Tensor& grad_z, const Tensor& z_in, const Tensor& mean,
+                                                const Tensor& var, const Tensor& bn_weight, const Tensor& bn_bias,
+                                                double eps, bool relu, const Tensor& weight, at::IntArrayRef stride,
+                                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                                std::array<bool, 2> output_mask) {
+  const Tensor y_in = bn_apply(z_in, mean, var, bn_weight, bn_bias, std::nullopt, eps, relu);
+  auto [g, grad_w] = conv_grads(grad_z.contiguous(layout_of(y_in)), y_in, weight, stride, padding, dilation, groups,
+                                output_mask[0], output_mask[1]);
+  if (output_mask[0] && relu) g = at::where(y_in <= 0, at::zeros_like(g), g);
+  return {output_mask[0] ? g : empty_grad(z_in), output_mask[1] ? grad_w : empty_grad(weight)};
+}
+
 std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,
                                                     const std::optional<Tensor>& y, const Tensor& mean, bool relu) {
   constexpr const char* op = "bn_apply_backward_reduce";
@@ -658,6 +672,7 @@ TORCH_LIBRARY_IMPL(resnet_fused_cuda, CUDA, m) {
   m.impl("bn_apply_backward_reduce", &bn_apply_backward_reduce);
   m.impl("bn_apply_backward", &bn_apply_backward);
   m.impl("bn_act_conv_bn_stats", &bn_act_conv_bn_stats);
+  m.impl("bn_act_conv_backward", &bn_act_conv_backward);
 }
 
 }  // namespace resnet_fused

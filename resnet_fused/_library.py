@@ -105,12 +105,19 @@ SCHEMAS: dict[str, str] = {
         "(Tensor z_in, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, float eps, bool relu,"
         f" Tensor weight, Tensor? bias, {CONV_ARGS}) -> (Tensor, Tensor, Tensor)"
     ),
+    # Its backward's conv part: (g, grad_weight) for grad_z, where g is the gradient of the
+    # previous unit's BatchNorm output (the ReLU's input), i.e. dgrad masked where relu(bn(z_in))
+    # was not positive, and grad_weight the wgrad against relu(bn(z_in)), recomputed from z_in.
+    "bn_act_conv_backward": (
+        "(Tensor grad_z, Tensor z_in, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, float eps,"
+        f" bool relu, Tensor weight, {CONV_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)"
+    ),
 }
 
 # The building blocks of the synchronized BatchNorm path and of recompute.py's chain (no
 # autograd formula of their own: the autograd.Functions there compose them).
 SYNC_OP_NAMES = ("conv_bn_stats", "bn_apply", "bn_apply_backward_reduce", "bn_apply_backward")
-CHAIN_OP_NAMES = ("bn_act_conv_bn_stats",)
+CHAIN_OP_NAMES = ("bn_act_conv_bn_stats", "bn_act_conv_backward")
 
 OP_NAMES = tuple(SCHEMAS)
 
@@ -181,6 +188,13 @@ def _fake_bn_act_conv_bn_stats(z_in, mean, var, bn_weight, bn_bias, eps, relu, w
     return _fake_conv_bn_stats(z_in, weight, bias, stride, padding, dilation, groups)
 
 
+def _fake_bn_act_conv_backward(grad_z, z_in, mean, var, bn_weight, bn_bias, eps, relu, weight, stride, padding,
+                               dilation, groups, output_mask):
+    need_g, need_w = output_mask
+    return (empty_like_format(z_in.shape, z_in) if need_g else z_in.new_empty(0),
+            empty_like_format(weight.shape, weight) if need_w else weight.new_empty(0))
+
+
 def _fake_bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu):
     return empty_like_format(z.shape, z)
 
@@ -205,6 +219,7 @@ FAKES = {
     "bn_apply_backward_reduce": _fake_bn_apply_backward_reduce,
     "bn_apply_backward": _fake_bn_apply_backward,
     "bn_act_conv_bn_stats": _fake_bn_act_conv_bn_stats,
+    "bn_act_conv_backward": _fake_bn_act_conv_backward,
 }
 
 # ---------------------------------------------------------------------------------------
@@ -411,8 +426,15 @@ def _flops_bn_act_conv_forward(z_in, mean, var, bn_weight, bn_bias, eps, relu, w
     return _flops_conv_forward(z_in, weight, out_shape=out_shape)
 
 
+def _flops_bn_act_conv_backward(grad_z, z_in, mean, var, bn_weight, bn_bias, eps, relu, weight, *args,
+                                out_shape=None, **kwargs) -> int:
+    need_g, need_w = args[-1]
+    return _conv_flops(z_in, weight, grad_z) * (int(need_g) + int(need_w))
+
+
 FLOP_FORMULAS = {
     "bn_act_conv_bn_stats": _flops_bn_act_conv_forward,
+    "bn_act_conv_backward": _flops_bn_act_conv_backward,
     "conv_bn_eval": _flops_conv_forward,
     "conv_bn_train": _flops_conv_forward,
     "conv_bn_stats": _flops_conv_forward,

@@ -20,17 +20,18 @@ A block's units, chained (Bottleneck: three convolutions; BasicBlock: two):
                                        for its two consumers (the next block and its residual)
 
 Each link is an autograd.Function over the backends' ops: bn_act_conv_bn_stats (the conv with
-the previous unit's BatchNorm + ReLU applied as it loads its input, and z's statistics) and
-the building blocks SyncBatchNorm uses (conv_bn_stats, bn_apply, bn_apply_backward_reduce,
-bn_apply_backward, conv_bn_eval_backward), so every backend runs it. The backward of
-bn_act_conv_stats recomputes y_in with bn_apply, the arithmetic the forward used (the reference
-composes exactly that; the Triton prologue repeats bn_apply's kernel math), and folds the
-previous unit's BatchNorm backward in, so the statistics are non-differentiable outputs whose
-gradient is part of that formula.
+the previous unit's BatchNorm + ReLU applied as it loads its input, and z's statistics),
+bn_act_conv_backward (its dgrad masked by that ReLU, and its wgrad against relu(bn(z_in)),
+both recomputed from z_in) and the building blocks SyncBatchNorm uses (conv_bn_stats,
+bn_apply, bn_apply_backward_reduce, bn_apply_backward, conv_bn_eval_backward), so every
+backend runs it. Every recomputation repeats the forward's arithmetic (the reference composes
+bn_apply; the Triton kernels repeat bn_apply's kernel math). The previous unit's BatchNorm
+backward is folded into bn_act_conv_stats's backward, so the statistics are non-differentiable
+outputs whose gradient is part of that formula.
 
-Where the transform runs: the Triton forward applies it in the conv kernel's prologue (y_in is
-never written); the CUDA backend's op writes y_in to a temporary first. The backward applies
-BatchNorm + ReLU in its own pass on every backend (its dgrad/wgrad prologue is not written).
+Where the transform runs: on Triton inside the convolutions (the forward's operand load, the
+dgrad epilogue's mask, wgrad's operand load), so relu(bn(z)) is never written; the CUDA
+backend's ops write it to a temporary first.
 """
 
 from __future__ import annotations
@@ -177,16 +178,18 @@ class _BnActConvStats(torch.autograd.Function):
     def backward(ctx, grad_z, _grad_mean, _grad_var):
         z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        # The forward's y_in again, by the same call: the ReLU mask and wgrad see its values.
-        y_in = _bn_apply(z_in, mean_in, var_in, bn_weight_in, bn_bias_in, None, ctx.eps, ctx.relu)
         need_in = need[0] or need[3] or need[4]
-        grad_y_in, grad_w = _conv_grads(grad_z, y_in, weight, ctx.conv_args, need_in, need[5])
+        # g: the gradient of bn(z_in) (dgrad masked by the ReLU) and grad_w against relu(bn(z_in)),
+        # both recomputed from z_in (Triton: in the dgrad epilogue and the wgrad prologue).
+        args = (grad_z, z_in, mean_in, var_in, bn_weight_in, bn_bias_in, ctx.eps, ctx.relu, weight, *ctx.conv_args,
+                [need_in, need[5]])
+        g, grad_w = select_ops("bn_act_conv_backward", *args).bn_act_conv_backward(*args)
+        grad_w = grad_w if need[5] else None
         grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[6] else None
         dz_in = grad_bw = grad_bb = None
         if need_in:
-            dz_in, _, grad_bw, grad_bb = _bn_backward(grad_y_in, z_in, y_in if ctx.relu else None, mean_in, var_in,
-                                                      bn_weight_in, ctx.eps, ctx.relu, (need[0], False, need[3],
-                                                                                       need[4]))
+            dz_in, _, grad_bw, grad_bb = _bn_backward(g, z_in, None, mean_in, var_in, bn_weight_in, ctx.eps, False,
+                                                      (need[0], False, need[3], need[4]))
         return dz_in, None, None, grad_bw, grad_bb, grad_w, grad_bias, None, None, None
 
 

@@ -164,8 +164,9 @@ def test_conv_ops_vs_reference(backend, shape, channels_last, dtype):
 @pytest.mark.parametrize("shape", DIRECT_SHAPES.values(), ids=DIRECT_SHAPES.keys())
 def test_bn_act_conv_bn_stats_vs_reference(backend, shape, channels_last, dtype):
     """bn_act_conv_bn_stats (the recompute chain's forward: the previous unit's BatchNorm + ReLU
-    applied to z_in as the conv loads it, then z and its statistics) against the reference op:
-    z per the 2x rule, the float32 statistics against float64 statistics of the stored z. z_in
+    applied to z_in as the conv loads it, then z and its statistics) and bn_act_conv_backward
+    against the reference ops: z and the gradients per the 2x rule, the float32 statistics
+    against float64 statistics of the stored z. z_in
     has a shifted mean so that the ReLU zeroes part of the input and the padding must stay zero
     after the transform (relu(bn(0)) would not be)."""
     if backend.interpreted and shape not in INTERPRETED_SHAPES:
@@ -190,6 +191,14 @@ def test_bn_act_conv_bn_stats_vs_reference(backend, shape, channels_last, dtype)
         torch.testing.assert_close(mean_z.double(), z64.mean(dim=(0, 2, 3)), rtol=1e-5,
                                    atol=1e-5 * z64.abs().max().item())
         torch.testing.assert_close(var_z.double(), z64.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
+
+        # Its backward's conv part: the dgrad masked by the ReLU of relu(bn(z_in)) and the wgrad
+        # against it, both recomputed from z_in.
+        grad_z = torch.randn_like(z)
+        bargs = (grad_z, z_in, mean, var, bn_w, bn_b, 1e-5, relu, w, *conv, [True, True])
+        backend.require("bn_act_conv_backward", *bargs)
+        compare_outputs(f"bn_act_conv_backward {tag}", ns.bn_act_conv_backward(*bargs),
+                        ref_ops.bn_act_conv_backward(*bargs), ref_ops.bn_act_conv_backward(*as64(bargs)))
 
 
 def _op_results(backend, name, args):

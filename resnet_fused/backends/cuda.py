@@ -106,6 +106,7 @@ _CONV_ARG_POSITIONS = {
     "conv_bn_train_backward": (1, 2, 11),
     "conv_bn_stats": (0, 1, 6),
     "bn_act_conv_bn_stats": (0, 7, 12),
+    "bn_act_conv_backward": (1, 8, 12),
 }
 
 # Elementwise/reduction ops: position of their activation tensor (z).

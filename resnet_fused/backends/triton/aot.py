@@ -99,9 +99,11 @@ CI_SUBSET = {
 }
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# chain: recompute_bn_relu's forward, the conv with the previous unit's BatchNorm + ReLU in its
-# operand load (bn_act_conv_bn_stats; not for the stem, whose input is the image).
-OPS = ("eval", "train", "train_bwd", "eval_bwd", "chain")
+# chain / chain_bwd: recompute_bn_relu's forward, the conv with the previous unit's BatchNorm +
+# ReLU in its operand load (bn_act_conv_bn_stats), and its backward's conv part, dgrad with the
+# ReLU mask in its epilogue and wgrad with the same prologue (bn_act_conv_backward); not for
+# the stem, whose input is the image.
+OPS = ("eval", "train", "train_bwd", "eval_bwd", "chain", "chain_bwd")
 SMEM_LIMIT = 232448  # sm_90: 227 KB of shared memory per block (opt-in maximum)
 
 
@@ -138,7 +140,8 @@ def _meta(shape, dtype, layout):
 
 def record_op(layer: Layer, op: str, dtype: torch.dtype, layout: str, batch: int):
     """The launches the backend makes for one op call of this layer."""
-    from . import bn_act_conv_bn_stats, conv_bn_eval, conv_bn_eval_backward, conv_bn_train, conv_bn_train_backward
+    from . import (bn_act_conv_backward, bn_act_conv_bn_stats, conv_bn_eval, conv_bn_eval_backward, conv_bn_train,
+                   conv_bn_train_backward)
     from .kernels import launch as launch_mod
 
     n, s, p = batch, [layer.stride] * 2, [layer.padding] * 2
@@ -148,6 +151,7 @@ def record_op(layer: Layer, op: str, dtype: torch.dtype, layout: str, batch: int
     ho = (layer.hw + 2 * layer.padding - layer.k) // layer.stride + 1
     out_shape = (n, layer.c_out, ho, ho)
     vec = torch.empty(layer.c_out, dtype=torch.float32, device="meta")
+    vec_in = torch.empty(layer.c_in, dtype=torch.float32, device="meta")  # the previous unit's (chain ops)
     res = _meta(out_shape, dtype, layout) if layer.residual else None
     with launch_mod.recording() as launches:
         if op == "eval":
@@ -161,7 +165,11 @@ def record_op(layer: Layer, op: str, dtype: torch.dtype, layout: str, batch: int
                                    [layer.needs_grad_x, True, False, True, True, layer.residual])
         elif op == "chain":
             if layer.c_in >= 8:  # not the stem
-                bn_act_conv_bn_stats(x, vec, vec, vec, vec, 1e-5, True, w, None, s, p, d, 1)
+                bn_act_conv_bn_stats(x, vec_in, vec_in, vec_in, vec_in, 1e-5, True, w, None, s, p, d, 1)
+        elif op == "chain_bwd":
+            if layer.c_in >= 8:
+                bn_act_conv_backward(_meta(out_shape, dtype, layout), x, vec_in, vec_in, vec_in, vec_in, 1e-5, True,
+                                     w, s, p, d, 1, [True, True])
         elif op == "eval_bwd":  # frozen BatchNorm (fine-tuning): grads of x and the weight only
             gy = _meta(out_shape, dtype, layout)
             y = _meta(out_shape, dtype, layout) if layer.relu else None

@@ -340,17 +340,19 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
 # (rounded to its dtype, as a per-K-step scaling of the weight tile would be).
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"],
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "RELU_MASK"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_IN_G", "C_OUT_G", "dz_ptr")})
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
+    z_ptr, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
     M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW, PAD_H, PAD_W,
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
     sxn, sxc, sxhw,
+    szn, szc, szhw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr,
+    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, RELU_MASK: tl.constexpr,
     ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -405,11 +407,24 @@ def _conv_dgrad_kernel(
 
     offs_ci = grp * C_IN_G + offs_ci_g
     out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
-    tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=m_mask[:, None] & ci_mask[None, :])
+    out_mask = m_mask[:, None] & ci_mask[None, :]
+    if RELU_MASK:
+        # The recompute chain's backward: grad_x is the gradient of y_in = relu(bn(z)); the ReLU
+        # stops it where bn(z) <= 0 (a NaN passes, as threshold_backward); bn(z) is recomputed
+        # here from z as the forward's prologue computed it.
+        z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_ci * szc)[None, :], mask=out_mask,
+                    other=0.0)
+        y = _bn_act_prologue(z, out_mask, offs_ci, ci_mask, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
+                             False)
+        acc = tl.where(y <= 0.0, 0.0, acc)
+    tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
 
 
-def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
-    """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x."""
+def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, relu_mask=None):
+    """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x.
+    relu_mask: (z, mean, var, bn_weight, bn_bias, eps) of the unit whose relu(bn(z)) was the
+    conv's input: grad_x is then zeroed where that input was not positive (the recompute
+    chain's backward), the mask recomputed in the epilogue from z."""
     dz, weight = _nhwc(dz), _nhwc(weight)
     result, grad_x = grad_x, _nhwc_buffer(grad_x)
     n, _, h, w = grad_x.shape
@@ -421,16 +436,23 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
         weight = _nhwc((weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype))
     block_m = conv_block_m()
     flat, c_pad, kw_pad = _flat(c_out_g, kw)
+    if relu_mask is not None:
+        z, in_mean, in_var, in_w, in_b, in_eps = relu_mask
+        z = _nhwc(z)
+    else:
+        z, in_mean, in_var, in_w, in_b, in_eps = grad_x, grad_x, grad_x, grad_x, grad_x, 0.0
     grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
     launch(
         _conv_dgrad_kernel, grid,
         dz, weight, grad_x,
+        z, in_mean, in_var, in_w, in_b, in_eps,
         m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
+        z.stride(0), z.stride(1), _hw_stride(z),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, ALLOW_TF32=allow_tf32(dz.dtype),
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, RELU_MASK=relu_mask is not None, ALLOW_TF32=allow_tf32(dz.dtype),
         INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
     )
     if grad_x is not result:
@@ -444,16 +466,18 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups):
 # that wgrad_finalize sums in a fixed order (deterministic, no atomics).
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW"],
+@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "PROLOGUE"],
                  prune_configs_by={"early_config_prune": prune_wgrad_configs})
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
+    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
     M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT, PAD_H, PAD_W,
     sdn, sdc, sdhw,
     sxn, sxc, sxh, sxw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    FLAT_N: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
+    FLAT_N: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
+    ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
@@ -510,8 +534,12 @@ def _conv_wgrad_kernel(
             h = ho * STRIDE_H - PAD_H + kh * DIL_H
             w = wo * STRIDE_W - PAD_W + kw * DIL_W
             x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            b_ok = x_ok[:, None] & j_mask[None, :]
             b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
-                        mask=x_ok[:, None] & j_mask[None, :], other=0.0)
+                        mask=b_ok, other=0.0)
+            if PROLOGUE:  # x is the previous unit's z: its BatchNorm + ReLU, as the forward applied them
+                b = _bn_act_prologue(b, b_ok, offs_ci, j_mask, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
+                                     IN_RELU)
         acc = _dot(a, b, acc, ALLOW_TF32)
 
     # partials laid out [SPLIT, C_OUT, C_IN_G, KH, KW], contiguous
@@ -580,18 +608,20 @@ def wgrad_split(m: int, tiles: int, sms: int) -> int:
 
 
 def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, scale=None, grad_scale=None,
-               split=None):
+               split=None, prologue=None):
     """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
     is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given.
     `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter).
-    grad_w may have any layout: the finalize kernel writes it by strides."""
+    grad_w may have any layout: the finalize kernel writes it by strides.
+    prologue: (mean, var, bn_weight, bn_bias, eps, relu): x is the previous unit's z, and the
+    kernel applies its BatchNorm + ReLU as it loads x (as conv_forward's prologue)."""
     dz, x = _nhwc(dz), _nhwc(x)
     n, _, h, w = x.shape
     c_out, c_in_g, kh, kw = weight.shape
     _, _, ho, wo = dz.shape
     m = n * ho * wo
     c_out_g = c_out // groups
-    flat = c_in_g < FLAT_BELOW
+    flat = c_in_g < FLAT_BELOW and prologue is None
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
     block_m, block_n = wgrad_tiles(c_out_g, n_cols, flat)
@@ -601,14 +631,17 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64  # whole K blocks per split
     split = triton.cdiv(m, m_per_split)
     part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
+    in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (part,) * 4 + (0.0, False)
     launch(
         _conv_wgrad_kernel, (tiles // axis1, axis1, split),
         dz, x, part,
+        in_mean, in_var, in_w, in_b, in_eps,
         m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split, padding[0], padding[1],
         dz.stride(0), dz.stride(1), _hw_stride(dz),
         x.stride(0), x.stride(1), x.stride(2), x.stride(3),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT_N=flat, ALLOW_TF32=allow_tf32(x.dtype), INDEX_64=needs_int64(dz, x), BLOCK_M=block_m, BLOCK_N=block_n,
+        FLAT_N=flat, PROLOGUE=prologue is not None, IN_RELU=in_relu, ALLOW_TF32=allow_tf32(x.dtype),
+        INDEX_64=needs_int64(dz, x), BLOCK_M=block_m, BLOCK_N=block_n,
     )
     # The finalize: one program per (16 output channels, 64 K) tile, so that even 64x64x3x3
     # (36 tiles) is not a handful of programs each summing every split.
