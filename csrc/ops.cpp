@@ -585,18 +585,24 @@ std::tuple<Tensor, Tensor, Tensor> bn_act_conv_bn_stats(const Tensor& z_in, cons
   return conv_bn_stats(y_in, weight, bias, stride, padding, dilation, groups);
 }
 
+std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,
+                                                    const std::optional<Tensor>& y, const Tensor& mean, bool relu);
+
 // Its backward's conv part: dgrad masked by the ReLU of relu(bn(z_in)) (as threshold_backward:
-// zero where the activation is <= 0) and wgrad against that activation, through a temporary.
-std::tuple<Tensor, Tensor> bn_act_conv_backward(const Tensor& grad_z, const Tensor& z_in, const Tensor& mean,
-                                                const Tensor& var, const Tensor& bn_weight, const Tensor& bn_bias,
-                                                double eps, bool relu, const Tensor& weight, at::IntArrayRef stride,
-                                                at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                                                std::array<bool, 2> output_mask) {
+// zero where the activation is <= 0), wgrad against that activation, through a temporary, and
+// BatchNorm backward's two sums of the masked gradient.
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_conv_backward(
+    const Tensor& grad_z, const Tensor& z_in, const Tensor& mean, const Tensor& var, const Tensor& bn_weight,
+    const Tensor& bn_bias, double eps, bool relu, const Tensor& weight, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, std::array<bool, 2> output_mask) {
   const Tensor y_in = bn_apply(z_in, mean, var, bn_weight, bn_bias, std::nullopt, eps, relu);
   auto [g, grad_w] = conv_grads(grad_z.contiguous(layout_of(y_in)), y_in, weight, stride, padding, dilation, groups,
                                 output_mask[0], output_mask[1]);
-  if (output_mask[0] && relu) g = at::where(y_in <= 0, at::zeros_like(g), g);
-  return {output_mask[0] ? g : empty_grad(z_in), output_mask[1] ? grad_w : empty_grad(weight)};
+  if (!output_mask[0])
+    return {empty_grad(z_in), output_mask[1] ? grad_w : empty_grad(weight), empty_grad(mean), empty_grad(mean)};
+  if (relu) g = at::where(y_in <= 0, at::zeros_like(g), g);
+  auto [sum_g, sum_g_zc] = bn_apply_backward_reduce(g, z_in, std::nullopt, mean, false);
+  return {g, output_mask[1] ? grad_w : empty_grad(weight), sum_g, sum_g_zc};
 }
 
 std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,

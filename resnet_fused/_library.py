@@ -105,12 +105,14 @@ SCHEMAS: dict[str, str] = {
         "(Tensor z_in, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, float eps, bool relu,"
         f" Tensor weight, Tensor? bias, {CONV_ARGS}) -> (Tensor, Tensor, Tensor)"
     ),
-    # Its backward's conv part: (g, grad_weight) for grad_z, where g is the gradient of the
-    # previous unit's BatchNorm output (the ReLU's input), i.e. dgrad masked where relu(bn(z_in))
-    # was not positive, and grad_weight the wgrad against relu(bn(z_in)), recomputed from z_in.
+    # Its backward's conv part: (g, grad_weight, sum_g, sum_g_zc) for grad_z. g is the gradient
+    # of the previous unit's BatchNorm output (the ReLU's input): dgrad masked where
+    # relu(bn(z_in)) was not positive; grad_weight the wgrad against relu(bn(z_in)), recomputed
+    # from z_in; sum_g and sum_g_zc BatchNorm backward's per-channel sums of g and
+    # g * (z_in - mean) (bn_apply_backward_reduce's, with g and no ReLU). The sums come with g.
     "bn_act_conv_backward": (
         "(Tensor grad_z, Tensor z_in, Tensor mean, Tensor var, Tensor bn_weight, Tensor bn_bias, float eps,"
-        f" bool relu, Tensor weight, {CONV_ARGS}, bool[2] output_mask) -> (Tensor, Tensor)"
+        f" bool relu, Tensor weight, {CONV_ARGS}, bool[2] output_mask) -> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
 
@@ -191,8 +193,10 @@ def _fake_bn_act_conv_bn_stats(z_in, mean, var, bn_weight, bn_bias, eps, relu, w
 def _fake_bn_act_conv_backward(grad_z, z_in, mean, var, bn_weight, bn_bias, eps, relu, weight, stride, padding,
                                dilation, groups, output_mask):
     need_g, need_w = output_mask
+    acc = stat_dtype(z_in.dtype)
+    sums = [z_in.new_empty(z_in.size(1) if need_g else 0, dtype=acc) for _ in range(2)]
     return (empty_like_format(z_in.shape, z_in) if need_g else z_in.new_empty(0),
-            empty_like_format(weight.shape, weight) if need_w else weight.new_empty(0))
+            empty_like_format(weight.shape, weight) if need_w else weight.new_empty(0), *sums)
 
 
 def _fake_bn_apply(z, mean, var, bn_weight, bn_bias, residual, eps, relu):

@@ -21,8 +21,8 @@ A block's units, chained (Bottleneck: three convolutions; BasicBlock: two):
 
 Each link is an autograd.Function over the backends' ops: bn_act_conv_bn_stats (the conv with
 the previous unit's BatchNorm + ReLU applied as it loads its input, and z's statistics),
-bn_act_conv_backward (its dgrad masked by that ReLU, and its wgrad against relu(bn(z_in)),
-both recomputed from z_in) and the building blocks SyncBatchNorm uses (conv_bn_stats,
+bn_act_conv_backward (its dgrad masked by that ReLU with BatchNorm backward's two sums, and
+its wgrad against relu(bn(z_in)), all recomputed from z_in) and the building blocks SyncBatchNorm uses (conv_bn_stats,
 bn_apply, bn_apply_backward_reduce, bn_apply_backward, conv_bn_eval_backward), so every
 backend runs it. Every recomputation repeats the forward's arithmetic (the reference composes
 bn_apply; the Triton kernels repeat bn_apply's kernel math). The previous unit's BatchNorm
@@ -30,8 +30,9 @@ backward is folded into bn_act_conv_stats's backward, so the statistics are non-
 outputs whose gradient is part of that formula.
 
 Where the transform runs: on Triton inside the convolutions (the forward's operand load, the
-dgrad epilogue's mask, wgrad's operand load), so relu(bn(z)) is never written; the CUDA
-backend's ops write it to a temporary first.
+dgrad epilogue's mask and BatchNorm sums, wgrad's operand load), so relu(bn(z)) is never
+written and the masked gradient is not read again for the sums; the CUDA backend's ops go
+through temporaries.
 """
 
 from __future__ import annotations
@@ -116,12 +117,15 @@ def _conv_grads(grad_z: Tensor, x: Tensor, weight: Tensor, conv_args: tuple, nee
 
 
 def _bn_backward(grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor,
-                 eps: float, relu: bool, need: tuple[bool, bool, bool, bool]):
+                 eps: float, relu: bool, need: tuple[bool, bool, bool, bool], sums: tuple | None = None):
     """Training BatchNorm (+ ReLU) backward through the batch statistics: (dz, grad_residual,
-    grad_bn_weight, grad_bn_bias), each None where `need` says so."""
+    grad_bn_weight, grad_bn_bias), each None where `need` says so. sums: (sum g, sum g (z -
+    mean)) when the caller already has them (bn_act_conv_backward's), else a reduce pass."""
     need_dz, need_residual, need_bw, need_bb = need
-    ops = select_ops("bn_apply_backward_reduce", grad_y, z, y, mean, relu)
-    sum_g, sum_g_zc = ops.bn_apply_backward_reduce(grad_y, z, y, mean, relu)
+    if sums is None:
+        ops = select_ops("bn_apply_backward_reduce", grad_y, z, y, mean, relu)
+        sums = ops.bn_apply_backward_reduce(grad_y, z, y, mean, relu)
+    sum_g, sum_g_zc = sums
     dz = grad_residual = None
     if need_dz or need_residual:
         args = (grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, _count(z), eps, relu, [need_dz, need_residual])
@@ -179,17 +183,18 @@ class _BnActConvStats(torch.autograd.Function):
         z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         need_in = need[0] or need[3] or need[4]
-        # g: the gradient of bn(z_in) (dgrad masked by the ReLU) and grad_w against relu(bn(z_in)),
-        # both recomputed from z_in (Triton: in the dgrad epilogue and the wgrad prologue).
+        # g: the gradient of bn(z_in) (dgrad masked by the ReLU) with BatchNorm backward's two
+        # sums, and grad_w against relu(bn(z_in)), all recomputed from z_in (Triton: in the dgrad
+        # epilogue and the wgrad prologue).
         args = (grad_z, z_in, mean_in, var_in, bn_weight_in, bn_bias_in, ctx.eps, ctx.relu, weight, *ctx.conv_args,
                 [need_in, need[5]])
-        g, grad_w = select_ops("bn_act_conv_backward", *args).bn_act_conv_backward(*args)
+        g, grad_w, sum_g, sum_g_zc = select_ops("bn_act_conv_backward", *args).bn_act_conv_backward(*args)
         grad_w = grad_w if need[5] else None
         grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[6] else None
         dz_in = grad_bw = grad_bb = None
         if need_in:
             dz_in, _, grad_bw, grad_bb = _bn_backward(g, z_in, None, mean_in, var_in, bn_weight_in, ctx.eps, False,
-                                                      (need[0], False, need[3], need[4]))
+                                                      (need[0], False, need[3], need[4]), (sum_g, sum_g_zc))
         return dz_in, None, None, grad_bw, grad_bb, grad_w, grad_bias, None, None, None
 
 

@@ -225,15 +225,18 @@ def bn_act_conv_backward(
     grad_z: Tensor, z_in: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float,
     relu: bool, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
     output_mask: list[bool],
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     need_g, need_w = output_mask
     y_in = bn_apply(z_in, mean, var, bn_weight, bn_bias, None, eps, relu)
     ones = torch.ones(weight.size(0), dtype=stat_dtype(z_in.dtype), device=z_in.device)
     grad_y_in, grad_w, *_ = conv_bn_eval_backward(grad_z, y_in, weight, ones, None, stride, padding, dilation,
                                                   groups, False, [need_g, need_w, False, False, False])
-    if need_g and relu:
+    if not need_g:
+        return grad_y_in, grad_w, _empty(z_in), _empty(z_in)
+    if relu:
         grad_y_in = relu_backward(grad_y_in, y_in)
-    return grad_y_in, grad_w
+    sum_g, sum_g_zc = bn_apply_backward_reduce(grad_y_in, z_in, None, mean, False)
+    return grad_y_in, grad_w, sum_g, sum_g_zc
 
 
 def unavailable_reason() -> str | None:

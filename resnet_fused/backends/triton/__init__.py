@@ -17,8 +17,9 @@ Kernels (kernels/):
   bn_act_conv_bn_stats    recompute.py's chain: conv_bn_stats with the previous unit's
                           BatchNorm + ReLU applied to the A tile as the conv kernel loads it
                           (PROLOGUE; padding zeroed after the transform).
-  bn_act_conv_backward    its backward's conv part: dgrad with that ReLU's mask recomputed in
-                          the epilogue, wgrad with the same prologue on its x operand.
+  bn_act_conv_backward    its backward's conv part: dgrad with that ReLU's mask recomputed and
+                          BatchNorm backward's two sums taken in its epilogue, wgrad with the
+                          same prologue on its x operand.
 Every reduction is deterministic (no atomics; fixed merge order). kernels/conv.py describes
 the GEMM design (one pipelined K loop, int32 indices, TMA for 1x1), kernels/configs.py the
 config pruning; aot.py is the sm_90 compile gate that measures them without a GPU.
@@ -203,21 +204,25 @@ def bn_act_conv_backward(
     grad_z: Tensor, z_in: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, eps: float,
     relu: bool, weight: Tensor, stride: list[int], padding: list[int], dilation: list[int], groups: int,
     output_mask: list[bool],
-) -> tuple[Tensor, Tensor]:
-    """dgrad with the ReLU mask of relu(bn(z_in)) applied in its epilogue, and wgrad with
-    bn(z_in) + ReLU applied to z_in as it loads: relu(bn(z_in)) is never written."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dgrad with the ReLU mask of relu(bn(z_in)) and BatchNorm backward's two sums in its
+    epilogue, and wgrad with bn(z_in) + ReLU applied to z_in as it loads: relu(bn(z_in)) is
+    never written, and g is not read again for the sums."""
     need_g, need_w = output_mask
     stats = (mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous())
-    g = grad_w = None
+    empty = z_in.new_empty(0)
+    g, grad_w, sum_g, sum_g_zc = empty, empty, empty, empty
     if need_g:
         g = empty_like_format(z_in.shape, z_in)
+        sums = torch.empty((2, z_in.size(1)), dtype=torch.float32, device=z_in.device)
         _k_conv.conv_dgrad(grad_z, weight, g, None, stride, padding, dilation, groups,
-                           relu_mask=(z_in, *stats, eps) if relu else None)
+                           bn_input=(z_in, *stats, eps, relu), bn_sums=sums)
+        sum_g, sum_g_zc = sums[0].clone(), sums[1].clone()  # custom-op outputs may not alias each other
     if need_w:
         grad_w = empty_like_format(weight.shape, weight)
         _k_conv.conv_wgrad(grad_z, z_in, weight, stride, padding, dilation, groups, grad_w=grad_w,
                            prologue=(*stats, eps, relu))
-    return tuple(t if t is not None else z_in.new_empty(0) for t in (g, grad_w))
+    return g, grad_w, sum_g, sum_g_zc
 
 
 def bn_apply(

@@ -340,12 +340,12 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
 # (rounded to its dtype, as a per-K-step scaling of the weight tile would be).
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "RELU_MASK"],
+@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "RELU_MASK", "BN_SUMS"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_IN_G", "C_OUT_G", "dz_ptr")})
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    z_ptr, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
+    z_ptr, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps, psum_ptr, PS_T, PS_C,
     M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW, PAD_H, PAD_W,
     sdn, sdc, sdh, sdw,
     swo, swi, swh, sww,
@@ -353,7 +353,7 @@ def _conv_dgrad_kernel(
     szn, szc, szhw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, RELU_MASK: tl.constexpr,
-    ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
+    BN_SUMS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, grp = _tile_ids(C_IN_G, BLOCK_N, INDEX_64)
@@ -408,23 +408,37 @@ def _conv_dgrad_kernel(
     offs_ci = grp * C_IN_G + offs_ci_g
     out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
     out_mask = m_mask[:, None] & ci_mask[None, :]
+    if RELU_MASK or BN_SUMS:
+        z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_ci * szc)[None, :], mask=out_mask,
+                    other=0.0)
     if RELU_MASK:
         # The recompute chain's backward: grad_x is the gradient of y_in = relu(bn(z)); the ReLU
         # stops it where bn(z) <= 0 (a NaN passes, as threshold_backward); bn(z) is recomputed
         # here from z as the forward's prologue computed it.
-        z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_ci * szc)[None, :], mask=out_mask,
-                    other=0.0)
         y = _bn_act_prologue(z, out_mask, offs_ci, ci_mask, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
                              False)
         acc = tl.where(y <= 0.0, 0.0, acc)
-    tl.store(dx_ptr + out_offs, acc.to(dx_ptr.dtype.element_ty), mask=out_mask)
+    g = acc.to(dx_ptr.dtype.element_ty)
+    tl.store(dx_ptr + out_offs, g, mask=out_mask)
+    if BN_SUMS:
+        # BatchNorm backward's two per-channel sums over this tile's rows, where g and z already
+        # sit in registers: sum g and sum g * (z - mean) of the stored (rounded) g, into
+        # per-(tile, channel) partials [2, PS_T, PS_C] summed in tile order by the launcher.
+        mean = tl.load(in_mean_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)
+        gf = tl.where(out_mask, g.to(tl.float32), 0.0)
+        zc = tl.where(out_mask, z.to(tl.float32) - mean[None, :], 0.0)
+        p_offs = pid_m * PS_C + offs_ci
+        tl.store(psum_ptr + p_offs, tl.sum(gf, axis=0), mask=ci_mask)
+        tl.store(psum_ptr + PS_T * PS_C + p_offs, tl.sum(gf * zc, axis=0), mask=ci_mask)
 
 
-def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, relu_mask=None):
+def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_input=None, bn_sums=None):
     """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x.
-    relu_mask: (z, mean, var, bn_weight, bn_bias, eps) of the unit whose relu(bn(z)) was the
-    conv's input: grad_x is then zeroed where that input was not positive (the recompute
-    chain's backward), the mask recomputed in the epilogue from z."""
+    bn_input: (z, mean, var, bn_weight, bn_bias, eps, relu) of the unit whose act(bn(z)) was
+    the conv's input (the recompute chain's backward): with relu, grad_x is zeroed where that
+    input was not positive, the mask recomputed in the epilogue from z. bn_sums: a [2, C_in]
+    float32 tensor that receives sum(grad_x) and sum(grad_x * (z - mean)) per channel (of the
+    stored grad_x; needs bn_input), BatchNorm backward's reductions."""
     dz, weight = _nhwc(dz), _nhwc(weight)
     result, grad_x = grad_x, _nhwc_buffer(grad_x)
     n, _, h, w = grad_x.shape
@@ -436,27 +450,34 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, rel
         weight = _nhwc((weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype))
     block_m = conv_block_m()
     flat, c_pad, kw_pad = _flat(c_out_g, kw)
-    if relu_mask is not None:
-        z, in_mean, in_var, in_w, in_b, in_eps = relu_mask
+    relu = False
+    if bn_input is not None:
+        z, in_mean, in_var, in_w, in_b, in_eps, relu = bn_input
         z = _nhwc(z)
     else:
         z, in_mean, in_var, in_w, in_b, in_eps = grad_x, grad_x, grad_x, grad_x, grad_x, 0.0
+    tiles = triton.cdiv(m, block_m)
+    c_total = c_in_g * groups
+    psum = torch.empty((2, tiles, c_total), dtype=torch.float32, device=dz.device) if bn_sums is not None else grad_x
     grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
     launch(
         _conv_dgrad_kernel, grid,
         dz, weight, grad_x,
-        z, in_mean, in_var, in_w, in_b, in_eps,
+        z, in_mean, in_var, in_w, in_b, in_eps, psum, tiles, c_total,
         m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
         z.stride(0), z.stride(1), _hw_stride(z),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, RELU_MASK=relu_mask is not None, ALLOW_TF32=allow_tf32(dz.dtype),
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, RELU_MASK=relu, BN_SUMS=bn_sums is not None,
+        ALLOW_TF32=allow_tf32(dz.dtype),
         INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
     )
     if grad_x is not result:
         result.copy_(grad_x)
+    if bn_sums is not None:
+        bn_sums.copy_(sum_partials(psum))
 
 
 # ---------------------------------------------------------------------------------------
