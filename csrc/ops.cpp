@@ -277,22 +277,23 @@ void conv_and_stats(const char* op, DType dtype, const ConvShape& s, const Tenso
   const int64_t rows = s.n * s.h_out * s.w_out;
   const float* bias_p = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   // Hopper: the CUTLASS kernel with its 128-row tiles where it applies (as in conv_bn_eval); else
-  // the sm80 implicit GEMM with 64-row tiles. Both write per-(channel, tile) (mean, M2).
+  // the sm80 implicit GEMM with 64-row tiles. Both write per-(channel, tile) (mean, M2), [c_out]
+  // rows of `tiles` each; one allocation sized for the smaller tiles serves either.
+  static_assert(kConvTileM <= kSm90TileM, "the partials are sized by the sm80 tiles");
   int64_t tile_rows = kSm90TileM;
   int64_t tiles = (rows + tile_rows - 1) / tile_rows;
-  Tensor partial_mean = at::empty({s.c_out, tiles}, stat_opts), partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
-  if (!launch_conv_train_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p,
-                              z_buf.data_ptr(), partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(),
-                              allow_tf32(), stream)) {
+  const Tensor partials = at::empty({2, s.c_out * ((rows + kConvTileM - 1) / kConvTileM)}, stat_opts);
+  float* partial_mean = partials[0].data_ptr<float>();
+  float* partial_m2 = partials[1].data_ptr<float>();
+  if (!launch_conv_train_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(), partial_mean,
+                              partial_m2, allow_tf32(), stream)) {
     tile_rows = kConvTileM;
     tiles = (rows + tile_rows - 1) / tile_rows;
-    partial_mean = at::empty({s.c_out, tiles}, stat_opts);
-    partial_m2 = at::empty({s.c_out, tiles}, stat_opts);
-    launch_conv_train(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(),
-                      partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), allow_tf32(), stream);
+    launch_conv_train(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(), partial_mean, partial_m2,
+                      allow_tf32(), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  launch_bn_finalize(partial_mean.data_ptr<float>(), partial_m2.data_ptr<float>(), tiles, tile_rows, rows, s.c_out,
+  launch_bn_finalize(partial_mean, partial_m2, tiles, tile_rows, rows, s.c_out,
                      bn_weight_f.data_ptr<float>(), bn_bias_f.data_ptr<float>(), eps, mean.data_ptr<float>(),
                      var.data_ptr<float>(), scale.data_ptr<float>(), shift.data_ptr<float>(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -17,6 +17,7 @@ GPU run: RESNET_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e . &&
 
 from __future__ import annotations
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from helpers import DIRECT_SHAPES, as64, assert_close_to_ref, compare_outputs, c
 import resnet_fused
 from resnet_fused import _library, backends
 from resnet_fused.backends import cuda as cuda_backend
+from resnet_fused.backends import cuda_sass
 
 NS = cuda_backend.NAMESPACE
 
@@ -196,11 +198,16 @@ def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype,
     conv = conv_args()
     eval_args = (x, w, scale, shift, r, *conv, True)
     train_args = (x, w, None, scale, shift, r, *conv, 1e-5, True)
+    launches = ctypes.CDLL(cuda_sass.extension_path()).resnet_fused_sm90_launches
+    launches.restype = ctypes.c_int64
+    before = launches()
     with tf32(True):
         got_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
         got_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
+        assert launches() == before + 2, "the calls did not run on the sm90 kernels"
         monkeypatch.setenv("RESNET_FUSED_CUDA_SM90", "0")
         sm80_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
         sm80_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
+        assert launches() == before + 2, "RESNET_FUSED_CUDA_SM90=0 still ran the sm90 kernels"
     compare_outputs("sm90 eval", got_eval, sm80_eval, torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args)))
     compare_outputs("sm90 train", got_train, sm80_train, torch.ops.resnet_fused.conv_bn_train(*as64(train_args)))

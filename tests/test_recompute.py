@@ -14,7 +14,7 @@ from helpers import assert_close_to_ref, model_twins, rel_err, sgd_steps
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused
-from resnet_fused import recompute
+from resnet_fused import backends, recompute
 from resnet_fused.benchmark import saved_activation_bytes
 
 
@@ -91,8 +91,11 @@ def test_block_float32_per_tensor(backend):
     results = []
     for model, x in ((eager64, x64), (eager, x64.float()), (fused, x64.float())):
         x = x.clone().requires_grad_(True)
-        out = model(x)
-        (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out).to(out.dtype)).sum().backward()
+        with backends.record_selections() as selected:
+            out = model(x)
+            (out * torch.linspace(-1, 1, out.numel(), device=device).view_as(out).to(out.dtype)).sum().backward()
+        if model is fused:  # every chain op (forward and backward) ran on the backend under test
+            assert selected and set(selected) == {backend.name}, dict(selected)
         results.append([out, x.grad] + [p.grad for p in model.parameters()] + [model.bn1.running_mean,
                         model.bn2.running_var, model.bn3.running_mean])
     for i, (ref, ours, ours_fused) in enumerate(zip(*results)):
