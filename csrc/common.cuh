@@ -47,8 +47,6 @@ constexpr int vec16() {
   return 16 / static_cast<int>(sizeof(T));
 }
 
-inline bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) % 16) == 0; }
-
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Calls f(T{}) with T the element type matching dtype.

@@ -19,6 +19,9 @@ namespace resnet_fused {
 
 enum class DType : int { Half = 0, BFloat16 = 1, Float = 2 };
 
+// A 16-byte aligned address (vector loads, cp.async, TMA); a null (absent) operand counts as aligned.
+inline bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // ---- elementwise.cu -------------------------------------------------------------------
 
 // y = relu(x + r), any layout (x, r, y share one dense layout), 16-byte vectors when aligned.

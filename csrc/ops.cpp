@@ -162,8 +162,6 @@ ConvShape conv_shape(const Tensor& x, const Tensor& weight, at::IntArrayRef stri
 // (torch.backends.cudnn.allow_tf32, default True), as nn.Conv2d does; else the exact path.
 bool allow_tf32() { return at::globalContext().allowTF32CuDNN(at::Float32Op::CONV); }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The implicit GEMMs read x as NHWC rows of whole 16-byte vectors from a 16-byte aligned base
 // (cp.async on sm80; TMA im2col on sm90). Returns x in that form, padding channels with zeros
 // to a multiple of the vector (the 3-channel stem: 8 for 16-bit types, 4 for float32) and

@@ -32,8 +32,6 @@ namespace {
 // sm80 kernel (resnet_fused_sm90_launches below).
 std::atomic<int64_t> sm90_launches{0};
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
 // The current device is an sm_90 (H100/H200): sm_90a machine code runs there and nowhere else.
 bool device_is_sm90() {
   int device = 0, major = 0, minor = 0;
@@ -80,8 +78,7 @@ bool launch_conv_eval_sm90(DType dtype, const ConvShape& s, const void* x, const
                            const float* shift, const void* r, void* y, bool relu, bool allow_tf32,
                            cudaStream_t stream) {
   if (!eligible(dtype, s, allow_tf32)) return false;
-  if (!aligned16(x) || !aligned16(w) || !aligned16(y) || (r != nullptr && !aligned16(r)) || !aligned16(scale) ||
-      !aligned16(shift))
+  if (!aligned16(x) || !aligned16(w) || !aligned16(y) || !aligned16(r) || !aligned16(scale) || !aligned16(shift))
     return false;
   int status = -1;
 #if defined(RESNET_FUSED_SM90A)
@@ -111,7 +108,7 @@ bool launch_conv_eval_sm90(DType dtype, const ConvShape& s, const void* x, const
 bool launch_conv_train_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
                             float* partial_mean, float* partial_m2, bool allow_tf32, cudaStream_t stream) {
   if (!eligible(dtype, s, allow_tf32)) return false;
-  if (!aligned16(x) || !aligned16(w) || !aligned16(z) || (bias != nullptr && !aligned16(bias))) return false;
+  if (!aligned16(x) || !aligned16(w) || !aligned16(z) || !aligned16(bias)) return false;
   const int64_t tiles = (s.n * s.h_out * s.w_out + kSm90TileM - 1) / kSm90TileM;
   const int num_m_tiles = static_cast<int>(tiles);
   int status = -1;
