@@ -1,8 +1,8 @@
 // CUTLASS 3 convolution for Hopper (sm_90a): TMA im2col loads, warp-specialized wgmma mainloop,
 // and the BatchNorm epilogues as Epilogue Visitor Trees. Included only by the one-kernel
 // translation units beside it (conv_sm90_<op>_<dtype>.cu), each instantiating one kernel, so
-// the build parallelizes per kernel (about 30 s and 3.6 GB of nvcc each, sm_80 + sm_90a, on
-// the 2-core CI machine). Built with NDEBUG: CUTLASS's device asserts are function calls, and
+// the build parallelizes per kernel (about 30 s and 3.6 GB of nvcc each, sm_80 + sm_90a,
+// on 2 cores). Built with NDEBUG: CUTLASS's device asserts are function calls, and
 // a call inside the kernel makes ptxas serialize every wgmma (its warning C7510).
 //
 // GEMM view of an NHWC forward convolution: M = N*P*Q output pixels, N = output channels,

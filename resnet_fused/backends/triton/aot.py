@@ -85,7 +85,7 @@ RESNET50: dict[str, Layer] = {
     + _bottleneck_stage(256, 512, 28, 2)
     + _bottleneck_stage(512, 1024, 14, 2)
 }
-# The layer types of issue 14: the ones every figure in the README refers to.
+# Six layer types, one per kernel shape class: the ones every figure in the README refers to.
 LAYER_TYPES = [
     "1x1 256->64 @56", "3x3 64->64 @56", "1x1 64->256 @56 +res", "3x3/2 128->128 @56", STEM.name,
     "1x1 2048->512 @7",
@@ -527,7 +527,7 @@ def main(argv=None) -> int:
     p.add_argument("--target", default="sm_90", help="GPU architecture, sm_XY (default sm_90)")
     p.add_argument("--json", help="write the full report here")
     p.add_argument("--subset", choices=["ci", "types", "all"], default="types",
-                   help="ci: the CI test's representative subset; types: issue 14's six layer types (default); "
+                   help="ci: the CI test's representative subset; types: six layer types, one per kernel shape class (default); "
                         "all: ResNet-50's 24 convolutions")
     p.add_argument("--layers", help="';'-separated layer names (overrides --subset's layers)")
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (fp32 with TF32 allowed)")
