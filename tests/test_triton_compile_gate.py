@@ -90,6 +90,15 @@ def test_3x3_conv_kernels_have_one_pipelined_k_loop(report):
     assert not unpipelined, "K loops without cp.async:\n" + "\n".join(unpipelined)
 
 
+def test_strided_dgrad_runs_per_phase(report):
+    """The 3x3/2 layer's dgrad launches one grid slice per phase (2 x 2) and still compiles to
+    one pipelined K loop (checked above): each phase loops over its own 1-4 taps, not 9 masked."""
+    rows = [r for r in report["rows"] if r["kernel"] == "_conv_dgrad_kernel" and r["layer"].startswith("3x3/2")]
+    assert rows
+    unphased = [f"{_where(r)}: grid {r['grid']}" for r in rows if r["grid"][1] != 4]
+    assert not unphased, "\n".join(unphased)
+
+
 def test_configs_per_launch_are_bounded(report):
     """Pruning leaves at most MAX_CONFIGS configs per kernel launch (each is a compile and a
     benchmark on the first step)."""

@@ -232,3 +232,63 @@ def test_1x1_forward_through_tma_descriptors(c_in, c_out, hw, monkeypatch):
     for got, ptr, ref in ((y, y_ptr, ref_y), (z, z_ptr, ref_z)):
         torch.testing.assert_close(got.double().cpu(), ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got, ptr, rtol=1e-6, atol=1e-6)
+
+
+# (c_in, c_out, kernel, stride (h, w), padding, input H, W): 3x3/2 as in ResNet's first block of
+# a stage (odd and even sizes, so the phases differ in size), the 1x1/2 downsample (half the
+# phases meet no tap: their gradient is zero), unpadded 3x3/2, a stride of (2, 1), 5x5/3.
+PHASED_CASES = {
+    "3x3s2_odd": (24, 40, 3, (2, 2), 1, 9, 7),
+    "3x3s2_even": (16, 16, 3, (2, 2), 1, 8, 8),
+    "1x1s2": (32, 24, 1, (2, 2), 0, 7, 6),
+    "3x3s2_pad0": (16, 24, 3, (2, 2), 0, 9, 9),
+    "3x3s21": (16, 16, 3, (2, 1), 1, 7, 5),
+    "5x5s3": (16, 16, 5, (3, 3), 2, 10, 8),
+}
+
+
+@pytest.mark.parametrize("cfg", PHASED_CASES.values(), ids=PHASED_CASES.keys())
+def test_strided_dgrad_runs_per_phase(cfg, monkeypatch):
+    """A strided conv's dgrad runs per phase (grid axis 1 over h % stride, w % stride, only the
+    taps that phase meets); it and the single masked pass over all pixels both match float64, as
+    do the BatchNorm-backward sums of the recompute chain's epilogue."""
+    conv, _ = _kernels()
+    launch = _launch_mod()
+    c_in, c_out, k, stride, p, h, w = cfg
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
+
+    weight = rand(c_out, c_in, k, k)
+    ho, wo = (h + 2 * p - k) // stride[0] + 1, (w + 2 * p - k) // stride[1] + 1
+    dz = rand(2, c_out, ho, wo)
+    z_in = rand(2, c_in, h, w)
+    mean, var = torch.randn(c_in, generator=gen).to(DEVICE), torch.rand(c_in, generator=gen).to(DEVICE) + 0.5
+    bn_w, bn_b = torch.rand(c_in, generator=gen).to(DEVICE) + 0.5, torch.randn(c_in, generator=gen).to(DEVICE)
+    geo = (list(stride), [p, p], [1, 1], 1)
+
+    def run():
+        gx, sums = torch.empty_like(z_in), torch.empty(2, c_in, device=DEVICE)
+        with launch.observing() as launches:
+            conv.conv_dgrad(dz, weight, gx, None, *geo, bn_input=(z_in, mean, var, bn_w, bn_b, 1e-5, True),
+                            bn_sums=sums)
+        (lc,) = [lc for lc in launches if "PHASED" in lc.kwargs]
+        return gx, sums, lc
+
+    gx, sums, lc = run()
+    assert lc.kwargs["PHASED"]
+    assert lc.grid({"BLOCK_N": 16})[1] == stride[0] * stride[1]
+    monkeypatch.setattr(conv, "dgrad_phased", lambda *args: False)
+    gx_masked, sums_masked, lc_masked = run()
+    assert not lc_masked.kwargs["PHASED"]
+
+    d = lambda t: t.double().cpu()  # noqa: E731
+    ref = torch.nn.grad.conv2d_input(z_in.shape, d(weight), d(dz), stride, p)
+    ref = torch.where(d(z_in - mean[:, None, None]) * d(bn_w * torch.rsqrt(var + 1e-5))[:, None, None]
+                      + d(bn_b)[:, None, None] <= 0, 0.0, ref)
+    ref_sums = torch.stack([ref.sum((0, 2, 3)), (ref * (d(z_in) - d(mean)[:, None, None])).sum((0, 2, 3))])
+    for got in (gx, gx_masked):
+        torch.testing.assert_close(d(got), ref, rtol=1e-5, atol=1e-5)
+    for got in (sums, sums_masked):
+        torch.testing.assert_close(d(got), ref_sums, rtol=1e-5, atol=1e-4)

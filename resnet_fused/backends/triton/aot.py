@@ -16,8 +16,8 @@ Triton cache key is the JIT's (jit_hash checks it against JITFunction.warmup's),
 binaries the first step would otherwise compile; the report counts the compiles that were
 already in the cache (cache_hits).
 
-Per compile the report has: kernel, layer, op, dtype, layout, config, index width, the grid's
-program count, shared memory bytes, registers, spill bytes (ptxas -v), whether the PTX
+Per compile the report has: kernel, layer, op, dtype, layout, config, index width, the grid and
+its program count, shared memory bytes, registers, spill bytes (ptxas -v), whether the PTX
 uses wgmma / TMA (cp.async.bulk.tensor) / cp.async, and the number of scf.for loops in the
 TTGIR (a conv kernel's K loops).
 
@@ -381,11 +381,12 @@ def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False,
                                              "arch": arch, "args": [_as_jit_arg(a) for a in rec.args],
                                              "kwargs": kwargs}
                             meta = {**rec.kwargs, **kwargs}
+                            grid = grid_size(rec.grid, meta)
                             rows.append({
                                 "kernel": fn.__name__, "layer": layer.name, "op": op, "launch": order,
                                 "dtype": dt, "layout": layout, "config": label,
                                 "index": "int64" if meta.get("INDEX_64") else "int32",
-                                "programs": _programs(grid_size(rec.grid, meta)),
+                                "grid": list(grid), "programs": _programs(grid),
                                 "key": key,
                             })
     finally:

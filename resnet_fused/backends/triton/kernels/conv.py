@@ -21,6 +21,11 @@ pipeline (num_stages) runs across taps instead of draining at each one (the gate
 address by the same amount (kh * dil * stride_h + kw * dil * stride_w), so the loop carries
 (c0, kh, kw) as scalars and each row's base address is computed once.
 
+Strided dgrad (PHASED): grad_x's pixels split into stride_h * stride_w phases (h % stride_h,
+w % stride_w), grid axis 1. A phase meets dz only through the taps kh = kh_first + i * stride_h
+(likewise kw), so its K loop runs over those alone: 3x3/2 runs 1, 2 or 4 taps per phase instead
+of 9 masked ones, and 1x1/2 one tap or none (those pixels get a zero gradient).
+
 Few channels (FLAT: the 7x7 stem's 3 input channels, or dgrad's few output channels): a K
 block is one filter row, (kw, c) with c padded to a power of two C_PAD and kw to KW_PAD, so
 its index math is shifts and masks of constants, and the loop runs over kh.
@@ -87,15 +92,16 @@ def _pixel_rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _next_tap(c0, kh, kw, C, KW, BLOCK_K: tl.constexpr):
-    """Advance (channel block, kw, kh), channel block fastest."""
+def _next_tap(c0, kh, kw, C, KW, KW_FIRST, STEP_H, STEP_W, BLOCK_K: tl.constexpr):
+    """Advance (channel block, kw, kh), channel block fastest; taps step by (STEP_H, STEP_W) and
+    a filter row starts at KW_FIRST (1 and 0 but in the phased dgrad)."""
     c0 += BLOCK_K
     wrap_c = c0 >= C
     c0 = tl.where(wrap_c, 0, c0)
-    kw = tl.where(wrap_c, kw + 1, kw)
+    kw = tl.where(wrap_c, kw + STEP_W, kw)
     wrap_w = kw >= KW
-    kw = tl.where(wrap_w, 0, kw)
-    kh = tl.where(wrap_w, kh + 1, kh)
+    kw = tl.where(wrap_w, KW_FIRST, kw)
+    kh = tl.where(wrap_w, kh + STEP_H, kh)
     return c0, kh, kw
 
 
@@ -192,7 +198,7 @@ def _conv_fwd_kernel(
             b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_c[:, None] * swi,
                         mask=c_ok[:, None] & co_mask[None, :], other=0.0)
             acc = _dot(a, b, acc, ALLOW_TF32)
-            c0, kh, kw = _next_tap(c0, kh, kw, C_IN_G, KW, BLOCK_K)
+            c0, kh, kw = _next_tap(c0, kh, kw, C_IN_G, KW, 0, 1, 1, BLOCK_K)
 
     out_dtype = out_ptr.dtype.element_ty
     out_offs = (n_idx * son + hw * sohw)[:, None] + (offs_co * soc)[None, :]
@@ -352,12 +358,39 @@ def _conv_dgrad_kernel(
     sxn, sxc, sxhw,
     szn, szc, szhw,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, RELU_MASK: tl.constexpr,
+    FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, PHASED: tl.constexpr, RELU_MASK: tl.constexpr,
     BN_SUMS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m, pid_n, grp = _tile_ids(C_IN_G, BLOCK_N, INDEX_64)
-    offs_m, m_mask, n_idx, hw, h, w = _pixel_rows(pid_m, M, HW, W, BLOCK_M)
+    if PHASED:
+        # Grid axis 1 is the phase (h % STRIDE_H, w % STRIDE_W) of the rows; a phase's pixels
+        # meet dz only through the taps kh = kh_first + i * STRIDE_H (likewise kw), so the K
+        # loop runs over those taps alone and needs no divisibility masks.
+        phase = as_index(tl.program_id(1), INDEX_64)
+        ph = phase // STRIDE_W
+        pw = phase - ph * STRIDE_W
+        rows_h = (HW // W - ph + STRIDE_H - 1) // STRIDE_H
+        rows_w = (W - pw + STRIDE_W - 1) // STRIDE_W
+        offs_m, m_mask, n_idx, _, i, j = _pixel_rows(pid_m, (M // HW) * rows_h * rows_w, rows_h * rows_w, rows_w,
+                                                     BLOCK_M)
+        h = ph + i * STRIDE_H
+        w = pw + j * STRIDE_W
+        hw = h * W + w
+        kh_first = (ph + PAD_H) % STRIDE_H
+        kw_first = (pw + PAD_W) % STRIDE_W
+        taps = ((KH - kh_first + STRIDE_H - 1) // STRIDE_H) * ((KW - kw_first + STRIDE_W - 1) // STRIDE_W)
+        tile = phase * (PS_T // (STRIDE_H * STRIDE_W)) + pid_m
+        step_h = STRIDE_H
+        step_w = STRIDE_W
+    else:
+        offs_m, m_mask, n_idx, hw, h, w = _pixel_rows(pid_m, M, HW, W, BLOCK_M)
+        kh_first = 0
+        kw_first = 0
+        taps = KH * KW
+        tile = pid_m
+        step_h = 1
+        step_w = 1
     th0 = h + PAD_H  # ho * STRIDE_H = th0 - kh * DIL_H
     tw0 = w + PAD_W
     dz_rows = dz_ptr + grp * C_OUT_G * sdc + n_idx * sdn
@@ -388,14 +421,15 @@ def _conv_dgrad_kernel(
     else:
         offs_k = tl.arange(0, BLOCK_K)
         zero = grp * 0
-        c0, kh, kw = zero, zero, zero
-        for _ in range(KH * KW * tl.cdiv(C_OUT_G, BLOCK_K)):
+        c0, kh, kw = zero, zero + kh_first, zero + kw_first
+        for _ in range(taps * tl.cdiv(C_OUT_G, BLOCK_K)):
             th = th0 - kh * DIL_H
             tw = tw0 - kw * DIL_W
             ho = th // STRIDE_H
             wo = tw // STRIDE_W
-            ok = (m_mask & (th >= 0) & (th - ho * STRIDE_H == 0) & (ho < HO)
-                  & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO))
+            ok = m_mask & (th >= 0) & (ho < HO) & (tw >= 0) & (wo < WO)
+            if not PHASED:
+                ok = ok & (th - ho * STRIDE_H == 0) & (tw - wo * STRIDE_W == 0)
             offs_co_g = c0 + offs_k
             co_ok = offs_co_g < C_OUT_G
             a = tl.load(dz_rows[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_co_g[None, :] * sdc,
@@ -403,7 +437,7 @@ def _conv_dgrad_kernel(
             b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_co_g[:, None] * swo,
                         mask=co_ok[:, None] & ci_mask[None, :], other=0.0)
             acc = _dot(a, b, acc, ALLOW_TF32)
-            c0, kh, kw = _next_tap(c0, kh, kw, C_OUT_G, KW, BLOCK_K)
+            c0, kh, kw = _next_tap(c0, kh, kw, C_OUT_G, KW, kw_first, step_h, step_w, BLOCK_K)
 
     offs_ci = grp * C_IN_G + offs_ci_g
     out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
@@ -427,9 +461,15 @@ def _conv_dgrad_kernel(
         mean = tl.load(in_mean_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)
         gf = tl.where(out_mask, g.to(tl.float32), 0.0)
         zc = tl.where(out_mask, z.to(tl.float32) - mean[None, :], 0.0)
-        p_offs = pid_m * PS_C + offs_ci
+        p_offs = tile * PS_C + offs_ci
         tl.store(psum_ptr + p_offs, tl.sum(gf, axis=0), mask=ci_mask)
         tl.store(psum_ptr + PS_T * PS_C + p_offs, tl.sum(gf * zc, axis=0), mask=ci_mask)
+
+
+def dgrad_phased(stride, dilation, flat: bool) -> bool:
+    """Whether dgrad runs per output phase: strided, undilated (a dilated tap's phase is not
+    kh mod stride), and not FLAT (whose K block is a whole filter row)."""
+    return (stride[0] > 1 or stride[1] > 1) and list(dilation) == [1, 1] and not flat
 
 
 def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_input=None, bn_sums=None):
@@ -456,21 +496,27 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_
         z = _nhwc(z)
     else:
         z, in_mean, in_var, in_w, in_b, in_eps = grad_x, grad_x, grad_x, grad_x, grad_x, 0.0
-    tiles = triton.cdiv(m, block_m)
+    # A strided conv's dgrad runs per phase (h % stride, w % stride): 3x3/2 reads 1-4 taps of 9
+    # per pixel, 1x1/2 one or none, where one pass over all pixels masks 3/4 of its tap loads.
+    phased = dgrad_phased(stride, dilation, flat)
+    phases = stride[0] * stride[1] if phased else 1
+    rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1]) if phased else m  # the largest phase's
+    tiles = triton.cdiv(rows, block_m)
     c_total = c_in_g * groups
-    psum = torch.empty((2, tiles, c_total), dtype=torch.float32, device=dz.device) if bn_sums is not None else grad_x
-    grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_in_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
+    psum = (torch.empty((2, phases * tiles, c_total), dtype=torch.float32, device=dz.device) if bn_sums is not None
+            else grad_x)
+    grid = lambda meta: (tiles * triton.cdiv(c_in_g, meta["BLOCK_N"]), phases, groups)  # noqa: E731
     launch(
         _conv_dgrad_kernel, grid,
         dz, weight, grad_x,
-        z, in_mean, in_var, in_w, in_b, in_eps, psum, tiles, c_total,
-        m, m_bucket(m), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
+        z, in_mean, in_var, in_w, in_b, in_eps, psum, phases * tiles, c_total,
+        m, m_bucket(rows), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
         dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
         weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
         grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
         z.stride(0), z.stride(1), _hw_stride(z),
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, RELU_MASK=relu, BN_SUMS=bn_sums is not None,
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, PHASED=phased, RELU_MASK=relu, BN_SUMS=bn_sums is not None,
         ALLOW_TF32=allow_tf32(dz.dtype),
         INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
     )
