@@ -32,9 +32,11 @@ def _ops():
 
 
 # (c_in, c_out, kernel, stride, padding, dilation, groups, input H=W): a per-tap K loop with
-# several channel blocks and a partial one, a strided 3x3, the flattened stem-like K, groups.
+# several channel blocks and a partial one, a strided 3x3 (dgrad per phase), a strided dilated
+# 3x3 (dgrad masked), the flattened stem-like K, groups.
 INDEX_CASES = {
     "3x3_c40": (40, 24, 3, 1, 1, 1, 1, 6),
+    "3x3s2": (24, 16, 3, 2, 1, 1, 1, 7),
     "3x3s2_dil2": (16, 16, 3, 2, 2, 2, 1, 7),
     "stem7x7s2": (3, 8, 7, 2, 3, 1, 1, 9),
     "1x1_groups2": (32, 32, 1, 1, 0, 1, 2, 5),
