@@ -93,8 +93,8 @@ def _pixel_rows(pid_m, M, HW, W, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _next_tap(c0, kh, kw, C, KW, KW_FIRST, STEP_H, STEP_W, BLOCK_K: tl.constexpr):
-    """Advance (channel block, kw, kh), channel block fastest; taps step by (STEP_H, STEP_W) and
-    a filter row starts at KW_FIRST (1 and 0 but in the phased dgrad)."""
+    """Advance (channel block, kw, kh), channel block fastest. Taps step by (STEP_H, STEP_W) and
+    a filter row starts at KW_FIRST: steps of 1 from 0, except in the phased dgrad."""
     c0 += BLOCK_K
     wrap_c = c0 >= C
     c0 = tl.where(wrap_c, 0, c0)
