@@ -1,7 +1,7 @@
-"""The sm_90 compile gate (resnet_fused.backends.triton.aot) on CI's CPU: a representative
-subset of the kernels and autotune configs the Triton backend launches for ResNet-50's
-layers, compiled for sm_90 with the installed Triton, and the properties the Hopper design
-depends on asserted from the compiler's own output (ptxas -v, the PTX, the TTGIR).
+"""The compile gate (resnet_fused.backends.triton.aot) on CI's CPU: a representative subset
+of the kernels and autotune configs the Triton backend launches for ResNet-50's layers,
+compiled with the installed Triton for sm_90 (H100/H200) and sm_80 (A100), and the properties
+the design depends on asserted from the compiler's own output (ptxas -v, the PTX, the TTGIR).
 
 The full set runs from the command line:
     python -m resnet_fused.backends.triton.aot --subset all --layouts nhwc,nchw --json report.json
@@ -25,16 +25,15 @@ pytestmark = pytest.mark.skipif(not (NVIDIA_BIN / "ptxas").exists() or not (NVID
                                 reason=f"this Triton has no NVIDIA toolchain under {NVIDIA_BIN}")
 
 CONV_KERNELS = {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"}
-H100_SMS = 132
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sm_90", "sm_80"])
+def report(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("gate") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([sys.executable, "-m", "resnet_fused.backends.triton.aot", "--subset", "ci", "--target",
-                           "sm_90", "--json", str(out)], env=env, capture_output=True, text=True, timeout=1200)
+                           request.param, "--json", str(out)], env=env, capture_output=True, text=True, timeout=1200)
     assert out.exists(), f"the gate wrote no report (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
     data = json.loads(out.read_text())
     data["stdout"] = proc.stdout
@@ -52,15 +51,24 @@ def test_everything_compiles(report):
     print(report["stdout"])
 
 
-def test_every_gemm_uses_wgmma(report):
-    """bf16/fp16 GEMMs on wgmma; fp32 on TF32 wgmma (the gate compiles fp32 with TF32 allowed,
-    PyTorch's default for convolutions). No fallback to mma.sync."""
+def _arch(report) -> int:
+    return int(report["target"].removeprefix("sm_"))
+
+
+def test_every_gemm_uses_the_tensor_cores(report):
+    """sm_90: bf16/fp16 GEMMs on wgmma, fp32 on TF32 wgmma (the gate compiles fp32 with TF32
+    allowed, PyTorch's default for convolutions), no fallback to mma.sync. sm_80: mma.sync,
+    TF32 for fp32."""
     gemms = [r for r in report["rows"] if r["gemm"]]
     assert {r["kernel"] for r in gemms} >= CONV_KERNELS
-    bad = [_where(r) for r in gemms if not r["wgmma"] or r["mma_sync"]]
-    assert not bad, "GEMMs without wgmma:\n" + "\n".join(bad)
-    bad_tf32 = [_where(r) for r in gemms if r["dtype"] == "fp32" and not r["wgmma_tf32"]]
-    assert not bad_tf32, "fp32 GEMMs without TF32 wgmma:\n" + "\n".join(bad_tf32)
+    if _arch(report) >= 90:
+        bad = [_where(r) for r in gemms if not r["wgmma"] or r["mma_sync"]]
+        bad_tf32 = [_where(r) for r in gemms if r["dtype"] == "fp32" and not r["wgmma_tf32"]]
+    else:
+        bad = [_where(r) for r in gemms if not r["mma_sync"] or r["wgmma"]]
+        bad_tf32 = [_where(r) for r in gemms if r["dtype"] == "fp32" and not r["mma_sync_tf32"]]
+    assert not bad, f"GEMMs not on {report['target']}'s tensor-core instruction:\n" + "\n".join(bad)
+    assert not bad_tf32, "fp32 GEMMs without TF32:\n" + "\n".join(bad_tf32)
 
 
 def test_kept_configs_fit_shared_memory(report):
@@ -114,9 +122,12 @@ def test_configs_per_launch_are_bounded(report):
 
 def test_wgrad_and_the_statistics_reductions_fill_the_gpu(report):
     """wgrad's split and the first stage of the training reductions give at least one program
-    per SM of an H100 (132) on the 56x56 layers."""
+    per SM of the target's GPU (H100: 132, A100: 108) on the 56x56 layers."""
+    from resnet_fused.backends.triton.kernels.configs import TARGET_SMS
+
+    sms = TARGET_SMS[_arch(report)]
     small = [f"{_where(r)}: {r['programs']} programs" for r in report["rows"]
-             if r["kernel"] == "_conv_wgrad_kernel" and r["programs"] < H100_SMS]
+             if r["kernel"] == "_conv_wgrad_kernel" and r["programs"] < sms]
     assert not small, "\n".join(small)
     # Each reduction is two launches of one kernel: the groups of tiles, then the groups in order.
     stage1 = {}
@@ -125,7 +136,7 @@ def test_wgrad_and_the_statistics_reductions_fill_the_gpu(report):
             key = (r["kernel"], r["layer"], r["op"], r["dtype"], r["layout"])
             stage1[key] = max(stage1.get(key, 0), r["programs"])
     assert stage1
-    small = {k: v for k, v in stage1.items() if v < H100_SMS}
+    small = {k: v for k, v in stage1.items() if v < sms}
     assert not small, small
 
 
@@ -153,14 +164,17 @@ def test_aot_compiles_are_the_jits(tmp_path):
 
 def test_1x1_forward_on_nhwc_loads_by_tma(report):
     """Where a conv is a plain GEMM (1x1, stride 1, dense NHWC), the forward's tiles arrive by
-    TMA (UTMALDG in the SASS), still feeding wgmma. Not the recompute chain's forward: its
-    BatchNorm + ReLU prologue takes the pointer path (cp.async), checked here too."""
+    TMA on sm_90 (UTMALDG in the SASS), still feeding wgmma; sm_80 has no TMA, and Triton lowers
+    the descriptors to cp.async (LDGSTS). Not the recompute chain's forward: its BatchNorm +
+    ReLU prologue takes the pointer path (cp.async), checked here too."""
     rows = [r for r in report["rows"] if r["kernel"] == "_conv_fwd_kernel" and r["layer"].startswith("1x1 ")
             and r["layout"] == "nhwc"]
     plain = [r for r in rows if r["op"] != "chain"]
     chain = [r for r in rows if r["op"] == "chain"]
     assert plain and chain
-    bad = [_where(r) for r in plain if not (r["tma"] and r["sass"]["UTMALDG"] and r["wgmma"])]
-    assert not bad, "\n".join(bad)
-    bad = [_where(r) for r in chain if not (r["cp_async"] and r["wgmma"])]
+    if _arch(report) >= 90:
+        bad = [_where(r) for r in plain if not (r["tma"] and r["sass"]["UTMALDG"] and r["wgmma"])]
+        bad += [_where(r) for r in chain if not (r["cp_async"] and r["wgmma"])]
+    else:
+        bad = [_where(r) for r in plain + chain if not (r["sass"]["LDGSTS"] and r["mma_sync"])]
     assert not bad, "\n".join(bad)

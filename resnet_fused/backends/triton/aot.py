@@ -104,7 +104,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ReLU mask in its epilogue and wgrad with the same prologue (bn_act_conv_backward); not for
 # the stem, whose input is the image.
 OPS = ("eval", "train", "train_bwd", "eval_bwd", "chain", "chain_bwd")
-SMEM_LIMIT = 232448  # sm_90: 227 KB of shared memory per block (opt-in maximum)
 
 
 def _layer_list(spec: str) -> list[Layer]:
@@ -291,6 +290,7 @@ def compile_one(job: dict) -> dict:
     ptx, ttgir, ttir = compiled.asm["ptx"], compiled.asm["ttgir"], compiled.asm["ttir"]
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log.getvalue())
     wgmma_lines = [ln for ln in ptx.splitlines() if "wgmma.mma_async" in ln]
+    mma_lines = [ln for ln in ptx.splitlines() if "mma.sync" in ln]
     out = {
         "shared_bytes": compiled.metadata.shared,
         # Global scratch per program (device-side TMA descriptors); > 0 needs triton.set_allocator.
@@ -301,7 +301,8 @@ def compile_one(job: dict) -> dict:
         "gemm": "tt.dot" in ttir,
         "wgmma": bool(wgmma_lines),
         "wgmma_tf32": any(".tf32" in ln for ln in wgmma_lines),
-        "mma_sync": "mma.sync" in ptx,
+        "mma_sync": bool(mma_lines),
+        "mma_sync_tf32": any(".tf32" in ln for ln in mma_lines),
         "tma": "cp.async.bulk.tensor" in ptx,
         "cp_async": bool(re.search(r"cp\.async\.c[ag]", ptx)),
         "k_loops": len(re.findall(r"\bscf\.for\b", ttgir)),
@@ -423,9 +424,11 @@ def run(layers, dtypes, layouts, ops, batch=256, arch=90, jobs_n=None, cache_dir
         row["key"] = _short(row["key"])
     import triton
 
+    from .kernels import configs
+
     return {
         "target": f"sm_{arch}", "triton": triton.__version__, "torch": torch.__version__, "batch": batch,
-        "smem_limit": SMEM_LIMIT, "unique_compiles": len(jobs),
+        "smem_limit": configs.smem_bytes(arch), "unique_compiles": len(jobs),
         "cache_hits": sum(1 for r in results.values() if r.get("cache_hit")),
         "compiles_per_layer": {k: len(v) for k, v in sorted(per_layer.items())},
         "seconds": round(time.perf_counter() - start, 1), "rows": rows,

@@ -105,6 +105,10 @@ def conv_configs() -> list[triton.Config]:
         _cfg(64, 32, 4, 4),
         # 155/0/72, 223/0/144 (the 3-stage twin of the first, for 64-channel layers)
         _cfg(64, 64, 4, 3),
+        # Pre-Hopper TF32 only (see _register_operands): 8 warps hold half the accumulator
+        # each; sm_80 gate, fp32: the stem 178-180/0/72 (4 warps spilled 8 B at 255), the 1x1
+        # training forwards 100/0/72 (4 warps spilled 8 B).
+        _cfg(64, 32, 8, 4),
     ]
 
 
@@ -132,6 +136,8 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element): BLOCK_K 64 runs at
     # 254-255 registers (64x64 tiles, 4 warps; it spilled 48-776 B with 64x128), 32 at 118-157.
     max_k = 32 if args.get("FLAT_N") else 1 << 30
+    if _register_operands(elem):
+        max_k = min(max_k, 32)
     kept = [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_K"] <= max_k
             and c.num_stages * (block_m + block_n) * c.kwargs["BLOCK_K"] * elem <= limit]
     if not kept:
@@ -143,6 +149,13 @@ def _pipeline_smem(cfg: triton.Config, block_m: int, block_k: int, elem_bytes: i
     """Shared memory of the software pipeline: num_stages (A, B) tile pairs. The epilogue's
     layout conversion reuses it (the gate's shared bytes equal this for every conv config)."""
     return cfg.num_stages * (block_m + cfg.kwargs["BLOCK_N"]) * block_k * elem_bytes
+
+
+def _register_operands(elem_bytes: int) -> bool:
+    """Before Hopper, mma.sync takes both operand tiles from registers: with 4-byte (TF32)
+    operands, 4-warp configs with BLOCK_K 64 spilled in the sm_80 gate (dgrad 20-116 B at 255
+    registers, the recompute chain's wgrad up to 344 B); at BLOCK_K 32 they do not."""
+    return elem_bytes == 4 and 0 < target_arch() < 90
 
 
 def _itemsize(dtype) -> int:
@@ -158,7 +171,8 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
     only in BLOCK_K count once. With a PROLOGUE (the recompute chain's BatchNorm + ReLU on the
     A tile, in float32 registers) 4-warp configs keep BLOCK_K <= 32: at 64 the 1x1 forwards
     used 255 registers and spilled 8-64 B in the sm_90 gate (bf16, 32: 227-233, no spill).
-    At most MAX_CONFIGS."""
+    Before Hopper with TF32 operands (_register_operands) the same BLOCK_K bound holds, and
+    8-warp 64-wide tiles are kept only there. At most MAX_CONFIGS."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
@@ -178,7 +192,9 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
                 continue
             if block_n > max_n or (not flat and block_k > max_k):
                 continue
-            if prologue and cfg.num_warps == 4 and block_k > 32:
+            if (prologue or _register_operands(elem)) and cfg.num_warps == 4 and block_k > 32:
+                continue
+            if cfg.num_warps == 8 and block_n == 64 and not _register_operands(elem):
                 continue
             key = (block_n, block_k, cfg.num_warps, cfg.num_stages)
             if key in seen:
