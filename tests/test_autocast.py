@@ -55,11 +55,16 @@ def _block_dtypes(model, x):
 
 
 def _namespaces():
-    """The op namespaces registered in this process (the cuda one when its extension loaded)."""
-    names = ["resnet_fused", "resnet_fused_triton"]
-    if resnet_fused.backends.cuda._load_error is None:
-        names.append("resnet_fused_cuda")
-    return names
+    """The op namespaces, each skipped with its reason where it is not registered in this
+    process (Triton not importable, the CUDA extension not loaded)."""
+    triton_error = resnet_fused.backends.triton._IMPORT_ERROR
+    cuda_error = resnet_fused.backends.cuda._load_error
+    return [
+        "resnet_fused",
+        pytest.param("resnet_fused_triton", marks=pytest.mark.skipif(
+            triton_error is not None, reason=f"Triton is not importable ({triton_error})")),
+        pytest.param("resnet_fused_cuda", marks=pytest.mark.skipif(cuda_error is not None, reason=str(cuda_error))),
+    ]
 
 
 @pytest.mark.parametrize("namespace", _namespaces())
