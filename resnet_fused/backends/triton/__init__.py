@@ -217,7 +217,7 @@ def bn_act_conv_backward(
         sums = torch.empty((2, z_in.size(1)), dtype=torch.float32, device=z_in.device)
         _k_conv.conv_dgrad(grad_z, weight, g, None, stride, padding, dilation, groups,
                            bn_input=(z_in, *stats, eps, relu), bn_sums=sums)
-        sum_g, sum_g_zc = sums[0].clone(), sums[1].clone()  # custom-op outputs may not alias each other
+        sum_g, sum_g_zc = sums[0], sums[1].clone()  # custom-op outputs may not alias each other
     if need_w:
         grad_w = empty_like_format(weight.shape, weight)
         _k_conv.conv_wgrad(grad_z, z_in, weight, stride, padding, dilation, groups, grad_w=grad_w,

@@ -191,8 +191,9 @@ def _sum_partials_kernel(p_ptr, out_ptr, T, C, GROUP_T, INDEX_64: tl.constexpr, 
     tl.store(out_ptr + (i * tl.num_programs(0) + g) * C + offs_c, acc, mask=c_mask)
 
 
-def sum_partials(part, group_tiles=None):
-    """[NUM, T, C] float32 partials -> [NUM, C] sums over T, in two fixed-order stages."""
+def sum_partials(part, group_tiles=None, out=None):
+    """[NUM, T, C] float32 partials -> [NUM, C] sums over T, in two fixed-order stages; into
+    `out` (contiguous [NUM, C] float32) when given."""
     num, t, c = part.shape
     block_c = 32 if c <= 32 else 64
     gt = group_tiles or stat_group_tiles(t)
@@ -202,7 +203,8 @@ def sum_partials(part, group_tiles=None):
     mid = torch.empty((num, groups, c), dtype=torch.float32, device=part.device)
     launch(_sum_partials_kernel, (groups, c_blocks, num), part, mid, t, c, gt,
            INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c)
-    out = torch.empty((num, c), dtype=torch.float32, device=part.device)
+    if out is None:
+        out = torch.empty((num, c), dtype=torch.float32, device=part.device)
     launch(_sum_partials_kernel, (1, c_blocks, num), mid, out, groups, c, groups,
            INDEX_64=index_64, BLOCK_T=STAT_BLOCK_T, BLOCK_C=block_c)
     return out

@@ -477,7 +477,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_
     bn_input: (z, mean, var, bn_weight, bn_bias, eps, relu) of the unit whose act(bn(z)) was
     the conv's input (the recompute chain's backward): with relu, grad_x is zeroed where that
     input was not positive, the mask recomputed in the epilogue from z. bn_sums: a [2, C_in]
-    float32 tensor that receives sum(grad_x) and sum(grad_x * (z - mean)) per channel (of the
+    contiguous float32 tensor that receives sum(grad_x) and sum(grad_x * (z - mean)) per channel (of the
     stored grad_x; needs bn_input), BatchNorm backward's reductions."""
     dz, weight = _nhwc(dz), _nhwc(weight)
     result, grad_x = grad_x, _nhwc_buffer(grad_x)
@@ -523,7 +523,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_
     if grad_x is not result:
         result.copy_(grad_x)
     if bn_sums is not None:
-        bn_sums.copy_(sum_partials(psum))
+        sum_partials(psum, out=bn_sums)
 
 
 # ---------------------------------------------------------------------------------------
