@@ -22,9 +22,9 @@ A block's units, chained (Bottleneck: three convolutions; BasicBlock: two):
 Each link is an autograd.Function over the backends' ops: bn_act_conv_bn_stats (the conv with
 the previous unit's BatchNorm + ReLU applied as it loads its input, and z's statistics),
 bn_act_conv_backward (its dgrad masked by that ReLU with BatchNorm backward's two sums, and
-its wgrad against relu(bn(z_in)), all recomputed from z_in) and the building blocks SyncBatchNorm uses (conv_bn_stats,
-bn_apply, bn_apply_backward_reduce, bn_apply_backward, conv_bn_eval_backward), so every
-backend runs it. Every recomputation repeats the forward's arithmetic (the reference composes
+its wgrad against relu(bn(z_in)), all recomputed from z_in) and the building blocks
+SyncBatchNorm uses (conv_bn_stats, bn_apply, bn_apply_backward_reduce, bn_apply_backward,
+conv_bn_eval_backward), so every backend runs it. Every recomputation repeats the forward's arithmetic (the reference composes
 bn_apply; the Triton kernels repeat bn_apply's kernel math). The previous unit's BatchNorm
 backward is folded into bn_act_conv_stats's backward, so the statistics are non-differentiable
 outputs whose gradient is part of that formula.
