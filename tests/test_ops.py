@@ -206,6 +206,34 @@ def test_bn_act_conv_bn_stats_vs_reference(backend, shape, channels_last, dtype)
                         reduction_scale)
 
 
+@pytest.mark.parametrize("output_mask", [[True, False], [False, True], [False, False]], ids=str)
+def test_bn_act_conv_backward_output_mask(backend, output_mask):
+    """bn_act_conv_backward with part of its outputs asked for: those equal the full call's
+    bit for bit, the rest are empty, one tensor each, and every output has the fake kernel's
+    shape and dtype (what torch.compile plans with)."""
+    dtype = torch.float32
+    device = backend.device(dtype)
+    x, w, _, conv = direct_inputs(next(iter(INTERPRETED_SHAPES)), dtype, True, False, device)
+    c_in = x.shape[1]
+    mean, var = torch.randn(c_in, device=device), torch.rand(c_in, device=device) + 0.5
+    bn_w, bn_b = torch.rand(c_in, device=device) + 0.5, torch.randn(c_in, device=device)
+    grad_z = torch.randn_like(F.conv2d(x, w, None, *conv))
+    args = (grad_z, x, mean, var, bn_w, bn_b, 1e-5, True, w, *conv)
+    backend.require("bn_act_conv_backward", *args, output_mask)
+    full = backend.ops.bn_act_conv_backward(*args, [True, True])
+    part = backend.ops.bn_act_conv_backward(*args, output_mask)
+    fake = _library.FAKES["bn_act_conv_backward"](*args, output_mask)
+    asked = (output_mask[0], output_mask[1], output_mask[0], output_mask[0])
+    for i, (got, whole, meta, want) in enumerate(zip(part, full, fake, asked)):
+        assert (got.shape, got.dtype) == (meta.shape, meta.dtype), f"output {i}: {got.shape} {got.dtype} vs fake {meta.shape} {meta.dtype}"
+        if want:
+            torch.testing.assert_close(got, whole, rtol=0, atol=0)
+        else:
+            assert got.numel() == 0, f"output {i} was not asked for but has {got.numel()} elements"
+    ptrs = [t.data_ptr() for t in part if t.numel()]
+    assert len(ptrs) == len(set(ptrs)) and len({id(t) for t in part}) == len(part), "outputs alias each other"
+
+
 def _op_results(backend, name, args):
     """(this backend's result, reference result, reference float64 result), each a list."""
     backend.require(name, *args)

@@ -232,7 +232,7 @@ def bn_act_conv_backward(
     grad_y_in, grad_w, *_ = conv_bn_eval_backward(grad_z, y_in, weight, ones, None, stride, padding, dilation,
                                                   groups, False, [need_g, need_w, False, False, False])
     if not need_g:
-        return grad_y_in, grad_w, _empty(z_in), _empty(z_in)
+        return grad_y_in, grad_w, _empty(mean), _empty(mean)
     if relu:
         grad_y_in = relu_backward(grad_y_in, y_in)
     sum_g, sum_g_zc = bn_apply_backward_reduce(grad_y_in, z_in, None, mean, False)

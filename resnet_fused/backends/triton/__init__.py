@@ -210,8 +210,8 @@ def bn_act_conv_backward(
     never written, and g is not read again for the sums."""
     need_g, need_w = output_mask
     stats = (mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous())
-    empty = z_in.new_empty(0)
-    g, grad_w, sum_g, sum_g_zc = empty, empty, empty, empty
+    # Outputs not asked for are empty, one tensor each (outputs may not alias each other).
+    g, grad_w, sum_g, sum_g_zc = z_in.new_empty(0), weight.new_empty(0), mean.new_empty(0), mean.new_empty(0)
     if need_g:
         g = empty_like_format(z_in.shape, z_in)
         sums = torch.empty((2, z_in.size(1)), dtype=torch.float32, device=z_in.device)
