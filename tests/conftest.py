@@ -37,6 +37,10 @@ GPU_SMOKE = {
     # The CUTLASS sm90 kernels against the sm80 kernel and float64; the recompute chain per backend.
     ("test_backend_cuda", "test_sm90_kernels_match_the_sm80_kernel"): lambda p: True,
     ("test_backend_cuda", "test_channels_padded_to_whole_vectors"): lambda p: True,
+    # Every sm90 kernel (dtype x epilogue x tile width) on partial/whole tiles, 1x1 and strided.
+    ("test_backend_cuda", "test_sm90_kernel_paths"): lambda p: True,
+    # Triton ops on a second GPU (skipped with one GPU).
+    ("test_backend_triton", "test_ops_on_a_second_gpu_while_the_first_is_current"): lambda p: True,
     ("test_recompute", "test_block_float32_per_tensor"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_ops", "test_bn_act_conv_bn_stats_vs_reference"): lambda p: (bool(p & FUSED_BACKENDS) and "nhwc" in p
                                                                         and bool(p & {"bfloat16", "float32"})),
@@ -65,11 +69,17 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(autouse=True)
 def _seed_and_backend():
+    """Every test starts from seed 0 and restores the backend it found. float32 means float32:
+    TF32 is off (PyTorch allows it for convolutions by default, and on a GPU the fused kernels
+    follow that switch, as cuDNN does, which would make float32 comparisons against float64
+    fail by ~1e-3; the interpreter on CPU computes exact float32 either way). The TF32 paths
+    have their own tests, which turn it on with helpers.tf32(True)."""
     import resnet_fused
 
     torch.manual_seed(0)
     previous = resnet_fused.get_backend()
-    yield
+    with tf32(False):
+        yield
     resnet_fused.set_backend(previous)
 
 
@@ -77,13 +87,12 @@ def _seed_and_backend():
 def backend(request):
     """The op suite's backend (a helpers.BackendUnderTest): each test runs once per backend,
     skipped with `available_backends()`'s reason where that backend cannot run, otherwise
-    with it selected (use_backend). float32 means float32: TF32 is off for the test (the
-    TF32 paths have their own tests in the per-backend modules)."""
+    with it selected (use_backend); TF32 is off, as in every test (_seed_and_backend)."""
     import resnet_fused
 
     name = request.param
     reason = resnet_fused.available_backends()[name]
     if reason is not None:
         pytest.skip(f"{name} backend unavailable: {reason}")
-    with resnet_fused.use_backend(name), tf32(False):
+    with resnet_fused.use_backend(name):
         yield BackendUnderTest(name)

@@ -16,6 +16,7 @@ the same dtype, plus a floor of a few ulps.
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -577,25 +578,43 @@ def test_fused_forward_runs_no_aten_convolution_batchnorm_or_relu(backend):
 # torch.compile traces through the ops.
 
 
-def test_compile_fullgraph_unit(backend):
+@pytest.mark.parametrize("kernel_size,memory_format", [(3, torch.contiguous_format), (1, torch.channels_last)],
+                         ids=["3x3", "1x1_nhwc"])
+def test_compile_fullgraph_unit(backend, kernel_size, memory_format):
+    """A compiled unit equals eager, forward and backward, train and eval. The 1x1 NHWC unit
+    is Triton's TMA-descriptor GEMM, whose global scratch comes from Triton's allocator at every
+    launch: the compiled graph's launcher runs it, also from a thread that never set one."""
     if backend.interpreted:
         pytest.skip("under the Triton interpreter, tracing launches the kernels on tensors without data "
                     "('Attempted to access the data pointer on an invalid python storage'); runs on a GPU")
     device = backend.device()
-    unit = resnet_fused.nn.ConvBNReLU2d(4, 6, 3, padding=1).to(device)
+    unit = resnet_fused.nn.ConvBNReLU2d(16, 8, kernel_size, padding=kernel_size // 2).to(device)
     randomize_bn(unit.bn)
     ref = copy.deepcopy(unit)
     compiled = torch.compile(unit, fullgraph=True)
+
+    def rand(*shape, **kwargs):
+        return torch.randn(*shape, device=device).contiguous(memory_format=memory_format).requires_grad_(
+            kwargs.get("requires_grad", False))
+
     for mode in (True, False):
         unit.train(mode), ref.train(mode)
-        x = torch.randn(2, 4, 6, 6, device=device, requires_grad=True)
-        r = torch.randn(2, 6, 6, 6, device=device)
+        x = rand(2, 16, 6, 6, requires_grad=True)
+        r = rand(2, 8, 6, 6)
         y, y_ref = compiled(x, r), ref(x, r)
         torch.testing.assert_close(y, y_ref)
         (gx,) = torch.autograd.grad(y.sum(), x)
         (gx_ref,) = torch.autograd.grad(y_ref.sum(), x)
         torch.testing.assert_close(gx, gx_ref)
     torch.testing.assert_close(unit.bn.running_mean, ref.bn.running_mean)
+    x, r = rand(2, 16, 6, 6), rand(2, 8, 6, 6)
+    in_thread = []
+    with torch.no_grad():
+        worker = threading.Thread(target=lambda: in_thread.append(compiled(x, r)))
+        worker.start()
+        worker.join()
+        assert in_thread, "the compiled unit raised in a worker thread (see its traceback above)"
+        torch.testing.assert_close(in_thread[0], ref(x, r))
 
 
 # --------------------------------------------------------------------------------------

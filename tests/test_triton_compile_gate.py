@@ -86,7 +86,7 @@ def test_each_kernel_and_layer_has_a_spill_free_config(report):
     specialized with PROLOGUE, and must not hide behind the plain forward's configs."""
     best = defaultdict(lambda: float("inf"))
     for r in report["rows"]:
-        key = (r["kernel"], r["layer"], r["op"], r["dtype"], r["layout"])
+        key = (r["kernel"], r["layer"], r["op"], r["dtype"], r["layout"], r["index"])
         best[key] = min(best[key], r["spill_store_bytes"])
     spilling = {k: v for k, v in best.items() if v > 0}
     assert not spilling, f"no spill-free config (least spill bytes): {spilling}"
@@ -119,7 +119,7 @@ def test_configs_per_launch_are_bounded(report):
 
     configs = defaultdict(set)
     for r in report["rows"]:
-        configs[(r["kernel"], r["layer"], r["op"], r["launch"], r["dtype"], r["layout"])].add(
+        configs[(r["kernel"], r["layer"], r["op"], r["launch"], r["dtype"], r["layout"], r["index"])].add(
             json.dumps(r["config"], sort_keys=True))
     over = {k: len(v) for k, v in configs.items() if len(v) > MAX_CONFIGS}
     assert not over, over
@@ -183,3 +183,19 @@ def test_1x1_forward_on_nhwc_loads_by_tma(report):
     else:
         bad = [_where(r) for r in plain + chain if not (r["sass"]["LDGSTS"] and r["mma_sync"])]
     assert not bad, "\n".join(bad)
+
+
+def test_int64_index_variant_compiles(report):
+    """The int64-index variant (launched for tensors of 2**31 elements or more) compiles too: the
+    1x1 forward on TMA (whose descriptor offsets must stay int32) and the phased strided dgrad,
+    every op of both layers (errors fail test_everything_compiles)."""
+    rows = [r for r in report["rows"] if r["index"] == "int64"]
+    assert {r["kernel"] for r in rows} >= CONV_KERNELS
+    tma = [r for r in rows if r["kernel"] == "_conv_fwd_kernel" and r["layer"].startswith("1x1 ") and r["op"] != "chain"]
+    assert tma
+    failed = [f"{_where(r)}: {r['error']}" for r in rows if "error" in r]
+    assert not failed, "\n".join(failed)
+    if _arch(report) >= 90:
+        assert all(r["tma"] for r in tma), [_where(r) for r in tma if not r["tma"]]
+    phased = [r for r in rows if r["kernel"] == "_conv_dgrad_kernel" and r["layer"].startswith("3x3/2")]
+    assert phased and all(r["grid"][1] == 4 for r in phased)

@@ -33,13 +33,14 @@ def _ops():
 
 # (c_in, c_out, kernel, stride, padding, dilation, groups, input H=W): a per-tap K loop with
 # several channel blocks and a partial one, a strided 3x3 (dgrad per phase), a strided dilated
-# 3x3 (dgrad masked), the flattened stem-like K, groups.
+# 3x3 (dgrad masked), the flattened stem-like K, groups, and an ungrouped 1x1 (TMA descriptors).
 INDEX_CASES = {
     "3x3_c40": (40, 24, 3, 1, 1, 1, 1, 6),
     "3x3s2": (24, 16, 3, 2, 1, 1, 1, 7),
     "3x3s2_dil2": (16, 16, 3, 2, 2, 2, 1, 7),
     "stem7x7s2": (3, 8, 7, 2, 3, 1, 1, 9),
     "1x1_groups2": (32, 32, 1, 1, 0, 1, 2, 5),
+    "1x1": (32, 16, 1, 1, 0, 1, 1, 5),  # the forward's TMA-descriptor GEMM (x copied to NHWC when NCHW)
 }
 
 
@@ -82,6 +83,8 @@ def test_int64_index_variant_matches_int32(cfg, channels_last):
     assert all(not lc.kwargs["INDEX_64"] for lc in default_launches)
     assert forced_launches and all(lc.kwargs["INDEX_64"] for lc in forced_launches)
     assert {type(lc.kernel) for lc in forced_launches} == {type(lc.kernel) for lc in default_launches}
+    tma = [lc.kwargs["TMA"] for lc in forced_launches if "TMA" in lc.kwargs]
+    assert any(tma) == (cfg == INDEX_CASES["1x1"])
     for i, (a, b) in enumerate(zip(expected, got)):
         assert torch.equal(a, b), f"output {i} differs between the int32 and int64 variants"
 
@@ -130,6 +133,13 @@ def test_importing_the_backend_initializes_no_cuda():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def _assert_exact_float32(launches):
+    """The float32 GEMMs ran without TF32 (conftest turns it off for every test): on a GPU a TF32
+    dot is off by ~1e-3, which these tests' float64 tolerances would reject."""
+    gemms = [lc for lc in launches if "ALLOW_TF32" in lc.kwargs]
+    assert gemms and not any(lc.kwargs["ALLOW_TF32"] for lc in gemms)
 
 
 def _kernels():
@@ -193,10 +203,12 @@ def test_wgrad_split_k(cfg):
     dz = torch.randn(2, c_out, ho, ho, generator=gen).to(DEVICE).contiguous(memory_format=torch.channels_last)
     geo = ([s, s], [p, p], [d, d], g)
     results = {}
-    for split in (1, 3):
-        gw = torch.empty_like(w)
-        conv.conv_wgrad(dz, x, w, *geo, grad_w=gw, split=split)
-        results[split] = gw
+    with _launch_mod().observing() as launches:
+        for split in (1, 3):
+            gw = torch.empty_like(w)
+            conv.conv_wgrad(dz, x, w, *geo, grad_w=gw, split=split)
+            results[split] = gw
+    _assert_exact_float32(launches)
     ref = torch.nn.grad.conv2d_weight(x.double().cpu(), w.shape, dz.double().cpu(), s, p, d, g)
     for split, gw in results.items():
         torch.testing.assert_close(gw.double().cpu(), ref, rtol=1e-4, atol=1e-4, msg=f"split {split}")
@@ -221,6 +233,7 @@ def test_1x1_forward_through_tma_descriptors(c_in, c_out, hw, monkeypatch):
             y = ops.conv_bn_eval(x, w, scale, shift, res, *geo, True)
             z = ops.conv_bn_train(x, w, None, scale, shift, None, *geo, 1e-5, False)[1]
         conv_launches = [lc for lc in launches if "TMA" in lc.kwargs]
+        _assert_exact_float32(conv_launches)
         return y, z, {lc.kwargs["TMA"] for lc in conv_launches}
 
     y, z, tma = run()
@@ -276,6 +289,7 @@ def test_strided_dgrad_runs_per_phase(cfg, monkeypatch):
             conv.conv_dgrad(dz, weight, gx, None, *geo, bn_input=(z_in, mean, var, bn_w, bn_b, 1e-5, True),
                             bn_sums=sums)
         (lc,) = [lc for lc in launches if "PHASED" in lc.kwargs]
+        _assert_exact_float32([lc])
         return gx, sums, lc
 
     gx, sums, lc = run()
@@ -294,3 +308,36 @@ def test_strided_dgrad_runs_per_phase(cfg, monkeypatch):
         torch.testing.assert_close(d(got), ref, rtol=1e-5, atol=1e-5)
     for got in (sums, sums_masked):
         torch.testing.assert_close(d(got), ref_sums, rtol=1e-5, atol=1e-4)
+
+
+def test_tma_scratch_allocator_reaches_every_thread():
+    """The 1x1 forward's device-side TMA descriptors need Triton's global-scratch allocator at
+    every launch: eager, from a compiled graph (inductor's cached launcher, not our launcher),
+    and from any thread (a new thread starts with the ContextVar's default). Importing the
+    kernels makes torch's allocator that default; an allocator set explicitly still wins."""
+    import threading
+
+    import triton
+    from triton.runtime import _allocation
+
+    conv, _ = _kernels()
+    assert conv._SCRATCH_ALLOCATOR_INSTALLED
+
+    def in_thread(fn):
+        got = []
+        thread = threading.Thread(target=lambda: got.append(fn()))
+        thread.start()
+        thread.join()
+        return got[0]
+
+    assert in_thread(_allocation._allocator.get) is conv.torch_scratch
+
+    def explicit(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    def set_then_get():
+        triton.set_allocator(explicit)
+        return _allocation._allocator.get()
+
+    assert in_thread(set_then_get) is explicit
+    assert in_thread(_allocation._allocator.get) is conv.torch_scratch

@@ -91,12 +91,16 @@ LAYER_TYPES = [
     "1x1 2048->512 @7",
 ]
 # The CI subset: one of each kernel shape class (3x3 stride 1, 3x3 stride 2, 1x1 with the
-# residual epilogue, the flattened-K stem) in bf16 and TF32, fp16 on one layer.
+# residual epilogue, the flattened-K stem) in bf16 and TF32, fp16 on one layer, and the
+# int64-index variant (what a batch past 2**31 elements launches) of the 1x1 (TMA) and the
+# strided 3x3 (phased dgrad). Extra cases are (layer, dtype, index width).
 CI_SUBSET = {
     "layers": ["3x3 64->64 @56", "1x1 64->256 @56 +res", "3x3/2 128->128 @56", STEM.name],
     "dtypes": ["bf16", "fp32"],
-    "extra": [("3x3 64->64 @56", "fp16")],
+    "extra": [("3x3 64->64 @56", "fp16", "int32"), ("1x1 64->256 @56 +res", "bf16", "int64"),
+              ("3x3/2 128->128 @56", "bf16", "int64")],
 }
+INDEX_WIDTHS = ("int32", "int64")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # chain / chain_bwd: recompute_bn_relu's forward, the conv with the previous unit's BatchNorm +
@@ -353,25 +357,30 @@ def jit_hash(job: dict) -> str:
 # The enumeration.
 
 
-def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False, extra=()):
-    """rows (one per kernel launch and config) and the unique compile jobs they need."""
+def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False, extra=(), indexes=("int32",)):
+    """rows (one per kernel launch and config) and the unique compile jobs they need.
+    indexes: the index widths every case is recorded with (int64: under launch.force_int64,
+    the variant a tensor of 2**31 elements or more launches); extra: (layer name, dtype,
+    index width) cases beside the full product."""
     from triton.backends.compiler import GPUTarget
 
     from .kernels import configs as cfg_mod
-    from .kernels.launch import grid_size
+    from .kernels.launch import force_int64, grid_size
 
     target = GPUTarget("cuda", arch, 32)
     rows, jobs = [], {}
-    cases = [(lyr, dt, lay) for lyr in layers for dt in dtypes for lay in layouts]
-    cases += [(RESNET50[name], dt, lay) for name, dt in extra for lay in layouts
-              if (RESNET50[name], dt, lay) not in cases]
+    cases = [(lyr, dt, lay, ix) for lyr in layers for dt in dtypes for lay in layouts for ix in indexes]
+    cases += [(RESNET50[name], dt, lay, ix) for name, dt, ix in extra for lay in layouts
+              if (RESNET50[name], dt, lay, ix) not in cases]
     prev_tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = True  # fp32 convolutions run TF32 by PyTorch's default
     try:
         with cfg_mod.target(arch):
-            for layer, dt, layout in cases:
+            for layer, dt, layout, index in cases:
                 for op in ops:
-                    for order, rec in enumerate(record_op(layer, op, DTYPES[dt], layout, batch)):
+                    with force_int64() if index == "int64" else contextlib.nullcontext():
+                        recorded = record_op(layer, op, DTYPES[dt], layout, batch)
+                    for order, rec in enumerate(recorded):
                         fn, _ = _jit_function(rec.kernel)
                         for label, kwargs in launch_configs(rec.kernel, rec.args, rec.kwargs, all_configs):
                             sig, constexprs, attrs, options = specialize(fn, target, rec.args, kwargs)
@@ -409,11 +418,11 @@ def _attr_name(kernel) -> str:
 
 
 def run(layers, dtypes, layouts, ops, batch=256, arch=90, jobs_n=None, cache_dir=None, all_configs=False,
-        extra=(), progress=None):
+        extra=(), progress=None, indexes=("int32",)):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("the compile gate needs compiled kernels: unset TRITON_INTERPRET")
     start = time.perf_counter()
-    rows, jobs = enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs, extra)
+    rows, jobs = enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs, extra, indexes)
     results = _compile_all(list(jobs.items()), jobs_n or os.cpu_count() or 1, cache_dir, progress)
     for row in rows:
         row.update(results[row["key"]])
@@ -479,16 +488,16 @@ def _compile_all(items, jobs_n, cache_dir, progress):
 
 
 def summarize(report: dict) -> list[dict]:
-    """One line per (kernel, layer, dtype, layout): the spread over its configs."""
+    """One line per (kernel, layer, dtype, layout, index width): the spread over its configs."""
     groups = defaultdict(list)
     for row in report["rows"]:
-        groups[(row["kernel"], row["layer"], row["dtype"], row["layout"])].append(row)
+        groups[(row["kernel"], row["layer"], row["dtype"], row["layout"], row["index"])].append(row)
     out = []
-    for (kernel, layer, dt, layout), rows in groups.items():
+    for (kernel, layer, dt, layout, index), rows in groups.items():
         ok = [r for r in rows if "error" not in r]
         configs = {json.dumps(r["config"], sort_keys=True) for r in rows}
         out.append({
-            "kernel": kernel, "layer": layer, "dtype": dt, "layout": layout, "configs": len(configs),
+            "kernel": kernel, "layer": layer, "dtype": dt, "layout": layout, "index": index, "configs": len(configs),
             "errors": len(rows) - len(ok),
             "registers": sorted({r["registers"] for r in ok}),
             "spill_bytes": sorted({r["spill_store_bytes"] for r in ok if r["spill_store_bytes"] is not None}),
@@ -504,14 +513,14 @@ def summarize(report: dict) -> list[dict]:
 def format_summary(report: dict) -> str:
     lines = [f"{report['unique_compiles']} unique compiles for {report['target']} with triton {report['triton']} "
              f"in {report['seconds']} s ({report['cache_hits']} already in the Triton cache)"]
-    head = f"{'kernel':24} {'layer':32} {'dtype':5} {'lay':4} {'cfg':>3} {'regs':>11} {'spill B':>9} " \
+    head = f"{'kernel':24} {'layer':32} {'dtype':5} {'lay':4} {'idx':5} {'cfg':>3} {'regs':>11} {'spill B':>9} " \
            f"{'smem KB':>9} {'wgmma':5} {'tma':3} {'loops':5} programs"
     lines.append(head)
     for s in summarize(report):
         def span(v):
             return "-" if not v else (str(v[0]) if len(v) == 1 else f"{v[0]}-{v[-1]}")
         wg = "-" if s["wgmma"] is None else ("yes" if s["wgmma"] else "NO")
-        lines.append(f"{s['kernel']:24} {s['layer']:32} {s['dtype']:5} {s['layout']:4} {s['configs']:>3} "
+        lines.append(f"{s['kernel']:24} {s['layer']:32} {s['dtype']:5} {s['layout']:4} {s['index']:5} {s['configs']:>3} "
                      f"{span(s['registers']):>11} {span(s['spill_bytes']):>9} {span(s['shared_kb']):>9} {wg:5} "
                      f"{'yes' if s['tma'] else 'no':3} {span(s['k_loops']):5} {span(s['programs'])}"
                      + (f"  ERRORS {s['errors']}" if s["errors"] else ""))
@@ -537,6 +546,9 @@ def main(argv=None) -> int:
     p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (fp32 with TF32 allowed)")
     p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc,nchw (default nhwc)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {','.join(OPS)}")
+    p.add_argument("--index", default="int32",
+                   help="comma-separated index widths: int32,int64 (int64: the variant launched for tensors "
+                        "of 2**31 elements or more; default int32, the CI subset adds int64 cases)")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: all cores)")
     p.add_argument("--cache-dir", help="Triton cache to compile into (default: a fresh temporary one, so that "
@@ -554,9 +566,13 @@ def main(argv=None) -> int:
         layers = _layer_list(a.layers)
     if a.dtypes:
         dtypes = a.dtypes.split(",")
+    indexes = a.index.split(",")
+    unknown = sorted(set(indexes) - set(INDEX_WIDTHS))
+    if unknown:
+        p.error(f"--index: unknown width(s) {', '.join(unknown)}; expected a comma-separated subset of "
+                f"{','.join(INDEX_WIDTHS)}")
     report = run(layers, dtypes, a.layouts.split(","), a.ops.split(","), a.batch, arch, a.jobs, a.cache_dir,
-                 a.all_configs, extra,
-                 progress=_progress)
+                 a.all_configs, extra, progress=_progress, indexes=indexes)
     print(format_summary(report))
     if a.json:
         with open(a.json, "w") as f:

@@ -38,7 +38,7 @@ x[M, C_in] @ w[C_out, C_in]^T; its tiles are loaded through device-side tensor d
 (tl.make_tensor_descriptor, triton >= 3.4), whose out-of-bounds zero fill replaces the row and
 channel masks (gate, bf16 1x1 256->64 @56: 112 registers against 126-164 with pointer loads;
 UTMALDG instead of LDGSTS). The descriptors need 256 B of global scratch per program, which
-Triton takes from triton.set_allocator (set to torch's allocator when unset).
+Triton takes from its allocator (torch's caching allocator unless one was set; _install_scratch_allocator).
 
 Tile order: n-fastest (program id -> (m tile, n tile) with the n tiles of one m tile adjacent),
 so the programs sharing an activation tile run together and read it from DRAM once.
@@ -56,7 +56,7 @@ from ...._utils import interpret
 from .batchnorm import sum_partials
 from .configs import (conv_block_m, conv_configs, m_bucket, prune_gemm_configs, prune_wgrad_configs, sm_count,
                       wgrad_configs)
-from .launch import as_index, launch, needs_int64
+from .launch import INT32_LIMIT, as_index, launch, needs_int64
 
 # Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
 FLAT_BELOW = 16
@@ -159,9 +159,13 @@ def _conv_fwd_kernel(
                                            block_shape=[BLOCK_M, BLOCK_K])
         w_desc = tl.make_tensor_descriptor(w_ptr, shape=[C_OUT, C_IN_G], strides=[swo, 1],
                                            block_shape=[BLOCK_N, BLOCK_K])
+        # Descriptor offsets must be int32 (Triton rejects int64 ones); the launcher takes this
+        # path only while M < 2**31, so the tile origins fit even under INDEX_64.
+        m0 = (pid_m * BLOCK_M).to(tl.int32)
+        n0 = (pid_n * BLOCK_N).to(tl.int32)
         for k0 in range(0, C_IN_G, BLOCK_K):
-            a = x_desc.load([pid_m * BLOCK_M, k0])
-            b = w_desc.load([pid_n * BLOCK_N, k0])
+            a = x_desc.load([m0, k0])
+            b = w_desc.load([n0, k0])
             acc = _dot(a, b.T, acc, ALLOW_TF32)
     elif FLAT:
         # K block = one filter row (kw, c), padded to (KW_PAD, C_PAD); the loop runs over kh.
@@ -280,19 +284,52 @@ def use_tma_1x1(x, weight, stride, padding, dilation, groups) -> bool:
     if weight.shape[2:] != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
         return False
     dense_nhwc = x.stride() == (h * w * c_in, 1, w * c_in, c_in)
-    return (dense_nhwc and weight.stride(1) == 1 and _tma_aligned(x, c_in)
+    # A descriptor's tile offsets are int32: its rows (output pixels) must stay below 2**31.
+    return (dense_nhwc and n * h * w < INT32_LIMIT and weight.stride(1) == 1 and _tma_aligned(x, c_in)
             and _tma_aligned(weight, weight.stride(0)))
 
 
+def torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    """Triton's global scratch from torch's caching allocator, on the current device (the op's
+    device: the backend's device guard) and its current stream (where Triton launches)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _install_scratch_allocator() -> bool:
+    """Device-side TMA descriptors live in global scratch that Triton asks an allocator for at
+    every launch, read from a ContextVar whose default raises. Setting it per call in the
+    launcher would not reach compiled graphs (inductor's cached launcher runs the kernel without
+    our launcher) nor other threads (a thread starts with the default), so make torch's
+    allocator the ContextVar's default, once, at import. An allocator set with
+    triton.set_allocator still wins where it was set. Returns False where this Triton keeps its
+    allocator otherwise; launches then set it per thread (_ensure_allocator)."""
+    import contextvars
+
+    try:
+        from triton.runtime import _allocation
+    except ImportError:
+        return False
+    var = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if not isinstance(var, contextvars.ContextVar) or null is None:
+        return False
+    current = var.get()
+    default = torch_scratch if isinstance(current, null) else current
+    _allocation._allocator = contextvars.ContextVar(var.name, default=default)
+    return True
+
+
+_SCRATCH_ALLOCATOR_INSTALLED = _install_scratch_allocator()
+
+
 def _ensure_allocator() -> None:
-    """Device-side TMA descriptors live in global scratch that Triton asks an allocator for;
-    set one (torch's caching allocator) where the caller has not."""
-    if interpret():
+    """Where the default could not be installed: set torch's allocator for this thread."""
+    if _SCRATCH_ALLOCATOR_INSTALLED or interpret():
         return
     from triton.runtime import _allocation
 
     if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        triton.set_allocator(torch_scratch)
 
 
 def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
