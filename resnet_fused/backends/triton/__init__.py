@@ -261,6 +261,29 @@ def bn_apply_backward(
     return tuple(t if t is not None else z.new_empty(0) for t in (dz, grad_res))
 
 
+def on_tensor_device(impl):
+    """Run an op implementation with the current CUDA device set to its first tensor's (every op
+    takes a tensor first; the rest are on the same device: unsupported_reason). Triton launches
+    on the current device and its current stream, and sm_count(), target_arch() and the TMA
+    scratch allocator follow the current device: without this, tensors on cuda:1 while cuda:0 is
+    current would run on the wrong GPU. The CUDA backend's launchers take a CUDAGuard the same
+    way. One context switch per op call (a no-op off CUDA: the interpreter, meta tensors)."""
+
+    @functools.wraps(impl)
+    def guarded(first: Tensor, *args, **kwargs):
+        device = _cuda_device_of(first)
+        if device is None:
+            return impl(first, *args, **kwargs)
+        with torch.cuda.device(device):
+            return impl(first, *args, **kwargs)
+
+    return guarded
+
+
+def _cuda_device_of(t: Tensor) -> torch.device | None:
+    return t.device if t.device.type == "cuda" else None
+
+
 _IMPLS = {
     "conv_bn_eval": conv_bn_eval,
     "conv_bn_eval_backward": conv_bn_eval_backward,
@@ -311,7 +334,8 @@ def _register() -> str | None:
         for name, fn in _IMPLS.items():
             schema = _library.SCHEMAS[name]
             with _schema_shim(schema):
-                torch.library.triton_op(f"{NAMESPACE}::{name}", fn, mutates_args=(), schema=schema)
+                torch.library.triton_op(f"{NAMESPACE}::{name}", on_tensor_device(fn), mutates_args=(),
+                                        schema=schema)
         _library.register_fake_and_autograd(NAMESPACE)
     except Exception as exc:
         return f"registering the Triton ops failed on torch {torch.__version__}: {type(exc).__name__}: {exc}"
