@@ -101,12 +101,16 @@ void launch_bn_finalize(const float* partial_mean, const float* partial_m2, int6
 
 // ---- sm90/ -----------------------------------------------------------------------------
 // CUTLASS 3 implicit GEMM for Hopper: TMA im2col loads, warp-specialized wgmma, the BatchNorm
-// epilogues as visitor trees; 128x128 tiles. Built for sm_90a only (setup.py); these return
-// false without launching anything when the extension was built without sm_90a, for another
-// device, or for a shape or alignment the kernel cannot take; the caller then runs the
-// launchers above.
+// epilogues as visitor trees; 128-row tiles, 128 channels wide, or 64 where c_out <= 64 (a
+// 128-wide tile would leave half of every wgmma on padding). Built for sm_90a only (setup.py).
+// The launchers say what they did (Sm90Result): ran the kernel; declined the call (built
+// without sm_90a, another device, a shape or alignment the kernel does not take), so the caller
+// runs the launchers above; or failed to launch, which the caller raises.
 
 constexpr int kSm90TileM = 128;
+
+// The output-channel width of the sm90 tile for c_out output channels.
+constexpr int sm90_tile_n(int64_t c_out) { return c_out <= 64 ? 64 : 128; }
 
 struct KernelInfo {
   int shared_bytes;  // dynamic shared memory per block
@@ -114,17 +118,37 @@ struct KernelInfo {
   int threads;       // per block
 };
 
+struct Sm90Result {
+  enum Outcome : int {
+    kLaunched = 0,
+    kNotEligible = 1,  // by design: the sm80 kernel takes the call (reason says why)
+    kRejected = 2,     // CUTLASS's can_implement refused a shape our checks accepted: the sm80 kernel
+                       // takes it, and the caller warns (a check missing from sm90_shape_reason)
+    kFailed = 3,       // a CUDA call failed (reason: which; error: its code): the caller raises
+  };
+  Outcome outcome = kNotEligible;
+  const char* reason = nullptr;
+  cudaError_t error = cudaSuccess;
+};
+
 // Whether the sm90 kernels were compiled into this build (TORCH_CUDA_ARCH_LIST had 9.0a).
 bool conv_sm90_built();
 
+// Why the sm90 kernels do not take this shape (nullptr: they do), on any machine: channel
+// alignment, whole K tiles per tap, int32 extents, and the TMA im2col descriptor's limits
+// (traversal stride, box corners, filter offsets) that CUTLASS's can_implement does not all
+// check and NDEBUG builds do not assert.
+const char* sm90_shape_reason(DType dtype, const ConvShape& s, bool allow_tf32);
+
 // Eval, as launch_conv_eval. float32 runs only with allow_tf32 (TF32 wgmma).
-bool launch_conv_eval_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
-                           const float* shift, const void* r, void* y, bool relu, bool allow_tf32,
-                           cudaStream_t stream);
+Sm90Result launch_conv_eval_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* scale,
+                                 const float* shift, const void* r, void* y, bool relu, bool allow_tf32,
+                                 cudaStream_t stream);
 
 // Train conv pass, as launch_conv_train, with kSm90TileM-row tiles: partial_mean / partial_m2
 // are [c_out][ceil(M / kSm90TileM)].
-bool launch_conv_train_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias, void* z,
-                            float* partial_mean, float* partial_m2, bool allow_tf32, cudaStream_t stream);
+Sm90Result launch_conv_train_sm90(DType dtype, const ConvShape& s, const void* x, const void* w, const float* bias,
+                                  void* z, float* partial_mean, float* partial_m2, bool allow_tf32,
+                                  cudaStream_t stream);
 
 }  // namespace resnet_fused

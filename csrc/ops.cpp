@@ -198,6 +198,31 @@ Tensor gemm_weight(const Tensor& weight, const ConvShape& s) {
   return padded;
 }
 
+// The sm90 launcher's outcome: true when the CUTLASS kernel ran; false when the call is for the
+// sm80 kernel (a shape, device or build the sm90 kernels do not take, by design; or a shape
+// CUTLASS refused though our checks took it: warned once, counted); raises when a CUDA call of
+// the launch failed, with its error (never a silent fallback that could hide it).
+bool ran_sm90(const Sm90Result& result, const ConvShape& s, const char* op) {
+  switch (result.outcome) {
+    case Sm90Result::kLaunched:
+      return true;
+    case Sm90Result::kNotEligible:
+      return false;
+    case Sm90Result::kRejected:
+      TORCH_WARN_ONCE(kPrefix, op, ": the Hopper (sm90) CUTLASS convolution refused a shape resnet_fused's checks ",
+                      "accepted (", result.reason, "; x ", s.n, "x", s.c_in, "x", s.h, "x", s.w, ", weight ", s.c_out,
+                      "x", s.c_in, "x", s.kh, "x", s.kw, ", stride ", s.stride_h, "x", s.stride_w, ", padding ",
+                      s.pad_h, "x", s.pad_w, ", dilation ", s.dil_h, "x", s.dil_w,
+                      "). Such calls run on the sm80 kernel; please report the shape.");
+      return false;
+    case Sm90Result::kFailed:
+      break;
+  }
+  TORCH_CHECK(false, kPrefix, op, ": the Hopper (sm90) CUTLASS convolution failed at ", result.reason, ": ",
+              cudaGetErrorString(result.error), ". RESNET_FUSED_CUDA_SM90=0 runs the sm80 kernel instead.");
+  return false;
+}
+
 void check_conv_supported(const ConvShape& s, DType dtype, const char* op) {
   TORCH_CHECK(conv_igemm_supported(dtype, s), kPrefix, op, ": shape not supported by the implicit-GEMM kernel");
 }
@@ -251,8 +276,9 @@ Tensor conv_bn_eval(const Tensor& x, const Tensor& weight, const Tensor& scale, 
   const cudaStream_t stream = current_stream(x);
   // Hopper: the CUTLASS TMA + wgmma kernel where it applies; else (other GPUs, the 3-channel
   // stem, exact float32, unaligned views) the sm80 implicit GEMM.
-  if (!launch_conv_eval_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(),
-                             shift_f.data_ptr<float>(), r, y.buf.data_ptr(), relu, allow_tf32(), stream))
+  if (!ran_sm90(launch_conv_eval_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(),
+                                      shift_f.data_ptr<float>(), r, y.buf.data_ptr(), relu, allow_tf32(), stream),
+                g, op))
     launch_conv_eval(dtype, g, xc.data_ptr(), wc.data_ptr(), scale_f.data_ptr<float>(), shift_f.data_ptr<float>(), r,
                      y.buf.data_ptr(), relu, allow_tf32(), stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -283,8 +309,9 @@ void conv_and_stats(const char* op, DType dtype, const ConvShape& s, const Tenso
   const Tensor partials = at::empty({2, s.c_out * ((rows + kConvTileM - 1) / kConvTileM)}, stat_opts);
   float* partial_mean = partials[0].data_ptr<float>();
   float* partial_m2 = partials[1].data_ptr<float>();
-  if (!launch_conv_train_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(), partial_mean,
-                              partial_m2, allow_tf32(), stream)) {
+  if (!ran_sm90(launch_conv_train_sm90(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(), partial_mean,
+                                       partial_m2, allow_tf32(), stream),
+                g, op)) {
     tile_rows = kConvTileM;
     tiles = (rows + tile_rows - 1) / tile_rows;
     launch_conv_train(dtype, g, xc.data_ptr(), wc.data_ptr(), bias_p, z_buf.data_ptr(), partial_mean, partial_m2,

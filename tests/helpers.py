@@ -149,6 +149,18 @@ def dtype_params(*dtypes: torch.dtype) -> list:
             for d in dtypes]
 
 
+def sm90_launch_counter():
+    """resnet_fused_sm90_launches from the CUDA extension (ctypes): how many sm90 CUTLASS kernels
+    this process launched, so a test can tell they ran rather than the sm80 kernel."""
+    import ctypes
+
+    from resnet_fused.backends import cuda_sass
+
+    fn = ctypes.CDLL(cuda_sass.extension_path()).resnet_fused_sm90_launches
+    fn.restype = ctypes.c_int64
+    return fn
+
+
 @contextlib.contextmanager
 def tf32(allowed: bool):
     """Set TF32 for convolutions and matmuls for the block (exact float32 comparisons need it

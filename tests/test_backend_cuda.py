@@ -24,7 +24,8 @@ import sys
 
 import pytest
 import torch
-from helpers import DIRECT_SHAPES, as64, assert_close_to_ref, compare_outputs, conv_args, direct_inputs, tf32
+from helpers import (DIRECT_SHAPES, as64, assert_close_to_ref, compare_outputs, conv_args, direct_inputs,
+                     sm90_launch_counter, tf32)
 
 import resnet_fused
 from resnet_fused import _library, backends
@@ -97,6 +98,50 @@ def test_covers_rejects_cpu_tensors_and_unknown_ops():
     assert cuda_backend.unsupported_reason("conv_bn_train", x, w, None, v, v, None, *conv, 1e-5, True) is not None
     assert cuda_backend.unsupported_reason("add_relu", x, x) is not None
     assert cuda_backend.unsupported_reason("no_such_op", x) is not None
+
+
+def _sm90_shape_reason():
+    """resnet_fused_sm90_shape_reason from the built library (through ctypes; no GPU needed)."""
+    require_extension()
+    fn = ctypes.CDLL(cuda_sass.extension_path()).resnet_fused_sm90_shape_reason
+    fn.restype = ctypes.c_char_p
+    fn.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_int64), ctypes.c_int]
+    dtypes = {"fp16": 0, "bf16": 1, "fp32": 2}
+
+    def reason(c_in, c_out, k, stride=1, padding=None, dilation=1, hw=56, n=2, dtype="bf16", allow_tf32=True):
+        padding = k // 2 if padding is None else padding
+        dims = (ctypes.c_int64 * 13)(n, hw, hw, c_in, c_out, k, k, stride, stride, padding, padding, dilation,
+                                     dilation)
+        got = fn(dtypes[dtype], dims, int(allow_tf32))
+        return None if got is None else got.decode()
+
+    return reason
+
+
+def test_sm90_dispatch_takes_resnet_layers_and_bounds_tma_im2col():
+    """The sm90 dispatch's shape rule, on any machine: ResNet-50's layers (but the 3-channel
+    stem) go to the CUTLASS kernels; every TMA im2col descriptor limit is bounded before a
+    launch, the traversal stride (1-8) above all, which CUTLASS's can_implement does not check
+    and NDEBUG does not assert (a patchify stem, 16x16/16, would launch a broken descriptor)."""
+    reason = _sm90_shape_reason()
+    for c_in, c_out, k, stride in [(64, 64, 3, 1), (256, 64, 1, 1), (64, 256, 1, 1), (128, 128, 3, 2),
+                                   (256, 512, 1, 2), (1024, 2048, 1, 2), (512, 512, 3, 1)]:
+        for dtype in ("bf16", "fp16", "fp32"):
+            assert reason(c_in, c_out, k, stride, dtype=dtype) is None, (c_in, c_out, k, stride, dtype)
+    assert "stride above 8" in reason(64, 128, 16, stride=16, padding=0, hw=224)
+    assert "stride above 8" in reason(64, 128, 9, stride=9, padding=0, hw=63)
+    assert reason(64, 128, 8, stride=8, padding=0, hw=64) is None
+    assert "corner" in reason(64, 64, 1, padding=128, hw=8)  # upper corner 128
+    assert reason(64, 64, 1, padding=127, hw=8) is None
+    assert "corner" in reason(64, 64, 3, padding=129, hw=8)  # lower corner -129
+    assert "filter offsets" in reason(64, 64, 3, padding=128, dilation=128, hw=300)  # (3 - 1) * 128 = 256
+    assert "K tiles" in reason(8, 64, 7, stride=2)  # the stem (3 channels, padded to 8 by ops.cpp): sm80 kernel
+    assert "16-byte" in reason(3, 64, 7, stride=2)
+    assert "K tiles" in reason(32, 64, 3, dtype="bf16")
+    assert reason(32, 64, 3, dtype="fp32") is None  # TF32's K tile is 32
+    assert "TF32" in reason(64, 64, 3, dtype="fp32", allow_tf32=False)
+    assert "16-byte" in reason(64, 60, 3)
+    assert "int32" in reason(64, 64, 1, n=2**31 // 64 + 1, hw=8)
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,8 +243,7 @@ def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype,
     conv = conv_args()
     eval_args = (x, w, scale, shift, r, *conv, True)
     train_args = (x, w, None, scale, shift, r, *conv, 1e-5, True)
-    launches = ctypes.CDLL(cuda_sass.extension_path()).resnet_fused_sm90_launches
-    launches.restype = ctypes.c_int64
+    launches = sm90_launch_counter()
     before = launches()
     with tf32(True):
         got_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
@@ -211,3 +255,56 @@ def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype,
         assert launches() == before + 2, "RESNET_FUSED_CUDA_SM90=0 still ran the sm90 kernels"
     compare_outputs("sm90 eval", got_eval, sm80_eval, torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args)))
     compare_outputs("sm90 train", got_train, sm80_train, torch.ops.resnet_fused.conv_bn_train(*as64(train_args)))
+
+
+# Shapes that reach each sm90 kernel's paths (c_in, c_out, kernel, stride, n, h, w):
+# c_out 64 (the 128x64 tile, full) and 192 (128x128 tiles, the second half-empty), 1x1 at
+# stride 1 and 2, 3x3 at stride 2; M = n * h_out * w_out below 64, and a multiple of 128.
+SM90_CASES = {
+    "3x3_c64_m49": (64, 64, 3, 1, 1, 7, 7),
+    "1x1_c192_m512": (64, 192, 1, 1, 2, 16, 16),
+    "1x1s2_c128_m128": (128, 128, 1, 2, 2, 16, 15),
+    "3x3s2_c192_m147": (64, 192, 3, 2, 3, 13, 13),
+    "1x1s2_c64_m98": (128, 64, 1, 2, 2, 13, 14),
+}
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.parametrize("mode", ["eval", "eval_residual", "train_bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "tf32"])
+@pytest.mark.parametrize("case", SM90_CASES.values(), ids=SM90_CASES.keys())
+def test_sm90_kernel_paths(cuda_backend_on, monkeypatch, case, dtype, mode):
+    """Every CUTLASS kernel (dtype x epilogue x tile width) on partial and whole M and N tiles,
+    1x1 and strided convolutions, a conv bias in training: the launch counter proves the sm90
+    kernel ran, and the outputs (y; z, mean, var) are judged against float64 with the sm80
+    kernel's error as the bar."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the sm90 kernels run on compute capability 9.0 only")
+    c_in, c_out, k, stride, n, h, w = case
+    gen = torch.Generator(device="cuda").manual_seed(7)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype).contiguous(
+            memory_format=torch.channels_last if len(shape) == 4 else torch.contiguous_format)
+
+    x = rand(n, c_in, h, w)
+    weight = rand(c_out, c_in, k, k, scale=(c_in * k * k) ** -0.5)
+    conv = conv_args(stride=stride, padding=k // 2)
+    h_out, w_out = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    scale, shift = torch.rand(c_out, device="cuda", generator=gen) + 0.5, torch.randn(c_out, device="cuda",
+                                                                                       generator=gen)
+    if mode == "train_bias":
+        op, args = "conv_bn_train", (x, weight, rand(c_out), scale, shift, None, *conv, 1e-5, True)
+    else:
+        residual = rand(n, c_out, h_out, w_out) if mode == "eval_residual" else None
+        op, args = "conv_bn_eval", (x, weight, scale, shift, residual, *conv, True)
+    launches = sm90_launch_counter()
+    with tf32(True):
+        before = launches()
+        got = getattr(getattr(torch.ops, NS), op)(*args)
+        assert launches() == before + 1, "the call did not run on an sm90 kernel"
+        monkeypatch.setenv("RESNET_FUSED_CUDA_SM90", "0")
+        sm80 = getattr(getattr(torch.ops, NS), op)(*args)
+        assert launches() == before + 1, "RESNET_FUSED_CUDA_SM90=0 still ran the sm90 kernels"
+    ref64 = getattr(torch.ops.resnet_fused, op)(*as64(args))
+    compare_outputs(f"sm90 {op}", got, sm80, ref64)

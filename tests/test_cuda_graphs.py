@@ -28,7 +28,7 @@ import copy
 
 import pytest
 import torch
-from helpers import OpRecorder, assert_model_ran_on, float_loss, fused_model, images
+from helpers import OpRecorder, assert_model_ran_on, float_loss, fused_model, images, sm90_launch_counter
 
 import resnet_fused
 
@@ -182,7 +182,14 @@ def test_cuda_graph_inference_equals_eager(backend, name, dtype):
     with no host synchronization in the captured region."""
     if backend.interpreted:
         pytest.skip("the Triton interpreter runs CPU tensors only")
+    # bf16 on the CUDA backend on an H100/H200: the convolutions past the stem are the sm90
+    # CUTLASS kernels (its launch counter grows), not the sm80 fallback.
+    hopper = backend.name == "cuda" and dtype == torch.bfloat16 and torch.cuda.get_device_capability() == (9, 0)
+    launches = sm90_launch_counter() if hopper else None
+    before = launches() if hopper else 0
     cuda_graph_inference(name, backend.name, dtype)
+    if hopper:
+        assert launches() > before, f"{name} bf16 on the cuda backend ran no sm90 kernel"
 
 
 @pytest.mark.needs_cuda

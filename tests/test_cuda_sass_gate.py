@@ -14,8 +14,8 @@ import pytest
 from resnet_fused.backends import cuda_sass
 
 H100_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
-VARIANTS = {f"{dtype} {kind}" for dtype in ("fp16", "bf16", "tf32")
-            for kind in ("eval", "eval + residual", "train (z + tile moments)")}
+VARIANTS = {f"{dtype} {kind}, 128x{tile_n}" for dtype in ("fp16", "bf16", "tf32")
+            for kind in ("eval", "eval + residual", "train (z + tile moments)") for tile_n in (128, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +50,20 @@ def test_shared_memory_fits(report):
             assert k.get("stages", 0) >= 3, f"{k['variant']}: {k.get('stages')} pipeline stages"
 
 
+def test_narrow_tiles_issue_narrow_wgmma(report):
+    """The 128x64 kernels (layers with c_out <= 64, e.g. ResNet-50's layer1) issue 64x64 wgmma,
+    so no half of any wgmma multiplies padding, and their smaller B tile buys pipeline stages."""
+    cutlass = {k["variant"]: k for k in report["kernels"] if k["arch"] == "sm_90a"
+               and k["family"] == cuda_sass.CUTLASS_CONV}
+    for label, k in cutlass.items():
+        shapes = set(k["HGMMA_SHAPES"])
+        want = "64x64" if label.endswith("128x64") else "64x128"
+        assert shapes and all(shape.startswith(want) for shape in shapes), f"{label}: HGMMA {sorted(shapes)}"
+        if label.endswith("128x64"):
+            wide = cutlass[label.replace("128x64", "128x128")]
+            assert k["stages"] > wide["stages"], f"{label}: {k['stages']} stages, {wide['stages']} at 128x128"
+
+
 def test_instruction_counting():
     """What counts as an atomic or local-memory access: mbarrier arrives (SYNCS...RED) and shared
     atomics are not global atomics; predicated instructions count."""
@@ -67,6 +81,7 @@ def test_instruction_counting():
         "        /*01a0*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;",
         "        /*01b0*/                   WARPGROUP.ARRIVE ;",
     ])
+    assert cuda_sass.hgmma_shapes(sass) == ["64x128x16"]
     counts = cuda_sass.count_instructions(sass)
     assert counts == {"HGMMA": 1, "HGMMA_WAIT": 1, "HMMA": 1, "UTMALDG": 2, "UTMALDG_IM2COL": 1, "LDL": 1, "STL": 1,
                       "ATOMIC": 1, "CALL": 1}

@@ -10,6 +10,7 @@
 // per GEMM column) and per-channel reductions are row reductions.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 
 #include "cute/tensor.hpp"
@@ -35,9 +36,10 @@ template <> struct ElementOf<DType::BFloat16> { using type = cutlass::bfloat16_t
 template <> struct ElementOf<DType::Half> { using type = cutlass::half_t; };
 template <> struct ElementOf<DType::Float> { using type = float; };  // TF32 wgmma (the builder picks tfloat32_t)
 
-// 128x128 output tile; K step 64 for 16-bit operands, 32 for TF32 (same 16 KB per stage and operand).
-template <class Element>
-using TileShape = Shape<_128, _128, Shape<Int<128 / sizeof(Element)>>>;
+// 128-row output tiles, TileN (128, or 64 for c_out <= 64: sm90_tile_n) channels wide; K step 64
+// for 16-bit operands, 32 for TF32 (the same 128 bytes of each row per stage).
+template <class Element, int TileN>
+using TileShape = Shape<_128, Int<TileN>, Shape<Int<128 / sizeof(Element)>>>;
 using ClusterShape = Shape<_1, _1, _1>;
 constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
@@ -79,17 +81,17 @@ struct BnApplyAct<cutlass::Array<float, N>> {
 
 namespace fusion = cutlass::epilogue::fusion;
 
-template <class Element>
-using ChannelVector = fusion::Sm90RowBroadcast<0, TileShape<Element>, float, float>;
+template <class Element, int TileN>
+using ChannelVector = fusion::Sm90RowBroadcast<0, TileShape<Element, TileN>, float, float>;
 
 // Eval tree: act(acc * scale + shift [+ C]), C = the residual.
-template <class Element, bool Residual>
+template <class Element, bool Residual, int TileN>
 using EvalTree = cute::conditional_t<
     Residual,
     fusion::Sm90EVT<fusion::Sm90Compute<BnApplyAct, Element, float, kRound>, fusion::Sm90AccFetch,
-                    ChannelVector<Element>, ChannelVector<Element>, fusion::Sm90SrcFetch<Element>>,
+                    ChannelVector<Element, TileN>, ChannelVector<Element, TileN>, fusion::Sm90SrcFetch<Element>>,
     fusion::Sm90EVT<fusion::Sm90Compute<BnApplyAct, Element, float, kRound>, fusion::Sm90AccFetch,
-                    ChannelVector<Element>, ChannelVector<Element>>>;
+                    ChannelVector<Element, TileN>, ChannelVector<Element, TileN>>>;
 
 // Training tree: z = acc [+ bias] rounded to the activation dtype and stored, and per-(M tile,
 // channel) moments of the stored z, merged over tiles afterwards (launch_bn_finalize).
@@ -261,31 +263,42 @@ struct TileChannelMoments {
 using EpilogueTile = Shape<_64, _32>;
 constexpr int kConsumerThreads = 128;  // KernelImplicitTmaWarpSpecializedSm90: one consumer warpgroup
 
-template <class Element>
+template <class Element, int TileN>
 using TrainTree = fusion::Sm90EVT<
-    TileChannelMoments<128, 128, 64, 32, kConsumerThreads>,
+    TileChannelMoments<128, TileN, 64, 32, kConsumerThreads>,
     fusion::Sm90EVT<fusion::Sm90Compute<cutlass::plus, Element, float, kRound>, fusion::Sm90AccFetch,
-                    ChannelVector<Element>>>;
+                    ChannelVector<Element, TileN>>>;
 
-template <class Element, class Tree, bool HasSource>
+// The mainloop's stage count: what shared memory holds after the epilogue's pipeline barriers
+// only. This kernel (KernelImplicitTmaWarpSpecializedSm90, non-persistent) overlays the
+// epilogue's tensor storage on the mainloop's (a union in its SharedStorage: the two never run
+// at once), so carving out all of sizeof(Epilogue::SharedStorage), as CUTLASS's examples do for
+// every schedule, costs a stage: 6 instead of 7 for the 128x128 tiles. The SASS gate reads the
+// stages and the total shared memory (at most 227 KB).
+template <class Epilogue>
+constexpr int kEpilogueCarveout = static_cast<int>((sizeof(typename Epilogue::PipelineStorage) + 127) / 128 * 128);
+
+template <class Element, class Tree, bool HasSource, int TileN>
 struct ConvKernelFor {
   static constexpr int kAlign = 128 / cutlass::sizeof_bits<Element>::value;
   using ElementC = cute::conditional_t<HasSource, Element, void>;
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape<Element>, ClusterShape,
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape<Element, TileN>, ClusterShape,
       EpilogueTile, float, float, ElementC, cutlass::layout::TensorNHWC, kAlign,
       Element, cutlass::layout::TensorNHWC, kAlign, cutlass::epilogue::TmaWarpSpecialized,
       Tree>::CollectiveOp;
   using Mainloop = typename cutlass::conv::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::conv::Operator::kFprop, Element,
-      cutlass::layout::TensorNHWC, kAlign, Element, cutlass::layout::TensorNHWC, kAlign, float, TileShape<Element>,
-      ClusterShape,
-      cutlass::conv::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      cutlass::layout::TensorNHWC, kAlign, Element, cutlass::layout::TensorNHWC, kAlign, float,
+      TileShape<Element, TileN>, ClusterShape,
+      cutlass::conv::collective::StageCountAutoCarveout<kEpilogueCarveout<Epilogue>>,
       cutlass::conv::KernelImplicitTmaWarpSpecializedSm90>::CollectiveOp;
   using ProblemShape =
       cutlass::conv::ConvProblemShape<cutlass::conv::Operator::kFprop, Mainloop::DispatchPolicy::NumSpatialDimensions>;
   using Kernel = cutlass::conv::kernel::ConvUniversal<ProblemShape, Mainloop, Epilogue>;
   using Conv = cutlass::conv::device::ConvUniversalAdapter<Kernel>;
+  static_assert(Kernel::SharedStorageSize <= cutlass::gemm::collective::detail::sm90_smem_capacity_bytes,
+                "the stages do not fit in shared memory");
 };
 
 template <class Problem>
@@ -308,17 +321,46 @@ Stride output_stride(const Problem& problem) {
   return stride;
 }
 
-// Runs the CUTLASS kernel, or returns a status other than kSuccess without launching (the
-// caller then uses the sm80 kernel). Nothing here allocates: no tree needs a workspace.
+// The kernel may use more than 48 KB of dynamic shared memory: a function attribute, set once
+// per device (it holds for the device's context), not on every call.
+template <class Kernel>
+cudaError_t allow_dynamic_shared_memory() {
+  static std::atomic<uint64_t> devices_set{0};  // bit d: set on device d (< 64)
+  int device = 0;
+  cudaError_t error = cudaGetDevice(&device);
+  if (error != cudaSuccess) return error;
+  const uint64_t bit = device < 64 ? uint64_t{1} << device : 0;
+  if (bit != 0 && (devices_set.load(std::memory_order_acquire) & bit) != 0) return cudaSuccess;
+  error = cudaFuncSetAttribute(cutlass::device_kernel<Kernel>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               Kernel::SharedStorageSize);
+  if (error == cudaSuccess) devices_set.fetch_or(bit, std::memory_order_release);
+  return error;
+}
+
+inline Sm90Result failed(const char* step, cudaError_t error) {
+  return {Sm90Result::kFailed, step, error};
+}
+
+// Runs the CUTLASS kernel. What ConvUniversalAdapter::run would do, but it returns the CUDA
+// error of a failed step (the adapter clears it and returns kErrorInternal, and would report an
+// earlier pending error as its own). Nothing here allocates: no tree needs a workspace.
 template <class Op>
-cutlass::Status run(typename Op::Conv::Arguments const& args, cudaStream_t stream) {
-  typename Op::Conv conv;
-  cutlass::Status status = conv.can_implement(args);
-  if (status != cutlass::Status::kSuccess) return status;
-  if (Op::Conv::get_workspace_size(args) != 0) return cutlass::Status::kErrorWorkspaceNull;
-  status = conv.initialize(args, nullptr, stream);
-  if (status != cutlass::Status::kSuccess) return status;
-  return conv.run(stream);
+Sm90Result run(typename Op::Conv::Arguments const& args, cudaStream_t stream) {
+  using Kernel = typename Op::Kernel;
+  if (!Kernel::can_implement(args)) return {Sm90Result::kRejected, "CUTLASS's can_implement refused the problem"};
+  if (Kernel::get_workspace_size(args) != 0) return {Sm90Result::kRejected, "the epilogue asks for a workspace"};
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) return failed("an earlier CUDA call (its error was still pending)", error);
+  error = allow_dynamic_shared_memory<Kernel>();
+  if (error != cudaSuccess) return failed("cudaFuncSetAttribute (dynamic shared memory)", error);
+  // Params hold the TMA descriptors, encoded for this call's pointers and shape.
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  static_assert(cute::size(ClusterShape{}) == 1, "a cluster launch would need cudaLaunchKernelEx");
+  cutlass::device_kernel<Kernel>
+      <<<Kernel::get_grid_shape(params), Kernel::get_block_shape(), Kernel::SharedStorageSize, stream>>>(params);
+  error = cudaGetLastError();
+  if (error != cudaSuccess) return failed("the kernel launch", error);
+  return {Sm90Result::kLaunched};
 }
 
 // Launch resources of a kernel, for the SASS gate's report (the binary holds only the
@@ -329,29 +371,29 @@ KernelInfo info_of() {
           static_cast<int>(Op::Kernel::MaxThreadsPerBlock)};
 }
 
-template <DType D, bool Residual>
+template <DType D, bool Residual, int TileN>
 KernelInfo conv_eval_info() {
   using Element = typename ElementOf<D>::type;
-  return info_of<ConvKernelFor<Element, EvalTree<Element, Residual>, Residual>>();
+  return info_of<ConvKernelFor<Element, EvalTree<Element, Residual, TileN>, Residual, TileN>>();
 }
 
-template <DType D>
+template <DType D, int TileN>
 KernelInfo conv_train_info() {
   using Element = typename ElementOf<D>::type;
-  return info_of<ConvKernelFor<Element, TrainTree<Element>, false>>();
+  return info_of<ConvKernelFor<Element, TrainTree<Element, TileN>, false, TileN>>();
 }
 
-template <DType D, bool Residual>
-int conv_eval(const ConvShape& s, const void* x, const void* w, const float* scale, const float* shift, const void* r,
-              void* y, bool relu, cudaStream_t stream) {
+template <DType D, bool Residual, int TileN>
+Sm90Result conv_eval(const ConvShape& s, const void* x, const void* w, const float* scale, const float* shift,
+                     const void* r, void* y, bool relu, cudaStream_t stream) {
   using Element = typename ElementOf<D>::type;
-  using Op = ConvKernelFor<Element, EvalTree<Element, Residual>, Residual>;
+  using Op = ConvKernelFor<Element, EvalTree<Element, Residual, TileN>, Residual, TileN>;
   using Problem = typename Op::ProblemShape;
   const Problem problem = problem_of<Problem>(s);
   using StrideC = typename Op::Kernel::StrideC;
   using StrideD = typename Op::Kernel::StrideD;
   // Tree arguments, children first and the node's last: acc, scale, shift [, residual], act.
-  using TreeArgs = typename EvalTree<Element, Residual>::Arguments;
+  using TreeArgs = typename EvalTree<Element, Residual, TileN>::Arguments;
   const BnActArguments act{relu ? 1 : 0};
   TreeArgs tree;
   if constexpr (Residual) {
@@ -364,26 +406,26 @@ int conv_eval(const ConvShape& s, const void* x, const void* w, const float* sca
       {static_cast<Element const*>(x), static_cast<Element const*>(w)},
       {tree, static_cast<Element const*>(r), output_stride<StrideC>(problem), static_cast<Element*>(y),
        output_stride<StrideD>(problem)}};
-  return static_cast<int>(run<Op>(args, stream));
+  return run<Op>(args, stream);
 }
 
-template <DType D>
-int conv_train(const ConvShape& s, const void* x, const void* w, const float* bias, void* z, float* tile_mean,
-               float* tile_m2, int num_m_tiles, cudaStream_t stream) {
+template <DType D, int TileN>
+Sm90Result conv_train(const ConvShape& s, const void* x, const void* w, const float* bias, void* z, float* tile_mean,
+                      float* tile_m2, int num_m_tiles, cudaStream_t stream) {
   using Element = typename ElementOf<D>::type;
-  using Op = ConvKernelFor<Element, TrainTree<Element>, false>;
+  using Op = ConvKernelFor<Element, TrainTree<Element, TileN>, false, TileN>;
   using Problem = typename Op::ProblemShape;
   const Problem problem = problem_of<Problem>(s);
   using StrideC = typename Op::Kernel::StrideC;
   using StrideD = typename Op::Kernel::StrideD;
   // Tree arguments, children first: (acc, bias [null: zeros], plus), then the moments.
-  using TreeArgs = typename TrainTree<Element>::Arguments;
+  using TreeArgs = typename TrainTree<Element, TileN>::Arguments;
   const TreeArgs tree{{{}, {bias}, {}}, {tile_mean, tile_m2, num_m_tiles}};
   typename Op::Conv::Arguments args{
       problem,
       {static_cast<Element const*>(x), static_cast<Element const*>(w)},
       {tree, nullptr, output_stride<StrideC>(problem), static_cast<Element*>(z), output_stride<StrideD>(problem)}};
-  return static_cast<int>(run<Op>(args, stream));
+  return run<Op>(args, stream);
 }
 
 }  // namespace resnet_fused::sm90

@@ -70,14 +70,16 @@ def family(name: str) -> str:
 
 
 def variant(name: str) -> str:
-    """A CUTLASS conv kernel's role, from its (mangled) name: dtype and epilogue tree."""
-    mma = re.search(r"MMA_\d+x\d+x\d+_F32(BF16|F16|TF32)", name)
-    dtype = {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}[mma.group(1)] if mma else "?"
+    """A CUTLASS conv kernel's role, from its (demangled) name: dtype, epilogue tree and tile
+    (128 rows by the wgmma's N: one consumer warpgroup issues 64xN wgmma)."""
+    mma = re.search(r"MMA_64x(\d+)x\d+_F32(BF16|F16|TF32)", name)
+    dtype = {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}[mma.group(2)] if mma else "?"
+    tile = f", 128x{mma.group(1)}" if mma else ""
     if "TileChannelMoments" in name:
-        return f"{dtype} train (z + tile moments)"
+        return f"{dtype} train (z + tile moments){tile}"
     if "BnApplyAct" in name:
-        return f"{dtype} eval" + (" + residual" if "Sm90SrcFetch" in name else "")
-    return dtype
+        return f"{dtype} eval" + (" + residual" if "Sm90SrcFetch" in name else "") + tile
+    return dtype + tile
 
 
 def _split_by_arch(text: str, marker: str) -> list[tuple[str, str, str]]:
@@ -123,8 +125,14 @@ def count_instructions(sass: str) -> dict[str, int]:
     return counts
 
 
+def hgmma_shapes(sass: str) -> list[str]:
+    """The distinct wgmma shapes (MxNxK) in a kernel's SASS, e.g. ["64x128x16"]."""
+    return sorted(set(re.findall(r"\bHGMMA\.(\d+x\d+x\d+)", sass)))
+
+
 _KINDS = ("eval", "eval + residual", "train (z + tile moments)")
 _DTYPES = ("fp16", "bf16", "tf32")  # DType's order in csrc/kernels.h
+TILE_WIDTHS = (128, 64)  # output channels per tile (csrc/kernels.h sm90_tile_n: 64 where c_out <= 64)
 
 
 def launch_resources(lib: str) -> tuple[dict[str, dict], str | None]:
@@ -142,11 +150,12 @@ def launch_resources(lib: str) -> tuple[dict[str, dict], str | None]:
     out = {}
     for d, dtype in enumerate(_DTYPES):
         for kind, label in enumerate(_KINDS):
-            smem, stages, threads = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
-            if fn(d, kind, ctypes.byref(smem), ctypes.byref(stages), ctypes.byref(threads)) != 0:
-                return {}, "the extension was built without the sm90 kernels"
-            out[f"{dtype} {label}"] = {"dynamic_shared_bytes": smem.value, "stages": stages.value,
-                                       "threads": threads.value}
+            for tile_n in TILE_WIDTHS:
+                smem, stages, threads = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+                if fn(d, kind, tile_n, ctypes.byref(smem), ctypes.byref(stages), ctypes.byref(threads)) != 0:
+                    return {}, "the extension was built without the sm90 kernels"
+                out[f"{dtype} {label}, 128x{tile_n}"] = {"dynamic_shared_bytes": smem.value, "stages": stages.value,
+                                                         "threads": threads.value}
     return out, None
 
 
@@ -163,7 +172,7 @@ def inspect(lib: str | None = None) -> dict:
         for chunk in re.split(r"\n\s*Function : ", block)[1:]:
             name = chunk.split("\n", 1)[0].strip()
             kernels.append({"arch": arch, "source": source, "mangled": name, **usage.get((arch, name), {}),
-                            **count_instructions(chunk)})
+                            **count_instructions(chunk), "HGMMA_SHAPES": hgmma_shapes(chunk)})
     names = _demangle([k["mangled"] for k in kernels])
     for k in kernels:
         k["name"] = names[k["mangled"]]

@@ -1,0 +1,8 @@
+// One kernel per translation unit (see conv_sm90.cuh): eval + residual, fp16, 128x128 tiles.
+#include "conv_sm90.cuh"
+
+namespace resnet_fused::sm90 {
+template Sm90Result conv_eval<DType::Half, true, 128>(const ConvShape&, const void*, const void*, const float*,
+                                                         const float*, const void*, void*, bool, cudaStream_t);
+template KernelInfo conv_eval_info<DType::Half, true, 128>();
+}

@@ -1,0 +1,8 @@
+// One kernel per translation unit (see conv_sm90.cuh): training (z + tile moments), tf32, 128x64 tiles.
+#include "conv_sm90.cuh"
+
+namespace resnet_fused::sm90 {
+template Sm90Result conv_train<DType::Float, 64>(const ConvShape&, const void*, const void*, const float*, void*,
+                                                  float*, float*, int, cudaStream_t);
+template KernelInfo conv_train_info<DType::Float, 64>();
+}
