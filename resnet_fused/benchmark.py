@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import difflib
 import gc
 import json
 import os
@@ -430,17 +431,112 @@ def _this_program() -> str:
     return program_name(__name__ == "__main__", __spec__.name if __spec__ else None, sys.argv[0])
 
 
+def fused_model_names() -> list[str]:
+    """The --model names: resnet_fused's builders (each the name of the torchvision ResNet it
+    fuses whole, so every one of them runs its convolutions, BatchNorms and ReLUs fused)."""
+    registered = set(torchvision.models.list_models(module=resnet_fused))
+    return [name for name in resnet_fused.models.__all__ if resnet_fused.models.REGISTRY_PREFIX + name in registered]
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: 0 or less is an error, not a request for the default."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of a count where 0 means none."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}")
+    return value
+
+
+def model_error(name: str) -> str | None:
+    """Why --model `name` cannot be benchmarked, or None."""
+    names = fused_model_names()
+    if name in names:
+        return None
+    choices = "choose from " + ", ".join(names)
+    if name in torchvision.models.list_models(module=torchvision.models):
+        # It would run, but with nothing fused both sides are torchvision's model and the
+        # speedup column would only show noise.
+        return (f"torchvision's {name} has no ResNet blocks, so resnet_fused fuses nothing in it and there "
+                f"is no speedup to measure; {choices}")
+    close = difflib.get_close_matches(name.lower(), names, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"unknown model {name!r}{hint}; {choices}"
+
+
+def device_error(text: str) -> str | None:
+    """Why --device `text` cannot be used here, or None."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        return f"expected cpu, cuda or cuda:N, got {text!r}"
+    if device.type == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        build = "" if torch.version.cuda else " (this torch is a CPU-only build)"
+        return (f"{text} asked for, but torch sees no CUDA GPU here{build}; "
+                "use --device cpu, or leave --device out to use the best device present")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        return f"{text} asked for, but torch sees {count} CUDA GPU(s) here (cuda:0 to cuda:{count - 1})"
+    return None
+
+
+def last_stage_size(image_size: int) -> int:
+    """Height (= width) of a torchvision ResNet's last stage for image_size: the stem's strided
+    convolution, its max pooling and the three strided stages each halve it, rounding up."""
+    for _ in range(5):
+        image_size = -(-image_size // 2)
+    return image_size
+
+
+def json_path_error(path: str) -> str | None:
+    """Why the results cannot be written to `path`, or None: checked before the run, so that a
+    long benchmark does not end in an unwritable file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory; give a file path, e.g. {os.path.join(path, 'results.json')}"
+    if not os.path.isdir(directory):
+        return f"directory {directory} does not exist; create it first or choose another path"
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"cannot write {path} (no write permission)"
+    return None
+
+
+def provider_list(text: str) -> list[str]:
+    """--providers as a list, torchvision eager (the speedup baseline) first when it is missing."""
+    providers = [p.strip() for p in text.split(",") if p.strip()]
+    if EAGER not in providers:
+        providers.insert(0, EAGER)
+    return providers
+
+
 def _parse(argv):
     p = argparse.ArgumentParser(prog=_this_program(), description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="resnet50", help="builder name, e.g. resnet18, resnet50, resnext50_32x4d")
-    p.add_argument("--batch", type=int, default=None, help="batch size (default: 64 on GPU, 4 on CPU)")
-    p.add_argument("--image-size", type=int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
+    p.add_argument("--model", default="resnet50", help="builder name: " + ", ".join(fused_model_names()))
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 64 on GPU, 4 on CPU)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="autocast precision (default: bf16 on GPU, fp32 on CPU); fp32 allows TF32 on GPU")
     p.add_argument("--mode", choices=("infer", "train"), default="infer",
                    help="infer: eval forward under inference_mode; train: forward, backward, SGD step")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 50 on GPU, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 10 GPU, 1 CPU)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed iterations (default: 50 on GPU, 5 on CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None,
+                   help="untimed iterations first (default: 10 GPU, 1 CPU)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile(torchvision model)")
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune'), and with inductor freezing for infer "
@@ -451,10 +547,29 @@ def _parse(argv):
     p.add_argument("--recompute-bn-relu", action="store_true",
                    help="fused models keep only the pre-BatchNorm activations for backward in training "
                         "(resnet_fused.nn.set_recompute_bn_relu); see the saved MiB column")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results and provenance here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # Everything a run could fail on is checked here, before any model is built.
+    if (reason := model_error(args.model)) is not None:
+        p.error(f"argument --model: {reason}")
+    if args.mode == "train" and args.batch == 1 and args.image_size is not None \
+            and last_stage_size(args.image_size) == 1:
+        # Training BatchNorm needs more than one value per channel; the defaults always have it.
+        p.error(f"argument --image-size: with --batch 1 in train mode, --image-size {args.image_size} leaves one "
+                "value per BatchNorm channel in the last stage (training BatchNorm needs more); use --batch 2 "
+                "or more, or --image-size 33 or more")
+    if args.device is not None and (reason := device_error(args.device)) is not None:
+        p.error(f"argument --device: {reason}")
+    if args.json is not None and (reason := json_path_error(args.json)) is not None:
+        p.error(f"argument --json: {reason}")
+    if args.providers is not None:
+        unknown = [name for name in provider_list(args.providers) if name not in MODEL_PROVIDERS]
+        if unknown:
+            p.error(f"argument --providers: unknown provider(s) {', '.join(unknown)}; "
+                    f"choose from {', '.join(MODEL_PROVIDERS)}")
+    return args
 
 
 def _device_name(device: torch.device) -> str:
@@ -508,20 +623,14 @@ def main(argv=None) -> int:
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
-    batch = args.batch or (64 if on_gpu else 4)
-    size = args.image_size or (224 if on_gpu else 96)
+    batch = args.batch if args.batch is not None else (64 if on_gpu else 4)
+    size = args.image_size if args.image_size is not None else (224 if on_gpu else 96)
     precision = args.precision or ("bf16" if on_gpu else "fp32")
-    iters = args.iters or (50 if on_gpu else 5)
+    iters = args.iters if args.iters is not None else (50 if on_gpu else 5)
     warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
     configure_device(device)
     if args.providers:
-        providers = [p.strip() for p in args.providers.split(",") if p.strip()]
-        unknown = [p for p in providers if p not in MODEL_PROVIDERS]
-        if unknown:
-            print(f"unknown provider(s) {unknown}; choose from {', '.join(MODEL_PROVIDERS)}", file=sys.stderr)
-            return 2
-        if EAGER not in providers:
-            providers.insert(0, EAGER)  # the speedup baseline
+        providers = provider_list(args.providers)
     else:
         providers = default_providers(device, args.compile, args.max_autotune)
     if not on_gpu:
