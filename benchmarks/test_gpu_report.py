@@ -166,7 +166,7 @@ def test_probe_backends_reads_each_backends_auto_flag():
 
 
 def test_the_planned_window_fits_one_device_call():
-    """The README's timeline: the steps' caps and the report's reserve add up to under 9 minutes."""
+    """The planned window (docs/benchmarks.md): the steps' caps and the report's reserve add up to under 9 minutes."""
     assert DEFAULT_BUDGET_S == sum(TIMELINE.values()) + 15 and DEFAULT_BUDGET_S < 540
     assert TIMELINE["smoke"] <= 180 and TIMELINE["models-core"] + TIMELINE["ops-core"] <= 240
 

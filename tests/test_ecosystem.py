@@ -175,7 +175,7 @@ def _dynamo_exporter_flags_itself() -> bool:
     pytest.param(True, marks=pytest.mark.xfail(
         not _dynamo_exporter_flags_itself(), strict=True, raises=Exception,
         reason="this torch's dynamo ONNX exporter does not flag itself: export with dynamo=False or "
-               "resnet_fused.to_torchvision(model) (README, ecosystem)")),
+               "resnet_fused.to_torchvision(model) (docs/ecosystem.md)")),
     False], ids=["dynamo", "torchscript"])
 def test_onnx_export_gives_standard_ops_that_onnxruntime_runs(dynamo, tmp_path):
     onnx = pytest.importorskip("onnx")

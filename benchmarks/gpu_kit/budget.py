@@ -1,8 +1,8 @@
 """The run's time budget: the planned window, and the seconds each case is expected to take.
 
 The whole run fits one 600-second device call. Each step of the window has a most-seconds
-cap (TIMELINE, the README's timeline); a step that ends early leaves its time to the next
-ones, and a case that would not finish before its phase's deadline is skipped and recorded
+cap (TIMELINE, the window in docs/benchmarks.md); a step that ends early leaves its time to
+the next ones, and a case that would not finish before its phase's deadline is skipped and recorded
 as out of time.
 """
 
