@@ -28,9 +28,10 @@ from .plan import model_plan
 from .processes import start_logged, wait_logged, worker_env
 from .worker import read_events
 
-# nvcc jobs while the warm-up runs: 13 translation units, 9 of them CUTLASS kernels of about
-# 30 s each (2 cores here, two architectures); 6 jobs keep the build near a minute.
-BUILD_JOBS = 6
+# nvcc jobs while the warm-up runs: 22 translation units, 18 of them CUTLASS kernels (two tile
+# widths) of 30-60 s and 3.7 GB each for 9.0a alone (61 s on a loaded 2-core machine). 9 jobs:
+# two rounds, 70-120 s, against the 100 s of the build+warm step (budget.TIMELINE).
+BUILD_JOBS = 9
 COMPILE_THREADS = 2       # Inductor compile threads per torch.compile warm worker
 
 
