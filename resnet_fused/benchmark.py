@@ -12,6 +12,10 @@ torchvision eager measured in the same run, the largest |logit difference| again
 on the same input (eval mode, checked before any timed step), the peak GPU memory, and which
 backend the fused ops actually ran on.
 
+Under torchrun (`torchrun --nproc_per_node=N -m resnet_fused.benchmark --mode train`) every
+provider trains as DistributedDataParallel on N processes (NCCL on GPUs, gloo on CPU; --sync-bn
+synchronizes BatchNorm), and rank 0 prints the global images/s and the spread between the ranks.
+
 On CPU only the reference path can run: the fused CUDA and Triton kernels need a GPU, and
 the output says so. The pieces below (providers, steps, timing) are shared with the
 pytest-benchmark suites and the GPU report in benchmarks/.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import difflib
 import gc
 import json
@@ -34,6 +39,7 @@ import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torchvision
 
 import resnet_fused
@@ -128,14 +134,18 @@ def model_input(batch: int, image_size: int, device: torch.device, seed: int = 0
     return x.to(device).contiguous(memory_format=torch.channels_last)
 
 
-def build_model(provider: str, tv_model: torch.nn.Module, recompute_bn_relu: bool = False) -> torch.nn.Module:
+def build_model(provider: str, tv_model: torch.nn.Module, recompute_bn_relu: bool = False,
+                wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> torch.nn.Module:
     """A fresh model for `provider` with tv_model's parameters and buffers (tv_model is left as it is).
-    recompute_bn_relu: fused models keep only the pre-BatchNorm activations in training."""
+    recompute_bn_relu: fused models keep only the pre-BatchNorm activations in training. wrap, if
+    given, is applied before torch.compile (DistributedDataParallel goes inside the compiled model,
+    so that compile splits the graph at DDP's gradient buckets)."""
+    wrap = wrap or (lambda model: model)
     backend = provider_backend(provider)
     if backend is not None:
         model = resnet_fused.from_torchvision(tv_model)  # a copy
-        return resnet_fused.nn.set_recompute_bn_relu(model, recompute_bn_relu)
-    model = copy.deepcopy(tv_model)
+        return wrap(resnet_fused.nn.set_recompute_bn_relu(model, recompute_bn_relu))
+    model = wrap(copy.deepcopy(tv_model))
     if provider == EAGER:
         return model
     # Each compiled provider starts from an empty dynamo cache: every new model instance adds
@@ -158,9 +168,12 @@ def _provider_context(provider: str) -> contextlib.AbstractContextManager:
 
 
 def model_step(provider: str, model: torch.nn.Module, x: torch.Tensor, mode: str,
-               autocast: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], object]:
+               autocast: Callable[[], contextlib.AbstractContextManager],
+               after_backward: Callable[[], object] | None = None) -> Callable[[], object]:
     """The timed unit: one inference forward (eval, inference_mode) or one full training step
-    (forward, cross-entropy, backward, SGD step with momentum)."""
+    (forward, cross-entropy, backward, SGD step with momentum). after_backward, if given, runs
+    between the backward and the SGD step (averaging the gradients over processes where
+    DistributedDataParallel cannot)."""
     if mode == "infer":
         model.eval()
 
@@ -180,6 +193,8 @@ def model_step(provider: str, model: torch.nn.Module, x: torch.Tensor, mode: str
             with autocast():
                 loss = torch.nn.functional.cross_entropy(model(x), target)
             loss.backward()
+            if after_backward is not None:
+                after_backward()
             opt.step()
         return loss
     return train
@@ -316,21 +331,36 @@ def max_memory_mib(device: torch.device) -> float | None:
 def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, mode: str, precision: str,
                      reference_logits: torch.Tensor, warmup: int,
                      progress: Callable[[str], object] | None = None, *,
-                     recompute_bn_relu: bool = False) -> tuple[Callable[[], object], dict]:
+                     recompute_bn_relu: bool = False,
+                     torchrun: Torchrun | None = None) -> tuple[Callable[[], object], dict]:
     """Builds `provider`'s model, checks its eval logits against reference_logits (before any
     training step changes the weights), then warms its step up. The logit check and the first
     step (torch.compile, Triton autotuning, cuDNN's search happen there) are timed together as
     warmup_s; then `warmup` more steps. progress, if given, is called after each model call
     with its phase ("check", then "warm-up"). In training, info["saved_mib"] is the activation
     memory one forward keeps for backward (saved_activation_bytes; not for compiled models,
-    whose saved tensors autograd hooks do not see). Returns (step, info)."""
+    whose saved tensors autograd hooks do not see). torchrun, under torchrun, makes the model data-parallel
+    over the processes (Torchrun.wrap) before the check. Returns (step, info)."""
     if progress is None:
         def progress(phase):
             pass
     device = x.device
     autocast = autocast_for(device, precision)
-    model = build_model(provider, tv_model, recompute_bn_relu)
+    after_backward = None
+    if torchrun is None:
+        model = build_model(provider, tv_model, recompute_bn_relu)
+        unwrapped = model
+    else:
+        wrapped = []
+
+        def wrap(model):
+            wrapped.append(torchrun.wrap(provider, model))
+            return wrapped[-1].model
+        model = build_model(provider, tv_model, recompute_bn_relu, wrap=wrap)
+        unwrapped, after_backward = wrapped[-1].module, wrapped[-1].after_backward
     info: dict = dict(backends_used=None, saved_mib=None)
+    if torchrun is not None:
+        info.update(wrapped[-1].notes)
     t_first = time.perf_counter()
     model.eval()
     with _provider_context(provider), torch.inference_mode(), autocast():
@@ -346,8 +376,10 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
     if mode == "train" and "compile" not in provider:
         model.train()
         with _provider_context(provider), autocast():
-            info["saved_mib"] = saved_activation_bytes(model, x) / 2**20
-    step = model_step(provider, model, x, mode, autocast)
+            # The module inside any DDP wrapper: the wrapper adds no saved tensors, and a forward
+            # through it with no backward would leave DDP's reducer expecting one.
+            info["saved_mib"] = saved_activation_bytes(unwrapped, x) / 2**20
+    step = model_step(provider, model, x, mode, autocast, after_backward)
     step()
     synchronize(device)
     progress("warm-up")
@@ -406,6 +438,173 @@ def reference_logits_for(tv_model: torch.nn.Module, x: torch.Tensor, precision: 
         return tv_model(x).float()
 
 
+# Under torchrun: every provider trains as DistributedDataParallel on every process. ---------
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where this process sits in a torchrun job (from torchrun's environment variables)."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def launch_from_env(env=None) -> Launch | None:
+    """This process's place in a torchrun job, or None when torchrun did not start it (no RANK and
+    WORLD_SIZE in the environment). ValueError for values torchrun never sets."""
+    env = os.environ if env is None else env
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    names = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    try:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local_rank, local_world = int(env.get("LOCAL_RANK", rank)), int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        found = ", ".join(f"{name}={env[name]!r}" for name in names if name in env)
+        raise ValueError(f"expected integers in torchrun's variables, got {found}") from None
+    if not (0 <= rank < world and 0 <= local_rank < local_world <= world):
+        raise ValueError(f"expected 0 <= RANK < WORLD_SIZE and 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE <= WORLD_SIZE, "
+                         f"got RANK={rank}, WORLD_SIZE={world}, LOCAL_RANK={local_rank}, "
+                         f"LOCAL_WORLD_SIZE={local_world}")
+    return Launch(rank, local_rank, world, local_world)
+
+
+def broadcast_state(model: torch.nn.Module, src: int = 0) -> None:
+    """Rank src's parameters and buffers on every process, as DistributedDataParallel starts."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor, src)
+
+
+def average_gradients(model: torch.nn.Module) -> None:
+    """What DistributedDataParallel does after backward, without its overlap: every gradient
+    averaged over the processes, through one flat buffer (two parameters' gradients may share
+    storage, which all-reducing each in place would reduce twice)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+        p.grad.copy_(g.view_as(p.grad))
+
+
+@dataclasses.dataclass
+class Wrapped:
+    """A provider's model made data-parallel."""
+
+    model: torch.nn.Module  # what the training step calls (DDP, or the module itself)
+    module: torch.nn.Module  # the model inside any wrapper
+    after_backward: Callable[[], object] | None  # averages the gradients when DDP does not
+    notes: dict  # how: gradient_sync and sync_bn, for the result row
+
+
+class Torchrun:
+    """The process group of a torchrun job (NCCL on CUDA, gloo on CPU) and how each provider's
+    model joins it."""
+
+    def __init__(self, launch: Launch, device: torch.device, sync_bn: bool):
+        self.launch, self.device, self.sync_bn = launch, device, sync_bn
+        self.backend = "nccl" if device.type == "cuda" else "gloo"
+
+    def __enter__(self) -> Torchrun:
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(self.backend)  # torchrun's env:// rendezvous
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dist.destroy_process_group()
+
+    def wrap(self, provider: str, model: torch.nn.Module) -> Wrapped:
+        """With --sync-bn: resnet_fused.SyncBatchNorm for the fused providers (fused synchronized
+        units) and torch.nn.SyncBatchNorm for torchvision's, except on CPU, where torch's module
+        cannot train and resnet_fused.SyncBatchNorm (torch's, plus a CPU all-reduce) stands in.
+        Then DistributedDataParallel, except with SyncBatchNorm on CPU, which DDP refuses: there the
+        gradients are averaged after backward (average_gradients)."""
+        notes: dict = dict(sync_bn=None, gradient_sync="DistributedDataParallel")
+        if self.sync_bn:
+            if provider_backend(provider) is None and self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                notes["sync_bn"] = "torch.nn.SyncBatchNorm"
+            else:
+                model = resnet_fused.convert_sync_batchnorm(model)
+                notes["sync_bn"] = "resnet_fused.SyncBatchNorm"
+            if self.device.type == "cpu":
+                broadcast_state(model)
+                notes["gradient_sync"] = "all_reduce after backward (DDP refuses SyncBatchNorm on CPU)"
+                return Wrapped(model, model, lambda: average_gradients(model), notes)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        return Wrapped(ddp, model, None, notes)
+
+    def skip_reason(self, provider: str, mode: str) -> str | None:
+        """provider_skip_reason on every process: skipped if any process cannot run it (the
+        processes must run the same providers, or their collectives would not match)."""
+        reasons = [None] * self.launch.world_size
+        dist.all_gather_object(reasons, provider_skip_reason(provider, self.device, mode))
+        for rank, reason in enumerate(reasons):
+            if reason is not None:
+                return reason if all(r == reason for r in reasons) else f"rank {rank}: {reason}"
+        return None
+
+
+def combine_ranks(provider: str, per_rank: list[dict], batch: int) -> dict:
+    """One result row from every rank's: the timings of the slowest rank (it sets the pace of
+    synchronized steps), images/s of all processes together (world size x batch / that rank's
+    median), rank_spread (slowest median / fastest median), the largest logit difference and peak
+    memory of any rank; per_rank keeps each rank's own."""
+    slowest = max(per_rank, key=lambda r: r["median_ms"])
+    fastest = min(per_rank, key=lambda r: r["median_ms"])
+    row = dict(provider=provider, status="ok", **{k: slowest[k] for k in ("median_ms", "p20_ms", "p80_ms", "rounds")})
+    row.update(
+        images_per_s=len(per_rank) * batch / (slowest["median_ms"] / 1e3),
+        slowest_rank=slowest["rank"],
+        rank_spread=slowest["median_ms"] / fastest["median_ms"] if fastest["median_ms"] > 0 else float("inf"),
+        max_abs_logit_diff=max(r["max_abs_logit_diff"] for r in per_rank),
+        backends_used=per_rank[0]["backends_used"], saved_mib=per_rank[0]["saved_mib"],
+        warmup_s=max(r["warmup_s"] for r in per_rank),
+        sync_bn=per_rank[0]["sync_bn"], gradient_sync=per_rank[0]["gradient_sync"],
+    )
+    if per_rank[0].get("peak_memory_mib") is not None:
+        row["peak_memory_mib"] = max(r["peak_memory_mib"] for r in per_rank)
+        row["memory_before_mib"] = max(r["memory_before_mib"] for r in per_rank)
+    keep = ("rank", "host", "median_ms", "p20_ms", "p80_ms", "images_per_s", "max_abs_logit_diff", "peak_memory_mib")
+    row["per_rank"] = [{k: r[k] for k in keep if k in r} for r in per_rank]
+    return row
+
+
+def run_torchrun_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, precision: str,
+                          reference_logits: torch.Tensor, torchrun: Torchrun, *, warmup: int, rounds: int,
+                          progress: Callable[[str], object] | None = None,
+                          recompute_bn_relu: bool = False) -> dict | None:
+    """Times one provider's data-parallel training step on every process (each on its own input x)
+    and returns the combined row (combine_ranks) on rank 0, None elsewhere. The processes start the
+    timed steps together."""
+    device = x.device
+    step, info = prepare_provider(provider, tv_model, x, "train", precision, reference_logits, warmup, progress,
+                                  recompute_bn_relu=recompute_bn_relu, torchrun=torchrun)
+    info.pop("seconds_per_call")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        info["memory_before_mib"] = torch.cuda.memory_allocated(device) / 2**20
+    dist.barrier()
+    times = measure(step, device, rounds, progress=None if progress is None else lambda: progress("timed"))
+    own = dict(rank=torchrun.launch.rank, host=platform.node(), **summarize(times), **info)
+    own["images_per_s"] = x.shape[0] / (own["median_ms"] / 1e3)
+    if device.type == "cuda":
+        own["peak_memory_mib"] = max_memory_mib(device)
+    del step
+    release_memory(device)
+    per_rank = [None] * torchrun.launch.world_size
+    dist.all_gather_object(per_rank, own)
+    return combine_ranks(provider, per_rank, x.shape[0]) if torchrun.launch.rank == 0 else None
+
+
 def program_name(run_as_main: bool, module: str | None, argv0: str) -> str:
     """How the main job was started, as a user would type it: `python -m resnet_fused.benchmark`
     (run_as_main, module: the -m module name), `python path/to/benchmark.py` (run_as_main, no
@@ -418,13 +617,22 @@ def program_name(run_as_main: bool, module: str | None, argv0: str) -> str:
     return name or "resnet-fused-benchmark"
 
 
-def command_line(argv: list[str] | None, *, run_as_main: bool, module: str | None, argv0: str) -> str:
+def command_line(argv: list[str] | None, *, run_as_main: bool, module: str | None, argv0: str,
+                 launch: Launch | None = None) -> str:
     """The command that ran, for the JSON's provenance. argv None: the command line (program_name
-    and sys.argv[1:]); argv given: main was called from Python with it, and that call is recorded."""
+    and sys.argv[1:]); argv given: main was called from Python with it, and that call is recorded.
+    Under torchrun (launch), the torchrun command that starts this program on as many processes per
+    node and nodes (its rendezvous options are not known here)."""
     if argv is not None and not run_as_main:
         return f"resnet_fused.benchmark.main({list(argv)!r})"
     args = list(argv) if argv is not None else sys.argv[1:]
-    return " ".join([program_name(run_as_main, module, argv0), *map(shlex.quote, args)])
+    program = program_name(run_as_main, module, argv0)
+    if launch is not None:
+        nodes = f"--nnodes={launch.nodes} " if launch.nodes > 1 else ""
+        torchrun = f"torchrun {nodes}--nproc_per_node={launch.local_world_size} "
+        program = torchrun + (program.removeprefix("python ") if program.startswith("python ")
+                              else "--no-python " + program)
+    return " ".join([program, *map(shlex.quote, args)])
 
 
 def _this_program() -> str:
@@ -496,6 +704,23 @@ def device_error(text: str) -> str | None:
     return None
 
 
+def torchrun_device_error(text: str | None, launch: Launch) -> str | None:
+    """Why this torchrun process cannot run on --device `text` (None: the default), or None. Each
+    process takes cuda:LOCAL_RANK, so a GPU index is not for the user to give."""
+    if text is not None and ":" in text:
+        return f"under torchrun each process takes cuda:LOCAL_RANK; give cuda or cpu, not {text}"
+    if text is None and not torch.cuda.is_available():
+        return None
+    if torch.device(text or "cuda").type == "cpu":
+        return None
+    count = torch.cuda.device_count()
+    if launch.local_rank >= count:
+        return (f"process LOCAL_RANK={launch.local_rank} needs cuda:{launch.local_rank}, but torch sees {count} "
+                f"CUDA GPU(s) here; start at most {count} processes per node (--nproc_per_node) "
+                "or use --device cpu")
+    return None
+
+
 def last_stage_size(image_size: int) -> int:
     """Height (= width) of a torchvision ResNet's last stage for image_size: the stem's strided
     convolution, its max pooling and the three strided stages each halve it, rounding up."""
@@ -525,8 +750,25 @@ def provider_list(text: str) -> list[str]:
     return providers
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Under torchrun every process checks the same arguments; only local rank 0 of each node
+    prints the error (quiet), and every process exits with 2."""
+
+    quiet = False
+
+    def error(self, message):
+        if self.quiet:
+            sys.exit(2)
+        super().error(message)
+
+
 def _parse(argv):
-    p = argparse.ArgumentParser(prog=_this_program(), description=__doc__.split("\n\n")[0])
+    p = _ArgumentParser(prog=_this_program(), description=__doc__.split("\n\n")[0])
+    try:
+        launch, launch_problem = launch_from_env(), None
+    except ValueError as exc:
+        launch, launch_problem = None, str(exc)
+    p.quiet = launch is not None and launch.local_rank != 0
     p.add_argument("--model", default="resnet50", help="builder name: " + ", ".join(fused_model_names()))
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 64 on GPU, 4 on CPU)")
     p.add_argument("--image-size", type=positive_int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
@@ -547,11 +789,26 @@ def _parse(argv):
     p.add_argument("--recompute-bn-relu", action="store_true",
                    help="fused models keep only the pre-BatchNorm activations for backward in training "
                         "(resnet_fused.nn.set_recompute_bn_relu); see the saved MiB column")
-    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when present)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: BatchNorm statistics over all processes (resnet_fused.SyncBatchNorm "
+                        "for the fused providers, torch.nn.SyncBatchNorm for torchvision's)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when present); under torchrun cpu or cuda, "
+                        "each process then taking cuda:LOCAL_RANK")
     p.add_argument("--json", default=None, metavar="PATH", help="write all results and provenance here")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    args.launch = launch
     # Everything a run could fail on is checked here, before any model is built.
+    if launch_problem is not None:
+        p.error(f"torchrun's environment: {launch_problem}")
+    if launch is None and args.sync_bn:
+        p.error("argument --sync-bn: synchronizes BatchNorm across processes, so it needs torchrun: "
+                f"torchrun --nproc_per_node=N -m {__spec__.name if __spec__ else 'resnet_fused.benchmark'} "
+                "--mode train --sync-bn")
+    if launch is not None and args.mode != "train":
+        p.error(f"argument --mode: under torchrun the main job times DistributedDataParallel training; "
+                f"use --mode train (got {args.mode})")
     if (reason := model_error(args.model)) is not None:
         p.error(f"argument --model: {reason}")
     if args.mode == "train" and args.batch == 1 and args.image_size is not None \
@@ -560,9 +817,15 @@ def _parse(argv):
         p.error(f"argument --image-size: with --batch 1 in train mode, --image-size {args.image_size} leaves one "
                 "value per BatchNorm channel in the last stage (training BatchNorm needs more); use --batch 2 "
                 "or more, or --image-size 33 or more")
+    if launch is not None and args.device is not None and ":" in args.device:
+        p.error(f"argument --device: {torchrun_device_error(args.device, launch)}")
     if args.device is not None and (reason := device_error(args.device)) is not None:
         p.error(f"argument --device: {reason}")
-    if args.json is not None and (reason := json_path_error(args.json)) is not None:
+    if launch is not None and (reason := torchrun_device_error(args.device, launch)) is not None:
+        p.error(f"argument --device: {reason}")
+    # Under torchrun only rank 0 writes the JSON (on its node's file system).
+    if args.json is not None and (launch is None or launch.rank == 0) \
+            and (reason := json_path_error(args.json)) is not None:
         p.error(f"argument --json: {reason}")
     if args.providers is not None:
         unknown = [name for name in provider_list(args.providers) if name not in MODEL_PROVIDERS]
@@ -619,61 +882,71 @@ class _ProviderProgress:
             self.bar = None
 
 
-def main(argv=None) -> int:
-    args = _parse(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    batch = args.batch if args.batch is not None else (64 if on_gpu else 4)
-    size = args.image_size if args.image_size is not None else (224 if on_gpu else 96)
-    precision = args.precision or ("bf16" if on_gpu else "fp32")
-    iters = args.iters if args.iters is not None else (50 if on_gpu else 5)
-    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    configure_device(device)
-    if args.providers:
-        providers = provider_list(args.providers)
-    else:
-        providers = default_providers(device, args.compile, args.max_autotune)
-    if not on_gpu:
-        print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "
-              "backend (pure PyTorch) runs against torchvision. These CPU numbers say nothing about the "
-              "fused kernels.", file=sys.stderr)
-
-    tv_model = torchvision_model(args.model, device)
-    x = model_input(batch, size, device)
-    reference_logits = reference_logits_for(tv_model, x, precision)
-
+def _provider_rows(providers, tv_model, x, args, precision, reference_logits, warmup, iters,
+                   torchrun: Torchrun | None) -> list[dict]:
+    """One result row per provider, skipped ones included (under torchrun: rank 0's rows; the other
+    processes return an empty list)."""
     rows = []
-    progress = _ProviderProgress(enabled=not args.no_progress)
+    lead = torchrun is None or torchrun.launch.rank == 0
+    progress = _ProviderProgress(enabled=not args.no_progress and lead)
     for index, provider in enumerate(providers, 1):
         label = f"[{index}/{len(providers)}] {provider}"
-        reason = provider_skip_reason(provider, device, args.mode)
+        if torchrun is None:
+            reason = provider_skip_reason(provider, x.device, args.mode)
+        else:
+            reason = torchrun.skip_reason(provider, args.mode)
         if reason is not None:
             progress.write(f"{label}: skipped ({reason})")
             rows.append(dict(provider=provider, status="skipped", reason=reason))
             continue
         progress.start(label, calls_per_provider(warmup, iters))
         try:
-            rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
-                                           warmup=warmup, rounds=iters, progress=progress,
-                                           recompute_bn_relu=args.recompute_bn_relu))
+            if torchrun is None:
+                rows.append(run_model_provider(provider, tv_model, x, args.mode, precision, reference_logits,
+                                               warmup=warmup, rounds=iters, progress=progress,
+                                               recompute_bn_relu=args.recompute_bn_relu))
+            else:
+                rows.append(run_torchrun_provider(provider, tv_model, x, precision, reference_logits, torchrun,
+                                                  warmup=warmup, rounds=iters, progress=progress,
+                                                  recompute_bn_relu=args.recompute_bn_relu))
         finally:
             progress.close()
-    eager = next((r for r in rows if r["provider"] == EAGER and r["status"] == "ok"), None)
-    for row in rows:
-        if row["status"] == "ok":
-            row["spread"] = spread(row)
-            row["wide_spread"] = row["spread"] > SPREAD_WARN_RATIO
-            if eager is not None:
-                row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
-    threads, cpus = torch.get_num_threads(), os.cpu_count()
-    warning = timing_warning(rows, device.type, SPREAD_WARN_RATIO, threads, cpus)
+    return rows if lead else []
 
+
+def rank_spread_warning(rows: list[dict], threshold: float = SPREAD_WARN_RATIO) -> str | None:
+    """Under torchrun: the warning when one rank's median step is more than threshold times
+    another's for any provider (synchronized steps run at the slowest rank's pace), else None."""
+    uneven = [(r["provider"], r["rank_spread"], r["slowest_rank"]) for r in rows
+              if r.get("status") == "ok" and r["rank_spread"] > threshold]
+    if not uneven:
+        return None
+    listed = ", ".join(f"{provider} {ratio:.2f} (slowest: rank {rank})" for provider, ratio, rank in uneven)
+    return (f"uneven ranks: the slowest rank's median step is more than {threshold:.2f}x the fastest's for "
+            f"{listed}; the slowest rank sets the pace of every synchronized step, so look for other work on "
+            "its GPU or host, or a slower link to it.")
+
+
+def _print_table(rows, args, *, batch, size, precision, iters, warmup, device, torchrun: Torchrun | None) -> None:
+    on_gpu = device.type == "cuda"
     dlogit = "max|dlogit|*" if args.mode == "train" else "max|dlogit|"
-    print(f"\n{args.model} {args.mode} batch={batch} {size}x{size} {precision} on {_device_name(device)} "
-          f"(median of {iters} after {warmup} warm-up, p20/p80: its 20th/80th percentiles, spread: p80/p20, "
-          f"! above {SPREAD_WARN_RATIO}; speedup vs torchvision-eager, same run)")
+    if torchrun is None:
+        print(f"\n{args.model} {args.mode} batch={batch} {size}x{size} {precision} on {_device_name(device)} "
+              f"(median of {iters} after {warmup} warm-up, p20/p80: its 20th/80th percentiles, spread: p80/p20, "
+              f"! above {SPREAD_WARN_RATIO}; speedup vs torchvision-eager, same run)")
+    else:
+        launch = torchrun.launch
+        print(f"\n{args.model} {args.mode}, DistributedDataParallel over {launch.world_size} processes "
+              f"({launch.nodes} node(s), {torchrun.backend}{', SyncBatchNorm' if args.sync_bn else ''}), "
+              f"batch={batch} per process ({batch * launch.world_size} in all) {size}x{size} {precision} on "
+              f"{_device_name(device)} (median of {iters} after {warmup} warm-up on the slowest rank, p20/p80: "
+              f"its 20th/80th percentiles, spread: p80/p20, ! above {SPREAD_WARN_RATIO}; img/s: all processes "
+              "together; ranks: the slowest rank's median over the fastest's; speedup vs torchvision-eager, "
+              "same run)")
     header = (f"{'provider':<42}{'ms/iter':>10}{'p20':>9}{'p80':>9}{'spread':>8}{'img/s':>10}{'speedup':>9}"
               f"{dlogit:>13}")
+    if torchrun is not None:
+        header += f"{'ranks':>8}"
     if on_gpu:
         header += f"{'peak MiB':>10}"
     if args.mode == "train":
@@ -687,6 +960,8 @@ def main(argv=None) -> int:
         line = (f"{r['provider']:<42}{r['median_ms']:>10.2f}{r['p20_ms']:>9.2f}{r['p80_ms']:>9.2f}"
                 f"{r['spread']:>7.2f}{mark}{r['images_per_s']:>10.1f}"
                 f"{r['speedup_vs_eager']:>8.2f}x{r['max_abs_logit_diff']:>13.2e}")
+        if torchrun is not None:
+            line += f"{r['rank_spread']:>7.2f}" + ("!" if r["rank_spread"] > SPREAD_WARN_RATIO else " ")
         if on_gpu:
             line += f"{r['peak_memory_mib']:>10.0f}"
         if args.mode == "train":
@@ -694,13 +969,68 @@ def main(argv=None) -> int:
         print(line + f"  {_format_backends(r['backends_used'])}")
     if args.mode == "train":
         print("* max|dlogit|: the eval-mode logits against torchvision eager's, checked once before training "
-              "(the timed training steps change the weights and are not compared)")
+              "(the timed training steps change the weights and are not compared)"
+              + ("; the largest over the ranks, each on its own input" if torchrun is not None else ""))
         print("saved MiB: activation memory one forward keeps for backward (autograd's saved tensors, "
               "parameters excluded; - for compiled models)"
               + ("; fused models with --recompute-bn-relu" if args.recompute_bn_relu else ""))
-    if warning is not None:
-        sys.stdout.flush()
-        print(f"WARNING: {warning}", file=sys.stderr)
+    if torchrun is not None:
+        syncs = sorted({(r["sync_bn"], r["gradient_sync"]) for r in rows if r["status"] == "ok"}, key=str)
+        for sync_bn, gradient_sync in syncs:
+            print(f"gradients: {gradient_sync}" + (f"; BatchNorm: {sync_bn}" if sync_bn else ""))
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    launch = args.launch
+    use_cuda = torch.cuda.is_available() if args.device is None else torch.device(args.device).type == "cuda"
+    if launch is None:
+        device = torch.device(args.device or ("cuda" if use_cuda else "cpu"))
+    else:
+        device = torch.device("cuda", launch.local_rank) if use_cuda else torch.device("cpu")
+    on_gpu = device.type == "cuda"
+    batch = args.batch if args.batch is not None else (64 if on_gpu else 4)
+    size = args.image_size if args.image_size is not None else (224 if on_gpu else 96)
+    precision = args.precision or ("bf16" if on_gpu else "fp32")
+    iters = args.iters if args.iters is not None else (50 if on_gpu else 5)
+    warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
+    configure_device(device)
+    if args.providers:
+        providers = provider_list(args.providers)
+    else:
+        providers = default_providers(device, args.compile, args.max_autotune)
+    lead = launch is None or launch.rank == 0
+    if not on_gpu and lead:
+        print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "
+              "backend (pure PyTorch) runs against torchvision. These CPU numbers say nothing about the "
+              "fused kernels.", file=sys.stderr)
+
+    tv_model = torchvision_model(args.model, device)
+    # Under torchrun each process trains on its own images, as with a DistributedSampler.
+    x = model_input(batch, size, device, seed=0 if launch is None else launch.rank)
+    reference_logits = reference_logits_for(tv_model, x, precision)
+
+    with Torchrun(launch, device, args.sync_bn) if launch is not None else contextlib.nullcontext() as torchrun:
+        rows = _provider_rows(providers, tv_model, x, args, precision, reference_logits, warmup, iters, torchrun)
+    if not lead:
+        return 0
+    eager = next((r for r in rows if r["provider"] == EAGER and r["status"] == "ok"), None)
+    for row in rows:
+        if row["status"] == "ok":
+            row["spread"] = spread(row)
+            row["wide_spread"] = row["spread"] > SPREAD_WARN_RATIO
+            if eager is not None:
+                row["speedup_vs_eager"] = eager["median_ms"] / row["median_ms"]
+    threads, cpus = torch.get_num_threads(), os.cpu_count()
+    warning = timing_warning(rows, device.type, SPREAD_WARN_RATIO, threads, cpus)
+    uneven = rank_spread_warning(rows) if launch is not None else None
+
+    _print_table(rows, args, batch=batch, size=size, precision=precision, iters=iters, warmup=warmup, device=device,
+                 torchrun=torchrun)
+    for text in (warning, uneven):
+        if text is not None:
+            sys.stdout.flush()
+            print(f"WARNING: {text}", file=sys.stderr)
     if args.json:
         meta = dict(
             model=args.model, mode=args.mode, batch=batch, image_size=size, precision=precision, iters=iters,
@@ -710,7 +1040,7 @@ def main(argv=None) -> int:
             cudnn=torch.backends.cudnn.version() if on_gpu else None, resnet_fused=resnet_fused.__version__,
             python=platform.python_version(), backends=resnet_fused.available_backends(),
             command=command_line(argv, run_as_main=__name__ == "__main__",
-                                 module=__spec__.name if __spec__ else None, argv0=sys.argv[0]),
+                                 module=__spec__.name if __spec__ else None, argv0=sys.argv[0], launch=launch),
             logit_check="max_abs_logit_diff: eval-mode logits against torchvision eager's on the same input, "
                         "checked once per provider before any timed step"
                         + (" (before training changes the weights)" if args.mode == "train" else ""),
@@ -718,6 +1048,16 @@ def main(argv=None) -> int:
             omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
             spread_warn_ratio=SPREAD_WARN_RATIO, timing_warning=warning,
         )
+        if launch is not None:
+            meta.update(
+                launcher="torchrun", world_size=launch.world_size, local_world_size=launch.local_world_size,
+                nodes=launch.nodes, dist_backend=torchrun.backend, sync_bn=args.sync_bn,
+                batch_per_process=batch, global_batch=batch * launch.world_size,
+                timings="median_ms, p20_ms, p80_ms: the slowest rank's; images_per_s: all processes together "
+                        "(world_size x batch_per_process / that median); rank_spread: the slowest rank's "
+                        "median over the fastest's; per_rank: each rank's own",
+                rank_spread_warning=uneven,
+            )
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, results=rows), f, indent=2)
         print(f"wrote {args.json}", file=sys.stderr)
