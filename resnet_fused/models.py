@@ -139,7 +139,12 @@ def _swap_classes(model: nn.Module, mapping: dict, inplace: bool) -> nn.Module:
 
 def from_torchvision(model: nn.Module, inplace: bool = False) -> nn.Module:
     """Fused version of a torchvision ResNet (or of any model containing torchvision
-    ResNet modules or blocks), with identical weights and buffers. Copies unless inplace."""
+    ResNet modules or blocks), with identical weights and buffers. Copies unless inplace.
+
+    Converts torchvision's classes only (ResNet, BasicBlock, Bottleneck,
+    IntermediateLayerGetter); to_torchvision converts them back. For other models (timm's
+    and transformers' ResNets, or when unsure what a model contains) use resnet_fused.fuse,
+    which converts these classes too and reports what it fused (docs/fuse.md)."""
     return _swap_classes(model, _TO_FUSED, inplace)
 
 
