@@ -20,6 +20,7 @@ import copy
 import importlib
 import io
 import sys
+import warnings
 
 import pytest
 import torch
@@ -360,8 +361,8 @@ def test_non_relu_activation_fuses_conv_bn_only(library):
 @pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")  # deprecated in torch 2.10+, still supported
 def test_tracing_and_scripting_see_the_model_s_own_forward():
     """FX symbolic tracing (timm's feature extraction, torchvision's create_feature_extractor),
-    jit.trace and torch.jit.script of a fused model record the model's own forward, as the
-    fused torchvision models do; the fused model itself stays fused."""
+    jit.trace, torch.jit.script and ONNX export of a fused model record the model's own forward,
+    as the fused torchvision models do; the fused model itself stays fused."""
     stock, fused = _twins(_small_timm_resnet())
     stock.eval(), fused.eval()
     x = _images()
@@ -377,6 +378,39 @@ def test_tracing_and_scripting_see_the_model_s_own_forward():
         assert rel_err(scripted(x), stock(x)) <= TOLERANCE
     assert "resnet_fused::" not in str(scripted.inlined_graph)
     assert fuse_summary(fused).counts == {"conv+bn+relu": 11, "conv+bn": 4, "conv+bn+add+relu": 4}
+    onnx, _ = _importable("onnx")
+    if onnx is not None:  # the ONNX export (TorchScript-based exporter) has the model's own operators
+        operators = []
+        for model in (stock, fused):
+            buffer = io.BytesIO()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exporter's own deprecation notes
+                torch.onnx.export(model.float(), (x.float(),), buffer, dynamo=False)
+            operators.append([node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node])
+        assert operators[0] == operators[1] and "Conv" in operators[0]
+
+
+@needs_timm
+def test_torch_compile_fullgraph():
+    """torch.compile (dynamo and AOT autograd, fullgraph: no graph break) of fused timm units
+    (ConvNormAct with BatchNormAct2d, RegNet and ResNet Bottlenecks): a training step and eval
+    equal the model's own."""
+    from timm.layers import ConvNormAct
+    from timm.models import regnet, resnet as timm_resnet
+
+    stock, fused = _twins(nn.Sequential(ConvNormAct(3, 8, 3), regnet.Bottleneck(8, 16, stride=2, group_size=4),
+                                        timm_resnet.Bottleneck(16, 4)))
+    assert fuse_summary(fused).counts == {"conv+bn+relu": 5, "conv+bn": 1, "conv+bn+add+relu": 2}
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    x = _images(hw=16)
+    try:
+        assert rel_err(_train_step(compiled, x), _train_step(stock, x)) <= TOLERANCE
+        _assert_same_state(stock, fused)
+        stock.eval(), compiled.eval()
+        with torch.no_grad():
+            assert rel_err(compiled(x), stock(x)) <= TOLERANCE
+    finally:
+        torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------
