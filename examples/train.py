@@ -130,7 +130,8 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--num-classes", type=positive_int, default=None,
                       help="default: the class folders of --data, 1000 with --synthetic")
     data.add_argument("--image-size", type=positive_int, default=224, help="training crop (default 224)")
-    data.add_argument("--workers", type=nonnegative_int, default=8, help="DataLoader workers per process")
+    data.add_argument("--workers", type=nonnegative_int, default=None,
+                      help="DataLoader workers per process (default: 8, fewer if the CPUs per process are fewer)")
 
     model = p.add_argument_group("model")
     model.add_argument("--model", default="resnet50", help="builder: " + ", ".join(MODEL_NAMES))
@@ -216,6 +217,9 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
         p.error(f"argument --batch: {args.batch} images do not split evenly over WORLD_SIZE={args.world_size} "
                 f"processes; use a multiple of {args.world_size} (--batch is the global batch)")
     args.rank_batch = args.batch // args.world_size
+    if args.workers is None:
+        local_processes = int((env or os.environ).get("LOCAL_WORLD_SIZE", 1))
+        args.workers = min(8, (os.cpu_count() or 1) // max(1, local_processes))
     if args.lr is None:
         args.lr = 0.1 * args.batch / 256
 
