@@ -121,11 +121,58 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
     return model
 
 
+# --model timm:NAME and hf:NAME: ResNets of other libraries, fused with resnet_fused.fuse.
+# hf: models are built from a transformers ResNetConfig (no download): these names.
+HF_RESNETS = {
+    "resnet-50": dict(),  # ResNetConfig's defaults are ResNet-50's
+    "resnet-18": dict(layer_type="basic", depths=[2, 2, 2, 2], hidden_sizes=[64, 128, 256, 512]),
+}
+
+
+class LogitsOf(torch.nn.Module):
+    """A transformers image classifier returning its logits tensor (its own ModelOutput otherwise)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+def library_of(name: str) -> str:
+    """"timm", "hf" or "torchvision": which library builds --model `name`."""
+    prefix, _, rest = name.partition(":")
+    return prefix if rest and prefix in ("timm", "hf") else "torchvision"
+
+
+def _build_base(name: str) -> torch.nn.Module:
+    library, model_name = library_of(name), name.partition(":")[2]
+    if library == "timm":
+        import timm
+
+        return timm.create_model(model_name, pretrained=False)
+    if library == "hf":
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        return LogitsOf(ResNetForImageClassification(ResNetConfig(num_labels=1000, **HF_RESNETS[model_name])))
+    return getattr(torchvision.models, name)()
+
+
 def torchvision_model(name: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """torchvision's `name` (random weights, non-trivial BatchNorm), channels_last on `device`."""
+    """The unfused model `name` (torchvision's, or timm:/hf: another library's; random weights,
+    non-trivial BatchNorm), channels_last on `device`: what every provider starts from."""
     torch.manual_seed(seed)
-    model = randomize_batchnorm(getattr(torchvision.models, name)(), seed)
+    model = randomize_batchnorm(_build_base(name), seed)
     return model.to(device, memory_format=torch.channels_last)
+
+
+def fused_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """resnet_fused's version of the unfused `model`: from_torchvision for torchvision's ResNets,
+    fuse for the other libraries' (both copy)."""
+    if isinstance(model, torchvision.models.ResNet):
+        return resnet_fused.from_torchvision(model)
+    return resnet_fused.fuse(model)
 
 
 def model_input(batch: int, image_size: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -143,7 +190,7 @@ def build_model(provider: str, tv_model: torch.nn.Module, recompute_bn_relu: boo
     wrap = wrap or (lambda model: model)
     backend = provider_backend(provider)
     if backend is not None:
-        model = resnet_fused.from_torchvision(tv_model)  # a copy
+        model = fused_copy(tv_model)
         return wrap(resnet_fused.nn.set_recompute_bn_relu(model, recompute_bn_relu))
     model = wrap(copy.deepcopy(tv_model))
     if provider == EAGER:
@@ -669,7 +716,28 @@ def nonnegative_int(text: str) -> int:
 
 
 def model_error(name: str) -> str | None:
-    """Why --model `name` cannot be benchmarked, or None."""
+    """Why --model `name` cannot be benchmarked, or None (for timm: and hf: names, what can be
+    told before building the model; nothing_fused_error says the rest)."""
+    library, model_name = library_of(name), name.partition(":")[2]
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            return "timm: models need timm installed (pip install timm)"
+        if model_name not in timm.list_models():
+            close = difflib.get_close_matches(model_name, timm.list_models("*resnet*"), n=1)
+            hint = f" (did you mean timm:{close[0]}?)" if close else ""
+            return f"timm has no model {model_name!r}{hint}; see timm.list_models()"
+        return None
+    if library == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return "hf: models need transformers installed (pip install transformers)"
+        if model_name not in HF_RESNETS:
+            return f"unknown transformers ResNet {model_name!r}; choose from " + ", ".join(
+                f"hf:{n}" for n in HF_RESNETS)
+        return None
     names = fused_model_names()
     if name in names:
         return None
@@ -681,7 +749,19 @@ def model_error(name: str) -> str | None:
                 f"is no speedup to measure; {choices}")
     close = difflib.get_close_matches(name.lower(), names, n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"unknown model {name!r}{hint}; {choices}"
+    return f"unknown model {name!r}{hint}; {choices} (or timm:NAME, hf:resnet-50)"
+
+
+def nothing_fused_error(name: str, model: torch.nn.Module) -> str | None:
+    """For a timm: or hf: model: why benchmarking it would measure nothing (fuse finds no unit
+    in it), with fuse's summary; None when something runs fused."""
+    if library_of(name) == "torchvision":
+        return None
+    summary = resnet_fused.fuse_summary(resnet_fused.fuse(model))
+    if summary.units:
+        return None
+    return (f"resnet_fused.fuse finds no conv + BatchNorm unit in {name} ({len(summary.unfused)} pairs it cannot "
+            f"fuse, {len(summary.convs_without_norm)} convs without a BatchNorm), so there is no speedup to measure")
 
 
 def device_error(text: str) -> str | None:
@@ -769,7 +849,10 @@ def _parse(argv):
     except ValueError as exc:
         launch, launch_problem = None, str(exc)
     p.quiet = launch is not None and launch.local_rank != 0
-    p.add_argument("--model", default="resnet50", help="builder name: " + ", ".join(fused_model_names()))
+    p.add_argument("--model", default="resnet50",
+                   help="builder name: " + ", ".join(fused_model_names())
+                        + "; or timm:NAME (a timm model, fused with resnet_fused.fuse) or hf:resnet-50 / hf:resnet-18 "
+                          "(transformers' ResNet built from its config)")
     p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 64 on GPU, 4 on CPU)")
     p.add_argument("--image-size", type=positive_int, default=None, help="input H=W (default: 224 on GPU, 96 on CPU)")
     p.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -811,6 +894,9 @@ def _parse(argv):
                 f"use --mode train (got {args.mode})")
     if (reason := model_error(args.model)) is not None:
         p.error(f"argument --model: {reason}")
+    if args.recompute_bn_relu and library_of(args.model) != "torchvision":
+        p.error("argument --recompute-bn-relu: keeps only pre-BatchNorm activations in resnet_fused's own "
+                f"ResNet blocks; {args.model} is fused by resnet_fused.fuse, which does not recompute")
     if args.mode == "train" and args.batch == 1 and args.image_size is not None \
             and last_stage_size(args.image_size) == 1:
         # Training BatchNorm needs more than one value per channel; the defaults always have it.
@@ -832,6 +918,7 @@ def _parse(argv):
         if unknown:
             p.error(f"argument --providers: unknown provider(s) {', '.join(unknown)}; "
                     f"choose from {', '.join(MODEL_PROVIDERS)}")
+    args.error = p.error  # for what only a built model can tell (nothing_fused_error)
     return args
 
 
@@ -1006,6 +1093,10 @@ def main(argv=None) -> int:
               "fused kernels.", file=sys.stderr)
 
     tv_model = torchvision_model(args.model, device)
+    if (reason := nothing_fused_error(args.model, tv_model)) is not None:
+        args.error(f"argument --model: {reason}")
+    if library_of(args.model) != "torchvision" and lead:
+        print(resnet_fused.fuse_summary(fused_copy(tv_model)), file=sys.stderr)
     # Under torchrun each process trains on its own images, as with a DistributedSampler.
     x = model_input(batch, size, device, seed=0 if launch is None else launch.rank)
     reference_logits = reference_logits_for(tv_model, x, precision)

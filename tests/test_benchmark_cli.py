@@ -134,3 +134,39 @@ def test_command_line_exits_2_with_one_line_and_no_traceback(argv, expected):
     last = proc.stderr.rstrip("\n").splitlines()[-1]
     assert last.startswith("python -m resnet_fused.benchmark: " + expected), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# --model timm:NAME / hf:NAME: other libraries' ResNets, fused with resnet_fused.fuse.
+
+def test_other_libraries_names_are_checked_before_building(capsys, no_model_built):
+    pytest.importorskip("timm")
+    pytest.importorskip("transformers")
+    assert "timm has no model 'resnet5O' (did you mean timm:resnet50?)" in _error_line(
+        ["--model", "timm:resnet5O"], capsys)
+    line = _error_line(["--model", "hf:resnet-34"], capsys)
+    assert "unknown transformers ResNet 'resnet-34'; choose from hf:resnet-50, hf:resnet-18" in line
+    line = _error_line(["--model", "timm:resnet18", "--recompute-bn-relu", "--mode", "train"], capsys)
+    assert "argument --recompute-bn-relu:" in line and "resnet_fused.fuse" in line
+
+
+def test_other_library_model_with_nothing_fused_is_refused(capsys):
+    pytest.importorskip("timm")
+    line = _error_line(["--model", "timm:vgg11", "--batch", "2", "--image-size", "32", "--no-progress"], capsys)
+    assert "argument --model: resnet_fused.fuse finds no conv + BatchNorm unit in timm:vgg11" in line
+
+
+@pytest.mark.parametrize("model,units", [("timm:resnet18", 20), ("hf:resnet-18", 20)])
+def test_other_library_models_run_fused(model, units, tmp_path, capsys):
+    """A timm and a transformers ResNet-18 fused by resnet_fused.fuse: every unit runs on the
+    reference backend, the logits match the unfused model's, and fuse's summary is printed."""
+    pytest.importorskip(model.partition(":")[0].replace("hf", "transformers"))
+    out = tmp_path / "run.json"
+    assert mb.main(["--model", model, "--batch", "2", "--image-size", "32", "--iters", "1", "--warmup", "0",
+                    "--providers", "fused-reference,torchvision-eager", "--no-progress", "--json", str(out)]) == 0
+    import json
+
+    rows = {r["provider"]: r for r in json.loads(out.read_text())["results"]}
+    fused = rows["fused-reference"]
+    assert fused["status"] == "ok" and fused["max_abs_logit_diff"] < 1e-4
+    assert fused["backends_used"] == {"reference": units}
+    assert f"{units} of {units} conv+BatchNorm pairs fused" in capsys.readouterr().err
