@@ -2,7 +2,7 @@
 compiled on a GPU or in the Triton CPU interpreter (conftest sets TRITON_INTERPRET=1 when
 no GPU is present).
 
-  * Coverage (`unsupported_reason`, the README's support matrix): the calls handed to the
+  * Coverage (`unsupported_reason`, docs/design.md's support matrix): the calls handed to the
     reference path, each with a reason.
   * On a GPU (@needs_cuda): float32 units with TF32 allowed (PyTorch's default for
     convolutions, and then the kernels' tl.dot precision), against eager under TF32 too.

@@ -85,7 +85,7 @@ RESNET50: dict[str, Layer] = {
     + _bottleneck_stage(256, 512, 28, 2)
     + _bottleneck_stage(512, 1024, 14, 2)
 }
-# Six layer types, one per kernel shape class: the ones every figure in the README refers to.
+# Six layer types, one per kernel shape class: the ones every figure in docs/kernels.md refers to.
 LAYER_TYPES = [
     "1x1 256->64 @56", "3x3 64->64 @56", "1x1 64->256 @56 +res", "3x3/2 128->128 @56", STEM.name,
     "1x1 2048->512 @7",
