@@ -62,6 +62,7 @@ because a custom-op schema cannot return None for a Tensor.
 from __future__ import annotations
 
 import functools
+import types
 
 import torch
 from torch import Tensor
@@ -347,6 +348,18 @@ def _has_autocast(device_type: str) -> bool:
     return torch.amp.is_autocast_available(device_type)
 
 
+_is_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def autocast_active() -> bool:
+    """Whether torch.autocast may be on for some device: one C call, the per-call test before
+    autocast_dtype. True where this torch cannot tell, and while compiling (Dynamo traces
+    autocast_dtype, not this call)."""
+    if _is_any_autocast_enabled is None or torch.compiler.is_compiling():
+        return True
+    return _is_any_autocast_enabled()
+
+
 def autocast_dtype(device_type: str) -> torch.dtype | None:
     """torch.autocast's lower-precision dtype when it is enabled for device_type, else None."""
     # Devices without autocast (meta) would make is_autocast_enabled raise.
@@ -454,6 +467,45 @@ def register_flop_formulas(namespace: str) -> None:
 
     for name, formula in FLOP_FORMULAS.items():
         register_flop_formula(getattr(getattr(torch.ops, namespace), name))(formula)
+
+
+def direct_ops(impls: dict, namespace: str) -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
+    """A backend's ops as plain eager calls them without the dispatcher (backends.select_ops,
+    where nothing watches it): (grad mode off: the implementations themselves; grad mode on: the
+    ops with an autograd formula as torch.autograd.Functions over the implementations, with the
+    same formulas as the registered ops, and every other op as its torch.ops op).
+
+    The registered op's autograd wrapper fills defaults, redispatches and checks aliasing on
+    every call, tens of microseconds a unit in training; an autograd.Function over the same
+    formula is the same graph (saved tensors, needs_input_grad, non-differentiable outputs)
+    for less. A backward run with create_graph=True calls the backward op through torch.ops, so
+    double backward still raises as the registered ops do."""
+    direct = types.SimpleNamespace(**impls)
+    registered = getattr(torch.ops, namespace)
+
+    class BackwardOps:  # what a formula's backward calls
+        def __getattr__(self, name):
+            return getattr(registered if torch.is_grad_enabled() else direct, name)
+
+    def forward_of(name):  # looked up per call: the namespace above is the one place
+        def forward(*args):
+            return getattr(direct, name)(*args)
+        return forward
+
+    formulas = _make_autograd(BackwardOps())
+    with_grad = {}
+    for name in impls:
+        if name not in formulas:
+            with_grad[name] = getattr(registered, name)
+            continue
+        backward, setup = formulas[name]
+        function = type(f"{name}_direct", (torch.autograd.Function,), {
+            "forward": staticmethod(forward_of(name)),
+            "setup_context": staticmethod(setup),
+            "backward": staticmethod(backward),
+        })
+        with_grad[name] = function.apply
+    return direct, types.SimpleNamespace(**with_grad)
 
 
 def register_fake_and_autograd(namespace: str) -> None:

@@ -120,7 +120,8 @@ def two_auto_backends(monkeypatch):
 
     for name, ns in (("cuda", "resnet_fused"), ("triton", backends.BACKENDS["triton"][0].NAMESPACE)):
         monkeypatch.setitem(backends.BACKENDS, name, (SimpleNamespace(
-            NAME=name, NAMESPACE=ns, AUTO=True, unsupported_reason=lambda *a: None), None))
+            NAME=name, NAMESPACE=ns, AUTO=True, DIRECT=None, DIRECT_WITH_GRAD=None,
+            unsupported_reason=lambda *a: None), None))
     monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
     monkeypatch.setattr(backends, "_auto_candidates", lambda x: ("cuda", "triton"))
     monkeypatch.setattr(backends.auto, "_time_call", fake_time)

@@ -14,7 +14,7 @@ and satisfies the `Backend` protocol below. Selection: `set_backend`, `get_backe
 (their AUTO flag) and cover the call. With one such backend it runs that one; with several,
 the faster for the call's shape (auto.py); with none, the reference. An explicitly requested
 backend must be available (`set_backend` raises with the reason otherwise); inputs its
-kernels do not cover (`unsupported_reason`, the README's support matrix) take the reference
+kernels do not cover (`unsupported_reason`, docs/design.md's support matrix) take the reference
 path. Nothing here touches the GPU at import time.
 """
 
@@ -36,7 +36,7 @@ from .auto import TIMING_ENV_VAR, auto_choices, clear_auto_choices
 
 __all__ = [
     "Backend", "BACKEND_NAMES", "ENV_VAR", "TIMING_ENV_VAR", "available_backends", "get_backend", "set_backend",
-    "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "resolved_backend", "record_selections",
+    "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "plain_eager", "direct_calls", "resolved_backend", "record_selections",
     "auto_choices", "clear_auto_choices", "decompositions",
 ]
 
@@ -47,6 +47,10 @@ class Backend(Protocol):
     NAME: str  # the name set_backend takes
     NAMESPACE: str  # torch.ops namespace of its ops
     AUTO: bool  # whether `auto` may pick it (True once its kernels have passed the op suite on a GPU)
+    # Its ops as plain eager calls them without the dispatcher (_library.direct_ops), with grad
+    # mode off and on; None where the ops are C++ (cuda).
+    DIRECT: object | None
+    DIRECT_WITH_GRAD: object | None
 
     def unavailable_reason(self) -> str | None:
         """Why it cannot run at all here (None: it can)."""
@@ -168,12 +172,37 @@ def _select(op_name: str, op_args) -> Backend:
     return covering[0] if len(covering) == 1 else auto.choose(op_name, op_args, covering)
 
 
+_profiler = torch.autograd.profiler
+
+
+def plain_eager() -> bool:
+    """Whether ops may run without the dispatcher (_library.direct_ops): in plain eager the
+    custom op's autograd wrapper, autocast kernel and redispatch cost host time (about 20 us a
+    call in inference, more in training: more than a small unit's compute) and add nothing.
+    Anything that watches or transforms the dispatcher still meets the ops: torch.compile and
+    torch.export (is_compiling), jit tracing, dispatch modes (FakeTensor, make_fx,
+    FlopCounterMode, functionalization, selective checkpointing), torch-function modes,
+    autocast (the op's kernel casts, then excludes autocast) and the profiler."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+                or torch._C._is_torch_function_mode_enabled() or _library.autocast_active()
+                or _profiler._is_profiler_enabled)
+
+
+def direct_calls() -> bool:
+    """plain_eager() with grad mode off (inference; an autograd.Function's forward and backward)."""
+    return not torch.is_grad_enabled() and plain_eager()
+
+
 def select_ops(op_name: str, *op_args):
-    """torch.ops namespace that runs `op_name` on these arguments under the current backend."""
+    """What runs `op_name` on these arguments under the current backend: its torch.ops
+    namespace, or in plain eager its ops without the dispatcher (_library.direct_ops: the same
+    implementations and autograd formulas)."""
     backend = _select(op_name, op_args)
     if _recorders and not torch.compiler.is_compiling():
         for counts in _recorders:
             counts[backend.NAME] += 1
+    if backend.DIRECT is not None and plain_eager():
+        return backend.DIRECT_WITH_GRAD if torch.is_grad_enabled() else backend.DIRECT
     return getattr(torch.ops, backend.NAMESPACE)
 
 

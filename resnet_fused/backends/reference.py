@@ -28,6 +28,10 @@ def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups) -> Tensor:
     fmt = memory_format(x)
     z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -58,14 +62,16 @@ def conv_bn_eval(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
-    z = _conv(x, weight, None, stride, padding, dilation, groups)
     acc = stat_dtype(x.dtype)
-    y = z.to(acc) * _channel(scale.to(acc)) + _channel(shift.to(acc))
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    # Functional ops only (this is also the ops' decomposition, which must be functional); no
+    # conversion where the dtype already is acc (each is ~1 us of host time per eval call).
+    y = _as(z, acc) * _channel(_as(scale, acc)) + _channel(_as(shift, acc))
     if residual is not None:
-        y = y + residual.to(acc)
+        y = y + _as(residual, acc)
     if relu:
         y = torch.relu(y)
-    return y.to(x.dtype).contiguous(memory_format=memory_format(x))
+    return _as(y, x.dtype).contiguous(memory_format=memory_format(x))
 
 
 def conv_bn_eval_backward(
@@ -105,17 +111,18 @@ def conv_bn_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z = _conv(x, weight, bias, stride, padding, dilation, groups)
     acc = stat_dtype(x.dtype)
-    z_acc = z.to(acc)
+    z_acc = _as(z, acc)
     # Two-pass statistics: exact enough to serve as the oracle for the kernels' merged partials.
     mean = z_acc.mean(dim=_CHANNEL_DIMS)
-    var = (z_acc - _channel(mean)).square().mean(dim=_CHANNEL_DIMS)
-    scale = bn_weight.to(acc) * torch.rsqrt(var + eps)
-    y = (z_acc - _channel(mean)) * _channel(scale) + _channel(bn_bias.to(acc))
+    centred = z_acc - _channel(mean)
+    var = centred.square().mean(dim=_CHANNEL_DIMS)
+    scale = _as(bn_weight, acc) * torch.rsqrt(var + eps)
+    y = centred * _channel(scale) + _channel(_as(bn_bias, acc))
     if residual is not None:
-        y = y + residual.to(acc)
+        y = y + _as(residual, acc)
     if relu:
         y = torch.relu(y)
-    return y.to(x.dtype).contiguous(memory_format=memory_format(x)), z, mean, var
+    return _as(y, x.dtype).contiguous(memory_format=memory_format(x)), z, mean, var
 
 
 def conv_bn_train_backward(
@@ -125,15 +132,15 @@ def conv_bn_train_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     need_x, need_w, need_bias, need_bn_weight, need_bn_bias, need_residual = output_mask
     acc = stat_dtype(x.dtype)
-    g = grad_y.to(acc)
+    g = _as(grad_y, acc)
     if relu:
         g = relu_backward(g, y)
     count = z.numel() // z.size(1)
     invstd = torch.rsqrt(var + eps)
-    x_hat = (z.to(acc) - _channel(mean)) * _channel(invstd)
+    x_hat = (_as(z, acc) - _channel(mean)) * _channel(invstd)
     sum_g = g.sum(dim=_CHANNEL_DIMS)
     sum_g_xhat = (g * x_hat).sum(dim=_CHANNEL_DIMS)
-    grad_z = _channel(bn_weight.to(acc) * invstd) * (g - _channel(sum_g / count) - x_hat * _channel(sum_g_xhat / count))
+    grad_z = _channel(_as(bn_weight, acc) * invstd) * (g - _channel(sum_g / count) - x_hat * _channel(sum_g_xhat / count))
     grad_x, grad_w = _conv_grads(grad_z.to(x.dtype), x, weight, stride, padding, dilation, groups, need_x, need_w)
     grad_bias = grad_z.sum(dim=_CHANNEL_DIMS).to(weight.dtype) if need_bias else None
     grad_bn_weight = sum_g_xhat.to(bn_weight.dtype) if need_bn_weight else None
@@ -250,3 +257,4 @@ def unsupported_reason(op_name: str, *op_args) -> str | None:
 
 _IMPLS = {name: globals()[name] for name in _library.OP_NAMES}
 _lib = _library.define_library(NAMESPACE, _IMPLS)
+DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE)

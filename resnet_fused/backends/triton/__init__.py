@@ -351,6 +351,32 @@ def _register() -> str | None:
 _REGISTRATION_ERROR = _register()
 
 
+def _direct_ops() -> tuple[object, object]:
+    """The implementations as backends.select_ops calls them without the dispatcher
+    (_library.direct_ops): on the tensors' device, with wrap_triton launching the kernels
+    directly, as triton_op's own eager path does (through its higher-order op a launch costs
+    ~1 ms). (None, None) with a torch that lacks the switch: every call then dispatches."""
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:
+        return None, None
+
+    def direct(impl):
+        guarded = on_tensor_device(impl)
+
+        @functools.wraps(impl)
+        def call(*args):
+            with set_wrap_triton_enabled(False):
+                return guarded(*args)
+
+        return call
+
+    return _library.direct_ops({name: direct(fn) for name, fn in _IMPLS.items()}, NAMESPACE)
+
+
+DIRECT, DIRECT_WITH_GRAD = _direct_ops() if _REGISTRATION_ERROR is None else (None, None)
+
+
 @functools.cache
 def _device_reason() -> str | None:
     if interpret():
