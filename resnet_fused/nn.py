@@ -102,6 +102,9 @@ def _add_act(y: Tensor, residual: Tensor | None, act: nn.Module | None) -> Tenso
     return act(y) if act is not None else y
 
 
+_RELU = nn.ReLU()  # the activation ConvBNReLU2d passes to conv_bn_act (stateless: one for all)
+
+
 class ConvBNReLU2d(nn.Module):
     """Conv2d -> BatchNorm2d (-> + residual) -> ReLU as one fused unit.
 
@@ -130,7 +133,7 @@ class ConvBNReLU2d(nn.Module):
         return unit
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return conv_bn_act(self.conv, self.bn, x, residual, nn.ReLU() if self.relu else None)
+        return conv_bn_act(self.conv, self.bn, x, residual, _RELU if self.relu else None)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -178,7 +181,7 @@ class BasicBlock(tv_resnet.BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
-                if _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)]):
+                if self.recompute_bn_relu and _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)]):
                     pre = recompute.conv_stats(self.conv1, self.bn1, x)
                     pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
                     return recompute.bn_act(pre, _identity(self.downsample, x))
@@ -207,7 +210,8 @@ class Bottleneck(tv_resnet.Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
-                if _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2), (self.conv3, self.bn3)]):
+                if self.recompute_bn_relu and _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2),
+                                                            (self.conv3, self.bn3)]):
                     pre = recompute.conv_stats(self.conv1, self.bn1, x)
                     pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
                     pre = recompute.bn_act_conv_stats(pre, self.conv3, self.bn3)

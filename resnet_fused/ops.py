@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import numbers
+import weakref
 
 import torch
 from torch import Tensor
@@ -17,7 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from . import _library
 from ._utils import conv_output_size, stat_dtype, update_running_stats
-from .backends import select_ops
+from .backends import direct_calls, select_ops
 from .distributed import sync_conv_bn_train
 
 __all__ = ["conv_bn_relu", "add_relu"]
@@ -30,10 +31,13 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _check_like(name: str, t: Tensor, like: Tensor, dims: int | None = None, same_dtype: bool = True) -> None:
-    """t (a checked tensor) against x: device, dtype, dimensions."""
-    if t.device != like.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {like.device}; expected the same device")
+def _check_like(name: str, t: Tensor, like: Tensor, dims: int | None = None, same_dtype: bool = True,
+                device: torch.device | None = None) -> None:
+    """t (a checked tensor) against x: device (x's, passed in when the caller has it), dtype,
+    dimensions."""
+    device = like.device if device is None else device
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but x is on {device}; expected the same device")
     if same_dtype and t.dtype != like.dtype:
         raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {like.dtype}; expected the same dtype")
     if dims is not None and t.dim() != dims:
@@ -41,6 +45,10 @@ def _check_like(name: str, t: Tensor, like: Tensor, dims: int | None = None, sam
 
 
 def _check_pair(name: str, value, minimum: int) -> list[int]:
+    if type(value) is tuple and len(value) == 2:  # nn.Conv2d's own attributes: checked in a few steps
+        first, second = value
+        if type(first) is int and type(second) is int and first >= minimum and second >= minimum:
+            return [first, second]
     pair = list(_pair(value))
     if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
@@ -50,7 +58,9 @@ def _check_pair(name: str, value, minimum: int) -> list[int]:
 
 
 def _check_number(name: str, value, minimum: float | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+    kind = type(value)
+    if kind is not float and kind is not int and (  # the common case without the ABC check (~1 us)
+            isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat))):
         raise TypeError(f"{name} must be a real number (int or float), got {value!r}")
     if minimum is not None and not value >= minimum:  # also rejects NaN
         raise ValueError(f"{name} must be a number >= {minimum}, got {value!r}")
@@ -61,9 +71,9 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_channel_vector(name: str, t: Tensor, channels: int, x: Tensor) -> None:
+def _check_channel_vector(name: str, t: Tensor, channels: int, x: Tensor, device: torch.device) -> None:
     """A per-output-channel vector (a tensor already checked by _check_tensor) on x's device."""
-    _check_like(name, t, x, dims=1, same_dtype=name == "bias")  # the conv bias is a conv operand
+    _check_like(name, t, x, dims=1, same_dtype=name == "bias", device=device)  # the conv bias is a conv operand
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
 
@@ -129,18 +139,23 @@ def _conv_bn_act(
     arithmetic on its own buffers (FrozenBatchNorm2d), so under autocast eager's output takes
     the dtype promoted with those buffers (float32 for float32 buffers), and so does a residual
     sum after it: the conv + BN stay fused, the residual add and ReLU follow in that dtype."""
-    for name, t in (("x", x), ("weight", weight), ("residual", residual), ("bias", bias), ("bn_weight", bn_weight),
-                    ("bn_bias", bn_bias), ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None or name in ("x", "weight"):
+    _check_tensor("x", x)
+    _check_tensor("weight", weight)
+    for name, t in (("residual", residual), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
+                    ("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None:
             _check_tensor(name, t)
     # Autocast before the dtype checks: a bfloat16 x with float32 weights is accepted under
     # autocast, as F.conv2d accepts it, and is an error outside.
-    autocast_dtype = _library.autocast_dtype(x.device.type)
+    autocast_dtype = _library.autocast_dtype(x.device.type) if _library.autocast_active() else None
     uncast_residual = residual
-    x, weight, bias, _, _, residual = _library.autocast_args(
-        "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
-    _check_like("x", x, x, dims=4)
-    _check_like("weight", weight, x, dims=4)
+    if autocast_dtype is not None:
+        x, weight, bias, _, _, residual = _library.autocast_args(
+            "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
+    if x.dim() != 4:
+        raise ValueError(f"x must be 4-D, got shape {tuple(x.shape)}")
+    device = x.device
+    _check_like("weight", weight, x, dims=4, device=device)
     stride = _check_pair("stride", stride, 1)
     padding = _check_pair("padding", padding, 0)
     dilation = _check_pair("dilation", dilation, 1)
@@ -168,7 +183,7 @@ def _conv_bn_act(
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
         if t is not None:
-            _check_channel_vector(name, t, c_out, x)
+            _check_channel_vector(name, t, c_out, x, device)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
     group = process_group if _sync_group_size(process_group) > 1 else None  # None: this process's batch alone
@@ -179,7 +194,7 @@ def _conv_bn_act(
             f"stride={stride}, padding={padding}, dilation={dilation}: output size would be {out_size[2:]}"
         )
     if residual is not None:
-        _check_like("residual", residual, x, dims=4)
+        _check_like("residual", residual, x, dims=4, device=device)
         if list(residual.shape) != out_size:
             raise ValueError(f"residual must have the conv output's shape {out_size}, got {list(residual.shape)}")
     conv_args = (stride, padding, dilation, groups)
@@ -192,6 +207,46 @@ def _conv_bn_act(
             return _add_relu_tail(y.to(wider), uncast_residual, relu)
     return _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args,
                     bias, residual, relu, group, out_size)
+
+
+# id(running_var) -> (a weak reference to it, the other inputs, their versions, scale, shift)
+# of its last fold; the entry goes when running_var does.
+_EVAL_FOLDS: dict[int, tuple] = {}
+
+
+def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc, keep: bool
+                      ) -> tuple[Tensor, Tensor]:
+    """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc.
+
+    keep (calls that skip the dispatcher, backends.direct_calls: eager with grad mode off, i.e.
+    inference): the fold is kept per running_var and reused while every tensor it read is the
+    same object at the same in-place version (an optimizer step, load_state_dict or a
+    running-statistics update bumps it; .to() makes new tensors), so inference launches no
+    folding kernels (five per unit otherwise). With grad on, the fold is part of the autograd
+    graph and is computed every call."""
+    key = None
+    if keep:
+        try:
+            key = (-1 if bn_weight is None else bn_weight._version, -1 if bn_bias is None else bn_bias._version,
+                   running_mean._version, running_var._version, -1 if bias is None else bias._version, eps, acc)
+        except RuntimeError:  # inference tensors keep no version counter: nothing to key on
+            key = None
+        if key is not None:
+            kept = _EVAL_FOLDS.get(id(running_var))
+            if kept is not None and kept[0]() is running_var and kept[2] == key:
+                kept_weight, kept_bias, kept_mean, kept_conv_bias = kept[1]
+                if (kept_weight is bn_weight and kept_bias is bn_bias and kept_mean is running_mean
+                        and kept_conv_bias is bias):
+                    return kept[3], kept[4]
+    invstd = torch.rsqrt(running_var.to(acc) + eps)
+    scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
+    centre = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
+    shift = centre * scale if bn_bias is None else bn_bias.to(acc) + centre * scale
+    if key is not None:
+        ident = id(running_var)
+        ref = weakref.ref(running_var, lambda _, ident=ident: _EVAL_FOLDS.pop(ident, None))
+        _EVAL_FOLDS[ident] = (ref, (bn_weight, bn_bias, running_mean, bias), key, scale, shift)
+    return scale, shift
 
 
 def _add_relu_tail(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
@@ -211,10 +266,8 @@ def _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
     use_batch_stats = training or running_mean is None
 
     if not use_batch_stats:
-        invstd = torch.rsqrt(running_var.to(acc) + eps)
-        scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
-        centre = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
-        shift = centre * scale if bn_bias is None else bn_bias.to(acc) + centre * scale
+        scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc,
+                                         keep=direct_calls())
         ops = select_ops("conv_bn_eval", x, weight, scale, shift, residual, *conv_args, relu)
         return ops.conv_bn_eval(x, weight, scale, shift, residual, *conv_args, relu)
 
