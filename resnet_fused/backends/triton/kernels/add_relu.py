@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from ...._utils import interpret
-from .launch import launch, needs_int64
+from .launch import cdiv, launch, needs_int64
 
 
 @triton.jit
@@ -31,5 +31,5 @@ def add_relu(x, residual, out):
     """x, residual, out: dense tensors with identical strides."""
     numel = out.numel()
     block = 4096 if interpret() else 2048
-    launch(_add_relu_kernel, (triton.cdiv(numel, block),), x, residual, out, numel, INDEX_64=needs_int64(out),
+    launch(_add_relu_kernel, (cdiv(numel, block),), x, residual, out, numel, INDEX_64=needs_int64(out),
            BLOCK=block, num_warps=8 if not interpret() else 4)

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .configs import elementwise_block
-from .launch import as_index, launch, needs_int64
+from .launch import as_index, cdiv, launch, needs_int64
 
 
 def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -63,7 +63,7 @@ STAT_BLOCK_T = 32
 
 def stat_group_tiles(t: int) -> int:
     """Tiles per group: about STAT_GROUPS groups (a group need not be whole BLOCK_T blocks)."""
-    return triton.cdiv(t, STAT_GROUPS)
+    return cdiv(t, STAT_GROUPS)
 
 
 @triton.jit
@@ -118,8 +118,8 @@ def finalize_stats(pmean, pm2, mean, var, m, tile_m, group_tiles=None):
     t, c = pmean.shape
     block_c = 32 if c <= 32 else 64
     gt = group_tiles or stat_group_tiles(t)
-    groups = triton.cdiv(t, gt)
-    c_blocks = triton.cdiv(c, block_c)
+    groups = cdiv(t, gt)
+    c_blocks = cdiv(c, block_c)
     gmean = torch.empty((groups, c), dtype=torch.float32, device=pmean.device)
     gm2 = torch.empty_like(gmean)
     gcnt = torch.empty((groups,), dtype=torch.float32, device=pmean.device)
@@ -165,7 +165,7 @@ def bn_apply(z, y, residual, mean, var, bn_weight, bn_bias, eps, relu):
     m = n * h * w
     bm, bc = elementwise_block()
     res = residual if residual is not None else z
-    launch(_bn_apply_kernel, (triton.cdiv(m, bm), triton.cdiv(c, bc)),
+    launch(_bn_apply_kernel, (cdiv(m, bm), cdiv(c, bc)),
         z, y, res, mean, var, bn_weight, bn_bias, eps, m, c, h * w,
         *act_strides(z), *act_strides(y), *act_strides(res),
         HAS_RES=residual is not None, RELU=relu, INDEX_64=needs_int64(z, y, residual), BLOCK_M=bm, BLOCK_C=bc,
@@ -197,8 +197,8 @@ def sum_partials(part, group_tiles=None, out=None):
     num, t, c = part.shape
     block_c = 32 if c <= 32 else 64
     gt = group_tiles or stat_group_tiles(t)
-    groups = triton.cdiv(t, gt)
-    c_blocks = triton.cdiv(c, block_c)
+    groups = cdiv(t, gt)
+    c_blocks = cdiv(c, block_c)
     index_64 = needs_int64(part)
     mid = torch.empty((num, groups, c), dtype=torch.float32, device=part.device)
     launch(_sum_partials_kernel, (groups, c_blocks, num), part, mid, t, c, gt,
@@ -280,10 +280,10 @@ def bn_backward_sums(grad_y, y, z, mean, relu):
     n, c, h, w = z.shape
     m = n * h * w
     bm, bc = elementwise_block()
-    t = triton.cdiv(m, bm)
+    t = cdiv(m, bm)
     part = torch.empty((3, t, c), dtype=torch.float32, device=z.device)
     yy = y if y is not None else z
-    launch(_bn_bwd_reduce_kernel, (t, triton.cdiv(c, bc)),
+    launch(_bn_bwd_reduce_kernel, (t, cdiv(c, bc)),
         grad_y, yy, z, mean, part, m, c, h * w,
         *act_strides(grad_y), *act_strides(yy), *act_strides(z),
         RELU=relu, INDEX_64=needs_int64(grad_y, yy, z), BLOCK_M=bm, BLOCK_C=bc,
@@ -299,13 +299,13 @@ def bn_backward_dz(grad_y, y, z, mean, var, bn_weight, sums, count, eps, relu, d
     n, c, h, w = z.shape
     m = n * h * w
     bm, bc = elementwise_block()
-    t = triton.cdiv(m, bm)
+    t = cdiv(m, bm)
     yy = y if y is not None else z
     write_vec = grad_bn_w is not None
     dzz = dz if dz is not None else z
     res = grad_res if grad_res is not None else z
     vec = sums if not write_vec else None
-    launch(_bn_bwd_dz_kernel, (t, triton.cdiv(c, bc)),
+    launch(_bn_bwd_dz_kernel, (t, cdiv(c, bc)),
         grad_y, yy, z, mean, var, bn_weight, sums, eps, float(count),
         dzz, res, grad_bn_w if write_vec else vec, grad_bn_b if write_vec else vec,
         grad_bias if write_vec else vec,
@@ -350,11 +350,11 @@ def eval_backward_g(grad_y, y, relu, g_out, want_sum):
     n, c, h, w = grad_y.shape
     m = n * h * w
     bm, bc = elementwise_block()
-    t = triton.cdiv(m, bm)
+    t = cdiv(m, bm)
     part = torch.empty((1, t, c), dtype=torch.float32, device=grad_y.device) if want_sum else None
     yy = y if y is not None else grad_y
     go = g_out if g_out is not None else grad_y
-    launch(_eval_bwd_g_kernel, (t, triton.cdiv(c, bc)),
+    launch(_eval_bwd_g_kernel, (t, cdiv(c, bc)),
         grad_y, yy, go, part if part is not None else grad_y, m, c, h * w,
         *act_strides(grad_y), *act_strides(yy), *act_strides(go),
         RELU=relu, WRITE_G=g_out is not None, WRITE_SUM=want_sum, INDEX_64=needs_int64(grad_y, yy, go),

@@ -23,6 +23,7 @@ import torch
 import triton
 
 from ...._utils import interpret
+from .launch import next_power_of_2
 
 # Shared memory a block may use (the opt-in maximum), by compute capability.
 SMEM_BYTES = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
@@ -181,8 +182,8 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
         block_m = args["BLOCK_M"]
         flat = bool(args.get("FLAT", False))
         prologue = bool(args.get("PROLOGUE", False))
-        max_n = max(16, triton.next_power_of_2(int(args[cols_arg])))
-        max_k = max(16, triton.next_power_of_2(int(args[k_arg])))
+        max_n = max(16, next_power_of_2(int(args[cols_arg])))
+        max_k = max(16, next_power_of_2(int(args[k_arg])))
         kept, seen = [], set()
         for cfg in configs:
             block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -213,7 +214,7 @@ def m_bucket(m: int) -> int:
     batch size or resolution reuses the config tuned for its bucket instead of benchmarking
     again and growing the cache by one entry per distinct M (bounded: ~log2(M_max) entries
     per layer shape). Configs depend on M only through the tile-count regime."""
-    return triton.next_power_of_2(max(int(m), 1))
+    return next_power_of_2(max(int(m), 1))
 
 
 def conv_block_m() -> int:

@@ -56,7 +56,7 @@ from ...._utils import interpret
 from .batchnorm import sum_partials
 from .configs import (conv_block_m, conv_configs, m_bucket, prune_gemm_configs, prune_wgrad_configs, sm_count,
                       wgrad_configs)
-from .launch import INT32_LIMIT, as_index, launch, needs_int64
+from .launch import INT32_LIMIT, as_index, cdiv, launch, needs_int64, next_power_of_2
 
 # Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
 FLAT_BELOW = 16
@@ -261,8 +261,8 @@ def allow_tf32(dtype: torch.dtype) -> bool:
 
 def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
     """(FLAT, C_PAD, KW_PAD) for a K side of `channels` per tap and filter rows of kw taps."""
-    c_pad, kw_pad = triton.next_power_of_2(channels), triton.next_power_of_2(kw)
-    c_pad = max(c_pad, triton.cdiv(16, kw_pad))  # tl.dot needs K >= 16
+    c_pad, kw_pad = next_power_of_2(channels), next_power_of_2(kw)
+    c_pad = max(c_pad, cdiv(16, kw_pad))  # tl.dot needs K >= 16
     flat = channels < FLAT_BELOW and kw_pad * c_pad <= FLAT_MAX_BLOCK
     return flat, c_pad, kw_pad
 
@@ -354,7 +354,7 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
     if tma:
         _ensure_allocator()
     in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (dummy,) * 4 + (0.0, False)
-    grid = lambda meta: (triton.cdiv(m, block_m) * triton.cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
+    grid = lambda meta: (cdiv(m, block_m) * cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
     launch(
         _conv_fwd_kernel, grid,
         x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
@@ -537,12 +537,12 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_
     # per pixel, 1x1/2 one or none, where one pass over all pixels masks 3/4 of its tap loads.
     phased = dgrad_phased(stride, dilation, flat)
     phases = stride[0] * stride[1] if phased else 1
-    rows = n * triton.cdiv(h, stride[0]) * triton.cdiv(w, stride[1]) if phased else m  # the largest phase's
-    tiles = triton.cdiv(rows, block_m)
+    rows = n * cdiv(h, stride[0]) * cdiv(w, stride[1]) if phased else m  # the largest phase's
+    tiles = cdiv(rows, block_m)
     c_total = c_in_g * groups
     psum = (torch.empty((2, phases * tiles, c_total), dtype=torch.float32, device=dz.device) if bn_sums is not None
             else grad_x)
-    grid = lambda meta: (tiles * triton.cdiv(c_in_g, meta["BLOCK_N"]), phases, groups)  # noqa: E731
+    grid = lambda meta: (tiles * cdiv(c_in_g, meta["BLOCK_N"]), phases, groups)  # noqa: E731
     launch(
         _conv_dgrad_kernel, grid,
         dz, weight, grad_x,
@@ -707,7 +707,7 @@ WGRAD_MIN_K_PER_SPLIT = 512
 def wgrad_split(m: int, tiles: int, sms: int) -> int:
     """Splits of K (output pixels) so that tiles * splits fills two waves of the GPU's SMs
     (two, so the last wave's tail is half as long), each split at least WGRAD_MIN_K_PER_SPLIT."""
-    want = triton.cdiv(2 * sms, max(tiles, 1))
+    want = cdiv(2 * sms, max(tiles, 1))
     return max(1, min(want, m // WGRAD_MIN_K_PER_SPLIT))
 
 
@@ -729,11 +729,11 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
     block_m, block_n = wgrad_tiles(c_out_g, n_cols, flat)
-    tiles = triton.cdiv(c_out_g, block_m) * triton.cdiv(n_cols, block_n) * axis1
+    tiles = cdiv(c_out_g, block_m) * cdiv(n_cols, block_n) * axis1
     if split is None:
         split = 1 if interpret() else wgrad_split(m, tiles, sm_count())
-    m_per_split = triton.cdiv(triton.cdiv(m, split), 64) * 64  # whole K blocks per split
-    split = triton.cdiv(m, m_per_split)
+    m_per_split = cdiv(cdiv(m, split), 64) * 64  # whole K blocks per split
+    split = cdiv(m, m_per_split)
     part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
     in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (part,) * 4 + (0.0, False)
     launch(
@@ -751,13 +751,13 @@ def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, sc
     # (36 tiles) is not a handful of programs each summing every split.
     k = c_in_g * kh * kw
     block_co, block_k = (64, 256) if interpret() else (16, 64)
-    k_blocks = triton.cdiv(k, block_k)
+    k_blocks = cdiv(k, block_k)
     w_c = weight.contiguous() if grad_scale is not None else weight
     gw = grad_w if grad_w is not None else part
     gs_part = (torch.empty((1, k_blocks, c_out), dtype=torch.float32, device=x.device)
                if grad_scale is not None else part)
     launch(
-        _wgrad_finalize_kernel, (triton.cdiv(c_out, block_co), k_blocks),
+        _wgrad_finalize_kernel, (cdiv(c_out, block_co), k_blocks),
         part, w_c, scale if scale is not None else part, gw, gs_part,
         c_out, k, kh * kw, split,
         gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,

@@ -82,10 +82,21 @@ def force_int64() -> Iterator[None]:
         _force_int64 = previous
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers' grids (triton.cdiv is a constexpr function, a few
+    microseconds a call from host code)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), in plain Python for the same reason as cdiv."""
+    return 1 << (int(n) - 1).bit_length()
+
+
 def _span(t: torch.Tensor) -> int:
     """One past the largest element offset t addresses (its numel when dense)."""
-    if t.numel() == 0:
-        return 0
+    if t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last) or t.numel() == 0:
+        return t.numel()
     return 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
 
 
