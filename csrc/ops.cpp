@@ -13,6 +13,7 @@
 #include <Python.h>
 
 #include <array>
+#include <atomic>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -113,9 +114,22 @@ Tensor to_float_vec(const Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
 cudaStream_t current_stream(const Tensor& x) { return c10::cuda::getCurrentCUDAStream(x.device().index()).stream(); }
 
-void check_sm80(const Tensor& x, const char* op) {
+// The device's compute capability major, asked once per device (not on every call).
+int capability_major(c10::DeviceIndex device) {
+  static std::atomic<int> known[64] = {};  // 0: not asked yet
+  std::atomic<int>* slot = device >= 0 && device < 64 ? &known[device] : nullptr;
+  if (slot != nullptr) {
+    const int major = slot->load(std::memory_order_relaxed);
+    if (major != 0) return major;
+  }
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (slot != nullptr) slot->store(major, std::memory_order_relaxed);
+  return major;
+}
+
+void check_sm80(const Tensor& x, const char* op) {
+  const int major = capability_major(x.device().index());
   TORCH_CHECK(major >= 8, kPrefix, op, ": the convolution kernels need compute capability 8.0 or newer (sm80+), ",
               "device ", x.device(), " has ", major, ".x");
 }
