@@ -266,8 +266,10 @@ def _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training,
     use_batch_stats = training or running_mean is None
 
     if not use_batch_stats:
-        scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc,
-                                         keep=direct_calls())
+        # Not kept while a CUDA graph captures: the graph must compute the fold from the
+        # statistics' storage, so that a replay after they change in place reads the new ones.
+        keep = direct_calls() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc, keep)
         ops = select_ops("conv_bn_eval", x, weight, scale, shift, residual, *conv_args, relu)
         return ops.conv_bn_eval(x, weight, scale, shift, residual, *conv_args, relu)
 

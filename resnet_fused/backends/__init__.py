@@ -36,8 +36,8 @@ from .auto import TIMING_ENV_VAR, auto_choices, clear_auto_choices
 
 __all__ = [
     "Backend", "BACKEND_NAMES", "ENV_VAR", "TIMING_ENV_VAR", "available_backends", "get_backend", "set_backend",
-    "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "plain_eager", "direct_calls", "resolved_backend", "record_selections",
-    "auto_choices", "clear_auto_choices", "decompositions",
+    "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "plain_eager", "direct_calls",
+    "resolved_backend", "record_selections", "auto_choices", "clear_auto_choices", "decompositions",
 ]
 
 
