@@ -149,6 +149,20 @@ def dtype_params(*dtypes: torch.dtype) -> list:
             for d in dtypes]
 
 
+def cli_error_line(main, argv, capsys) -> str:
+    """Runs a command-line main(argv) in-process; checks that it ends as an argparse error (exit
+    code 2, nothing on stdout, no traceback, the usage then exactly one `error:` line, last)
+    and returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "Traceback" not in captured.err
+    errors = [line for line in captured.err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and captured.err.rstrip("\n").endswith(errors[0]), captured.err
+    return errors[0]
+
+
 def sm90_launch_counter():
     """resnet_fused_sm90_launches from the CUDA extension (ctypes): how many sm90 CUTLASS kernels
     this process launched, so a test can tell they ran rather than the sm80 kernel."""

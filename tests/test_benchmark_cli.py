@@ -11,6 +11,8 @@ import pytest
 import torch
 import torchvision
 
+from helpers import cli_error_line
+
 import resnet_fused
 from resnet_fused import benchmark as mb
 
@@ -25,15 +27,7 @@ def no_model_built(monkeypatch):
 
 def _error_line(argv, capsys) -> str:
     """Runs the main job in-process with argv; returns its one error line."""
-    with pytest.raises(SystemExit) as exit_info:
-        mb.main(argv)
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and "Traceback" not in captured.err
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1, captured.err
-    assert captured.err.rstrip("\n").endswith(errors[0])  # the usage, then the error, last
-    return errors[0]
+    return cli_error_line(mb.main, argv, capsys)
 
 
 @pytest.mark.parametrize("option", ["--batch", "--image-size", "--iters"])

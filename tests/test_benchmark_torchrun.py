@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+from helpers import cli_error_line
 
 from resnet_fused import benchmark as mb
 
@@ -84,14 +85,7 @@ def test_main_job_under_torchrun_two_processes(tmp_path, sync_bn):
 
 
 def _error_line(argv, capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        mb.main(argv)
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and "Traceback" not in captured.err
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and captured.err.rstrip("\n").endswith(errors[0]), captured.err
-    return errors[0]
+    return cli_error_line(mb.main, argv, capsys)
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
@@ -302,14 +303,7 @@ def test_image_folder_augmentation_does_not_depend_on_the_workers(image_folder, 
 
 def _error_line(train_module, argv, capsys) -> str:
     """Runs the script in-process; returns its one error line (argparse's: usage, then the error)."""
-    with pytest.raises(SystemExit) as exit_info:
-        train_module.main(argv)
-    assert exit_info.value.code == 2
-    captured = capsys.readouterr()
-    assert captured.out == "" and "Traceback" not in captured.err
-    errors = [line for line in captured.err.splitlines() if "error:" in line]
-    assert len(errors) == 1 and captured.err.rstrip("\n").endswith(errors[0]), captured.err
-    return errors[0]
+    return cli_error_line(train_module.main, argv, capsys)
 
 
 @pytest.fixture
