@@ -693,26 +693,23 @@ def fused_model_names() -> list[str]:
     return [name for name in resnet_fused.models.__all__ if resnet_fused.models.REGISTRY_PREFIX + name in registered]
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count: 0 or less is an error, not a request for the default."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, expected: str):
+    """An argparse type for an integer >= minimum: anything else is an error naming `expected`,
+    never a request for the default."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type of a count where 0 means none."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer of 0 or more, got {text!r}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")  # counts: 0 or less is an error
+nonnegative_int = _int_at_least(0, "an integer of 0 or more")  # counts where 0 means none
 
 
 def model_error(name: str) -> str | None:
