@@ -47,6 +47,17 @@ def conv_output_size(
     return [n, c_out, h_out, w_out]
 
 
+def unasked(like: Tensor) -> Tensor:
+    """The value of an op output the caller did not ask for (output_mask False): an empty
+    tensor, because a custom-op schema returns Tensor, not Tensor?."""
+    return like.new_empty(0)
+
+
+def or_unasked(outputs, like: Tensor) -> tuple:
+    """outputs with each None (not asked for) replaced by unasked(like)."""
+    return tuple(like.new_empty(0) if t is None else t for t in outputs)
+
+
 def relu_backward(grad: Tensor, y: Tensor) -> Tensor:
     """grad masked by ReLU's output y, as aten's threshold_backward: a NaN output passes its gradient."""
     return torch.where(y <= 0, 0, grad)
