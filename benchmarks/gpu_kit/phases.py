@@ -17,20 +17,15 @@ from . import ROOT
 from .processes import gpu_env, run_logged, start_logged, tail, wait_logged, worker_env
 
 # Run in a fresh process (after a build): resnet_fused's backends, and each compiled backend's
-# AUTO flag. The backend modules are resnet_fused.backends.{cuda,triton}; older checkouts have
-# resnet_fused.{cuda,triton}_backend, tried when the first is absent.
+# AUTO flag.
 _PROBE_CODE = """\
 import importlib, json, resnet_fused
 auto = {}
 for n in ('cuda', 'triton'):
-    for module in (f'resnet_fused.backends.{n}', f'resnet_fused.{n}_backend'):
-        try:
-            auto[n] = importlib.import_module(module).AUTO
-            break
-        except Exception as e:
-            auto[n] = f'import failed: {e}'
-            if not (isinstance(e, ModuleNotFoundError) and e.name == module):
-                break
+    try:
+        auto[n] = importlib.import_module(f'resnet_fused.backends.{n}').AUTO
+    except Exception as e:
+        auto[n] = f'import failed: {e}'
 print(json.dumps(dict(backends=resnet_fused.available_backends(), auto_enabled=auto)))
 """
 
