@@ -5,11 +5,11 @@ import torch
 
 # Triton kernels run on CPU tensors through the interpreter when no GPU is present.
 # It must be chosen before any @triton.jit runs, i.e. before resnet_fused is imported
-# (helpers imports it, so it is imported below this line).
+# (backend_under_test imports it, so it is imported below this line).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from helpers import OP_SUITE_BACKENDS, BackendUnderTest, tf32  # noqa: E402
+from backend_under_test import OP_SUITE_BACKENDS, BackendUnderTest, tf32  # noqa: E402
 
 
 FUSED_BACKENDS = {"triton", "cuda"}
@@ -73,7 +73,7 @@ def _seed_and_backend():
     TF32 is off (PyTorch allows it for convolutions by default, and on a GPU the fused kernels
     follow that switch, as cuDNN does, which would make float32 comparisons against float64
     fail by ~1e-3; the interpreter on CPU computes exact float32 either way). The TF32 paths
-    have their own tests, which turn it on with helpers.tf32(True)."""
+    have their own tests, which turn it on with backend_under_test.tf32(True)."""
     import resnet_fused
 
     torch.manual_seed(0)
@@ -85,7 +85,7 @@ def _seed_and_backend():
 
 @pytest.fixture(params=OP_SUITE_BACKENDS)
 def backend(request):
-    """The op suite's backend (a helpers.BackendUnderTest): each test runs once per backend,
+    """The op suite's backend (a backend_under_test.BackendUnderTest): each test runs once per backend,
     skipped with `available_backends()`'s reason where that backend cannot run, otherwise
     with it selected (use_backend); TF32 is off, as in every test (_seed_and_backend)."""
     import resnet_fused

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import CONFIGS, run_unit_case
+from unit_cases import CONFIGS, run_unit_case
 
 import resnet_fused
 from resnet_fused import backends, ops

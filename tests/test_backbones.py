@@ -14,7 +14,8 @@ import copy
 import pytest
 import torch
 import torchvision
-from helpers import randomize_frozen_bn, randomize_model_bn, rel_err
+from random_bn import randomize_frozen_bn, randomize_model_bn
+from tolerances import rel_err
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused

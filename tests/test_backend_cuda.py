@@ -24,8 +24,9 @@ import sys
 
 import pytest
 import torch
-from helpers import (DIRECT_SHAPES, as64, assert_close_to_ref, compare_outputs, conv_args, direct_inputs,
-                     sm90_launch_counter, tf32)
+from backend_under_test import sm90_launch_counter, tf32
+from op_samples import DIRECT_SHAPES, as64, compare_outputs, conv_args, direct_inputs
+from tolerances import assert_close_to_ref
 
 import resnet_fused
 from resnet_fused import _library, backends

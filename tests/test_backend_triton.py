@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import CONFIGS, interpreted, run_unit_case, tf32
+from backend_under_test import interpreted, tf32
+from unit_cases import CONFIGS, run_unit_case
 
 import resnet_fused
 from resnet_fused import backends

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 
-from helpers import cli_error_line
+from cli_errors import cli_error_line
 
 import resnet_fused
 from resnet_fused import benchmark as mb

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from helpers import cli_error_line
+from cli_errors import cli_error_line
 
 from resnet_fused import benchmark as mb
 

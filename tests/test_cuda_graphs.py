@@ -28,7 +28,10 @@ import copy
 
 import pytest
 import torch
-from helpers import OpRecorder, assert_model_ran_on, float_loss, fused_model, images, sm90_launch_counter
+from backend_under_test import sm90_launch_counter
+from model_twins import fused_model, images
+from recorders import OpRecorder, assert_model_ran_on
+from training_loops import float_loss
 
 import resnet_fused
 

@@ -11,7 +11,9 @@ import copy
 
 import pytest
 import torch
-from helpers import OpRecorder, assert_model_ran_on, float_loss, fused_model, images, sgd_steps
+from model_twins import fused_model, images
+from recorders import OpRecorder, assert_model_ran_on
+from training_loops import float_loss, sgd_steps
 
 import resnet_fused
 

@@ -13,7 +13,7 @@
 One 2-process run (the module fixture `distributed_results`) serves every test: spawning
 costs seconds. float64 training is compared as in test_compile: step 0 to rounding, step 1
 within 10x what a 1e-15 perturbation of torchvision's own weights does
-(helpers.check_step): at these batch sizes BatchNorm training is chaotic.
+(tolerances.check_step): at these batch sizes BatchNorm training is chaotic.
 """
 
 from __future__ import annotations
@@ -28,16 +28,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torchvision
-from helpers import (
-    assert_close_to_ref,
-    check_step,
-    float_state,
-    model_twins,
-    perturbed_copy,
-    randomize_bn,
-    rel_err,
-    sgd_steps,
-)
+from model_twins import float_state, model_twins
+from random_bn import randomize_bn
+from tolerances import assert_close_to_ref, check_step, rel_err
+from training_loops import perturbed_copy, sgd_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 

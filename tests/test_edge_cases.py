@@ -11,7 +11,7 @@
 Each behaviour runs on every backend through the `backend` fixture (conftest.py): the
 reference, Triton (in its interpreter on CPU tensors when no GPU is present) and CUDA, each
 skipped with available_backends()'s reason where it cannot run. check_against_eager
-(helpers.py) asserts which backend ran.
+(unit_cases.py) asserts which backend ran.
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import UNIT_GRAD_ARGS, assert_close_to_ref, check_against_eager, eager_conv_bn_relu, interpreted
+from backend_under_test import interpreted
+from tolerances import assert_close_to_ref
+from unit_cases import UNIT_GRAD_ARGS, check_against_eager, eager_conv_bn_relu
 
 import resnet_fused
 from resnet_fused import backends, ops

@@ -28,7 +28,9 @@ import torchvision
 from torch import nn
 
 import resnet_fused
-from helpers import OpRecorder, assert_close_to_ref, randomize_model_bn, rel_err
+from random_bn import randomize_model_bn
+from recorders import OpRecorder
+from tolerances import assert_close_to_ref, rel_err
 from resnet_fused import backends
 from resnet_fused.fuse import FuseSummary, fuse, fuse_summary
 

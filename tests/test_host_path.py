@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from helpers import OpRecorder
+from recorders import OpRecorder
 
 import resnet_fused
 from resnet_fused import backends, ops

@@ -11,8 +11,8 @@ Two kinds of numerical comparison, each in a regime where it is stable on any ma
 
 The float32 kernels themselves are judged tensor by tensor at unit level (test_ops.py).
 
-Both regimes randomize BatchNorm (helpers.model_twins) with the last BatchNorm weight of each
-residual branch scaled by 0.2 (helpers.scale_residual_branches): with unit-scale branches
+Both regimes randomize BatchNorm (model_twins.model_twins) with the last BatchNorm weight of each
+residual branch scaled by 0.2 (model_twins.scale_residual_branches): with unit-scale branches
 the deep models' gradients explode at initialization and one SGD step makes training
 chaotic, which no float64 or float32 comparison survives.
 """
@@ -25,18 +25,11 @@ import os
 import pytest
 import torch
 import torchvision
-from helpers import (
-    FLOOR_ULPS,
-    MODEL_NAMES,
-    OpRecorder,
-    aggregate_rel_l2,
-    assert_model_ran_on,
-    model_twins,
-    randomize_model_bn,
-    rel_err,
-    scale_residual_branches,
-    sgd_steps,
-)
+from model_twins import MODEL_NAMES, model_twins, scale_residual_branches
+from random_bn import randomize_model_bn
+from recorders import OpRecorder, assert_model_ran_on
+from tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
+from training_loops import sgd_steps
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -194,7 +187,7 @@ def test_float32_model_within_eager(backend, name):
     """float32 through the whole model on `backend` (Triton: under the interpreter on CPU),
     against float64 (the same weights and float32 input): the fused model's error is at most
     2x eager float32 torchvision's plus 8 ulps, each judged in aggregate (relative L2 of each
-    tensor, summed in quadrature: helpers.aggregate_rel_l2) over the eval logits, and a
+    tensor, summed in quadrature: tolerances.aggregate_rel_l2) over the eval logits, and a
     training step's logits, all parameter gradients and the running statistics (on an input
     without ReLU flips: _flip_free_step). BasicBlocks (resnet18) and Bottlenecks
     (resnet14_bottleneck), every unit type of the builders but the grouped 3x3 (unit level:

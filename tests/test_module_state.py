@@ -18,7 +18,9 @@ import pickle
 
 import pytest
 import torch
-from helpers import FLOOR_ULPS, aggregate_rel_l2, model_twins, rel_err, sgd_steps
+from model_twins import model_twins
+from tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
+from training_loops import sgd_steps
 
 import resnet_fused
 

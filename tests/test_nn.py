@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 
 import torch
-from helpers import randomize_bn
+from random_bn import randomize_bn
 from torch import nn
 
 from resnet_fused import ops

@@ -9,7 +9,7 @@ backend's ops skip inputs its kernels do not cover (`unsupported_reason`); throu
 public API those take the reference path, which test_unit_matches_eager (float64) and
 test_resolved_backend check.
 
-Tolerance (tests/helpers.py): error vs a float64 reference at most 2x eager's own error in
+Tolerance (tests/tolerances.py): error vs a float64 reference at most 2x eager's own error in
 the same dtype, plus a floor of a few ulps.
 """
 
@@ -21,27 +21,21 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import (
-    CONFIGS,
+from backend_under_test import dtype_params
+from op_samples import (
     DIRECT_SHAPES,
-    WIDE_CONFIGS,
-    ExpandingRecorder,
-    OpRecorder,
     as64,
-    assert_close_to_ref,
-    assert_ran_on,
     check_sync_building_blocks,
     compare_outputs,
     conv_args,
     direct_inputs,
-    dtype_params,
-    expected_backend,
-    make_unit,
     op_samples,
-    randomize_bn,
-    run_unit_case,
     same_strides,
 )
+from random_bn import randomize_bn
+from recorders import ExpandingRecorder, OpRecorder, assert_ran_on, expected_backend
+from tolerances import assert_close_to_ref
+from unit_cases import CONFIGS, WIDE_CONFIGS, make_unit, run_unit_case
 
 import resnet_fused
 from resnet_fused import _library, backends, ops

@@ -4,9 +4,9 @@ statistics, over shapes, memory layouts and strides, kernel sizes (non-square), 
 strides, paddings, dilations, groups, dtypes, train/eval, with/without running statistics,
 conv bias, residual and ReLU.
 
-Oracle and tolerance: `helpers.check_against_eager` (eager float64 as the reference,
+Oracle and tolerance: `unit_cases.check_against_eager` (eager float64 as the reference,
 the fused result may err at most 2x eager's own error in the same dtype plus a few ulps,
-helpers.assert_close_to_ref). It also asserts which backend ran the forward.
+tolerances.assert_close_to_ref). It also asserts which backend ran the forward.
 
 The example budget is fixed and the search derandomized, so the run is reproducible and its
 time bounded. Shapes are small because the Triton kernels run in the Triton interpreter on
@@ -19,7 +19,7 @@ import os
 
 import pytest
 import torch
-from helpers import check_against_eager
+from unit_cases import check_against_eager
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 

@@ -10,7 +10,9 @@ import copy
 import pytest
 import torch
 import torchvision
-from helpers import assert_close_to_ref, model_twins, rel_err, sgd_steps
+from model_twins import model_twins
+from tolerances import assert_close_to_ref, rel_err
+from training_loops import sgd_steps
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused

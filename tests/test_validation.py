@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from helpers import UNIT_TENSOR_ARGS
+from unit_cases import UNIT_TENSOR_ARGS
 
 from resnet_fused import backends, ops
 

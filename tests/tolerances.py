@@ -1,0 +1,81 @@
+"""Dtype-aware tolerances: a result against a float64 reference, judged by eager PyTorch's error.
+
+Tolerance rule (flash-attention style): a result in dtype d is compared with a float64
+reference, and its error may be at most 2x the error eager PyTorch makes in the same
+dtype, plus a floor of a few ulps of the output's magnitude (eager is sometimes exact
+where another summation order is not). Relative errors and their aggregate over a list of
+tensors serve model-level comparisons; check_step judges float64 training steps.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOOR_ULPS = 8
+
+
+def max_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
+    return (actual.double() - ref64.double()).abs().max().item() if actual.numel() else 0.0
+
+
+def l2_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
+    return torch.linalg.vector_norm(actual.double() - ref64.double()).item() if actual.numel() else 0.0
+
+
+def assert_close_to_ref(
+    actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "", scale: float | None = None,
+    metric: str = "max",
+) -> None:
+    """|actual - ref64| <= 2 |eager - ref64| + floor, elementwise maxima. The floor is a few
+    ulps of `scale`, by default the reference's magnitude; pass the magnitude of the summed
+    terms for a quantity that is a cancellation (a conv bias's gradient under BatchNorm).
+    metric="l2" compares Euclidean norms of the errors instead: the max over millions of
+    elements of a deep network's gradients is one noisy sample, the norm is stable."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != eager's {eager.dtype}"
+    if actual.numel() == 0:
+        return
+    err_fn = {"max": max_err, "l2": l2_err}[metric]
+    if scale is None:
+        scale = ref64.abs().max().item() if metric == "max" else torch.linalg.vector_norm(ref64.double()).item()
+    floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(scale, 1e-3)
+    err, err_eager = err_fn(actual, ref64), err_fn(eager, ref64)
+    assert err <= 2 * err_eager + floor, (
+        f"{name}: {metric} error {err:.3e} vs float64 exceeds 2x eager's {err_eager:.3e} + floor {floor:.1e}"
+    )
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (float64 arithmetic)."""
+    expected = expected.double()
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    diff = (actual.double() - expected).abs().max().item() if expected.numel() else 0.0
+    return diff / max(scale, 1e-300)
+
+
+def aggregate_rel_l2(tensors, refs) -> float:
+    """sqrt(sum_k ||t_k - r_k||^2 / ||r_k||^2): one error figure for a list of tensors (a
+    model's gradients, its state), each weighted by its own magnitude."""
+    total = 0.0
+    for t, r in zip(tensors, refs, strict=True):
+        r = r.double()
+        norm = torch.linalg.vector_norm(r).item()
+        if norm > 0:
+            total += (torch.linalg.vector_norm(t.double() - r).item() / norm) ** 2
+    return total**0.5
+
+
+def assert_within_2x(what: str, got, baseline, ref64, floor: float) -> tuple[float, float]:
+    """Aggregate relative L2 error of the tensors `got` against `ref64` at most 2x that of
+    `baseline` (eager, or torchvision) plus `floor`. Returns both errors."""
+    err, err_base = aggregate_rel_l2(got, ref64), aggregate_rel_l2(baseline, ref64)
+    assert err <= 2 * err_base + floor, f"{what}: error {err:.2e} > 2x the baseline's {err_base:.2e} + {floor:.1e}"
+    return err, err_base
+
+
+def check_step(what: str, expected, actual, perturbed, step: int) -> None:
+    """float64 against torchvision: step 0 to rounding (1e-9 relative); a later step within
+    10x what perturbing torchvision's own weights by 1e-15 does (training_loops.perturbed_copy)."""
+    bound = 1e-9 if step == 0 else 10 * rel_err(perturbed, expected) + 1e-12
+    err = rel_err(actual, expected)
+    assert err <= bound, f"step {step} {what}: relative error {err:.2e} > {bound:.2e}"
