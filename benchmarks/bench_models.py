@@ -1,5 +1,5 @@
 """Model-level cases shared by test_bench_models.py and gpu_report.py. The timing, the
-providers and the logit check are the main job's (resnet_fused/benchmark.py)."""
+providers and the logit check are the main job's (resnet_fused/benchmark/)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import torch
 
 from resnet_fused import benchmark as mb
 
+# Without host overhead (GPU only): both models captured in a CUDA graph, and
+# torch.compile's mode="reduce-overhead".
+GRAPH_PROVIDERS = ("fused-auto-cuda-graph", "torchvision-eager-cuda-graph", "torchvision-compile-reduce-overhead")
 INFER_PROVIDERS = (
     mb.EAGER, "fused-cuda", "fused-triton", "fused-auto", "torchvision-compile",
-    "torchvision-compile-max-autotune", "torchvision-compile-max-autotune-freezing",
+    "torchvision-compile-max-autotune", "torchvision-compile-max-autotune-freezing", *GRAPH_PROVIDERS,
 )
 TRAIN_PROVIDERS = (mb.EAGER, "fused-cuda", "fused-triton", "fused-auto", "torchvision-compile",
-                   "torchvision-compile-max-autotune")
+                   "torchvision-compile-max-autotune", *GRAPH_PROVIDERS)
 CPU_PROVIDERS = (mb.EAGER, "fused-reference", "fused-cuda", "fused-triton")
 
 

@@ -6,6 +6,7 @@ Plain tests, not benchmarks: no timing is checked."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,3 +164,120 @@ def test_progress_counts_every_model_call():
     assert row["rounds"] == 3
     assert phases == ["check"] + ["warm-up"] * 3 + ["timed"] * 3
     assert len(phases) == mb.calls_per_provider(2, 3)
+
+
+# --cuda-graphs and --reduce-overhead: GPU-only providers. On the CPU, what can be checked is the
+# plumbing: the provider lists, the skip reasons, and the capture's order with a stand-in torch.cuda.
+
+GPU_ONLY = (*mb.CUDA_GRAPH_PROVIDERS, "torchvision-compile-reduce-overhead", "fused-auto-compile-reduce-overhead")
+
+
+def test_cuda_graph_and_reduce_overhead_providers():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert set(GPU_ONLY) <= set(mb.MODEL_PROVIDERS)
+    for provider in GPU_ONLY:
+        assert "CUDA GPU" in mb.provider_skip_reason(provider, cpu), provider
+    assert mb.provider_skip_reason("torchvision-eager-cuda-graph", cpu) == \
+        "CUDA graphs need a CUDA GPU (torch.cuda.graph captures the kernels a CUDA stream runs)"
+    assert mb.provider_skip_reason("torchvision-compile-reduce-overhead", cpu) == \
+        "mode='reduce-overhead' is torch.compile's CUDA graphs, so it needs a CUDA GPU"
+    # The fused ones run on their backend; compiled ones in the mode their name says.
+    assert [mb.provider_backend(p) for p in GPU_ONLY] == ["auto", "triton", "cuda", None, None, "auto"]
+    assert [mb.uses_cuda_graph(p) for p in GPU_ONLY] == [True] * 4 + [False] * 2
+    assert {mb.COMPILE_MODES[p] for p in GPU_ONLY[4:]} == {"reduce-overhead"}
+    # The defaults are the same as before unless asked for; the flags add both sides of the comparison.
+    assert mb.default_providers(cpu) == ["fused-cuda", "fused-triton", "fused-reference", mb.EAGER]
+    assert mb.default_providers(gpu, cuda_graphs=True, reduce_overhead=True)[-4:] == [
+        "fused-auto-cuda-graph", "torchvision-eager-cuda-graph", "fused-auto-compile-reduce-overhead",
+        "torchvision-compile-reduce-overhead"]
+
+
+def test_gpu_only_providers_named_on_the_cpu_are_skipped_with_their_reason(tmp_path):
+    out = tmp_path / "run.json"
+    assert mb.main(["--model", "resnet18", "--batch", "2", "--image-size", "32", "--iters", "1", "--warmup", "0",
+                    "--providers", ",".join(GPU_ONLY), "--device", "cpu", "--no-progress", "--json", str(out)]) == 0
+    rows = {row["provider"]: row for row in json.loads(out.read_text())["results"]}
+    assert rows[mb.EAGER]["status"] == "ok"
+    for provider in GPU_ONLY:
+        assert rows[provider]["status"] == "skipped" and "GPU" in rows[provider]["reason"], rows[provider]
+
+
+class FakeCuda:
+    """torch.cuda's streams and graphs as capture uses them, recording the order of the calls;
+    a graph's replay runs nothing (the CPU cannot), it only counts."""
+
+    def __init__(self, log: list):
+        self.log, self.current, self.replays = log, "default", 0
+        fake = self
+
+        class Stream:
+            def wait_stream(self, other):
+                fake.log.append(("side waits for", other.name))
+
+        class Current:
+            name = "default"
+
+            def wait_stream(self, other):
+                fake.log.append(("default waits for", "side"))
+
+        class CUDAGraph:
+            def replay(self):
+                fake.replays += 1
+
+        self.Stream, self.CUDAGraph, self._current = Stream, CUDAGraph, Current()
+
+    def current_stream(self):
+        return self._current
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        self.current = "side"
+        yield
+        self.current = "default"
+
+    @contextlib.contextmanager
+    def graph(self, graph):
+        self.current = "capturing"
+        yield
+        self.current = "default"
+
+
+def test_capture_warms_up_on_a_side_stream_then_captures_one_step():
+    log = []
+    cuda = FakeCuda(log)
+
+    def step():
+        log.append(("step on", cuda.current))
+        return object()  # stands for the static output tensor
+    replay = mb.capture(step, warmup=3, cuda=cuda)
+    assert log == [("side waits for", "default"), *[("step on", "side")] * 3, ("default waits for", "side"),
+                   ("step on", "capturing")]
+    out = replay()
+    assert replay() is out and cuda.replays == 2 and len(log) == 6  # replays run no Python step
+    with pytest.raises(ValueError, match="warmup must be at least 1"):
+        mb.capture(step, warmup=0, cuda=cuda)
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_cuda_graph_provider_captures_the_main_jobs_step(mode, monkeypatch):
+    """The CUDA-graph providers' step (model_step) through run_model_provider on the CPU, with
+    the stand-in torch.cuda: warm-up steps, then the captured one, whose output each replay
+    returns; in inference the captured logits are checked against torchvision eager's."""
+    cudas = []
+
+    def fake_capture(step, warmup):
+        cudas.append(FakeCuda([]))
+        return mb.capture(step, warmup=warmup, cuda=cudas[-1])
+    monkeypatch.setattr(mb.providers, "capture", fake_capture)
+    device = torch.device("cpu")
+    tv_model = mb.torchvision_model("resnet18", device)
+    x = mb.model_input(2, 32, device)
+    reference_logits = mb.reference_logits_for(tv_model, x, "fp32")
+    phases = []
+    row = mb.run_model_provider("torchvision-eager-cuda-graph", tv_model, x, mode, "fp32", reference_logits,
+                                warmup=2, rounds=3, progress=phases.append)
+    assert len(cudas) == 1 and cudas[0].replays == 1 + 2 + 3  # the first, warm-up and timed steps: replays
+    assert phases == ["check"] + ["warm-up"] * 3 + ["timed"] * 3
+    assert row["status"] == "ok" and row["max_abs_logit_diff"] < 1e-4
+    if mode == "train":
+        assert row["saved_mib"] > 0

@@ -116,9 +116,25 @@ def test_training_at_batch_1_needs_more_than_one_value_per_batchnorm_channel(cap
     assert [mb.last_stage_size(s) for s in (224, 96, 33, 32, 1)] == [7, 3, 2, 1, 1]
 
 
+@pytest.mark.parametrize("option, needs", [
+    ("--cuda-graphs", "torch.cuda.graph captures what a CUDA stream runs"),
+    ("--reduce-overhead", "mode='reduce-overhead' is torch.compile's CUDA graphs"),
+])
+def test_gpu_only_options_are_refused_on_the_cpu(option, needs, monkeypatch, capsys, no_model_built):
+    """--cuda-graphs and --reduce-overhead on the CPU, asked for (--device cpu) or the only device
+    present: an error naming the option, not a run that silently skips what was asked for."""
+    line = _error_line([option, "--device", "cpu"], capsys)
+    assert f"argument {option}: {needs}, so it needs a CUDA GPU, but the main job runs on the CPU (--device cpu)" \
+        in line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    line = _error_line([option], capsys)
+    assert f"argument {option}: {needs}" in line and "(torch sees no CUDA GPU here)" in line
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--batch", "0"], "error: argument --batch: expected a positive integer, got '0'"),
     (["--json", "/nonexistent/dir/out.json"], "error: argument --json: directory /nonexistent/dir does not exist"),
+    (["--cuda-graphs", "--device", "cpu"], "error: argument --cuda-graphs: torch.cuda.graph captures"),
 ])
 def test_command_line_exits_2_with_one_line_and_no_traceback(argv, expected):
     proc = subprocess.run([sys.executable, "-m", "resnet_fused.benchmark", *argv],

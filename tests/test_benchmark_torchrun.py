@@ -136,6 +136,24 @@ def test_under_torchrun_each_process_takes_its_local_gpu(capsys, no_model_built,
     assert exit_info.value.code == 2 and capsys.readouterr().err == ""
 
 
+def test_under_torchrun_no_cuda_graphs(capsys, no_model_built, torchrun_env):
+    """DDP's all-reduce would be captured with the step: --cuda-graphs is an error under torchrun,
+    and a CUDA-graph provider named in --providers is skipped on every rank (Torchrun.skip_reason)."""
+    torchrun_env.setattr(torch.cuda, "is_available", lambda: True)
+    torchrun_env.setattr(torch.cuda, "device_count", lambda: 2)
+    line = _error_line(["--mode", "train", "--cuda-graphs"], capsys)
+    assert "argument --cuda-graphs: CUDA graphs are not captured under torchrun" in line
+    assert "run it without torchrun" in line
+
+    def gather(out, own):  # every rank gives the same reason
+        out[:] = [own] * len(out)
+    torchrun_env.setattr(torch.distributed, "all_gather_object", gather)
+    torchrun = mb.Torchrun(mb.launch_from_env(), torch.device("cuda", 0), sync_bn=False)
+    assert torchrun.skip_reason("torchvision-eager-cuda-graph", "train").startswith(
+        "CUDA graphs are not captured under torchrun")
+    assert torchrun.skip_reason("torchvision-eager", "train") is None
+
+
 def test_torchrun_environment_is_read_and_checked(capsys, no_model_built, torchrun_env):
     assert mb.launch_from_env() == mb.Launch(rank=0, local_rank=0, world_size=2, local_world_size=2)
     assert mb.launch_from_env({}) is None

@@ -32,6 +32,7 @@ MODEL_CASE_S = {
     ("infer", "torchvision-compile-max-autotune"): 300, ("train", "torchvision-compile-max-autotune"): 400,
     ("infer", "torchvision-compile-max-autotune-freezing"): 300,
     ("infer", "fused-triton"): 30, ("train", "fused-triton"): 45,
+    ("infer", "torchvision-compile-reduce-overhead"): 60,
 }
 MODEL_CASE_DEFAULT_S = 20
 

@@ -59,6 +59,12 @@ def model_plan(phase: str, on_gpu: bool, quick: bool) -> list[dict]:
             plan += entries(ModelConfig(name, mode, 256, 224, "bf16", ()), fused_and_eager)
     for batch in (32, 1):
         plan += entries(ModelConfig("resnet50", "infer", batch, 224, "bf16", ()), ["torchvision-compile"])
+    # Without host overhead: where it weighs most (small batches), then a training step.
+    graphs = ("fused-auto-cuda-graph", "torchvision-eager-cuda-graph")
+    for batch in (1, 32):
+        plan += entries(ModelConfig("resnet50", "infer", batch, 224, "bf16", ()),
+                        graphs + ("torchvision-compile-reduce-overhead",))
+    plan += entries(train, graphs)
     plan += entries(ModelConfig("resnet50", "infer", 256, 224, "bf16", ()), ["torchvision-compile-max-autotune"])
     return plan
 

@@ -1,7 +1,8 @@
 """The main job: how much faster is the fused ResNet, and is it still the same network?
 
     python -m resnet_fused.benchmark [--model resnet50] [--batch 64] [--precision bf16]
-                                     [--mode infer|train] [--compile] [--max-autotune] [--json PATH]
+                                     [--mode infer|train] [--compile] [--max-autotune]
+                                     [--cuda-graphs] [--reduce-overhead] [--json PATH]
 
 Runs on the best device present. For each provider (the fused model on each fused backend,
 on `auto`, torchvision eager at its strongest: channels_last and the same precision, and
@@ -10,14 +11,16 @@ optionally torch.compile of torchvision) it times inference or a full training s
 their ratio (a warning, with a hint, when that spread is wide), images/s, the speedup over
 torchvision eager measured in the same run, the largest |logit difference| against torchvision
 on the same input (eval mode, checked before any timed step), the peak GPU memory, and which
-backend the fused ops actually ran on.
+backend the fused ops actually ran on. On a GPU, --cuda-graphs adds the fused and the eager
+model captured in a CUDA graph and replayed, and --reduce-overhead torch.compile's
+mode="reduce-overhead" of both: their times without host overhead.
 
 Under torchrun (`torchrun --nproc_per_node=N -m resnet_fused.benchmark --mode train`) every
 provider trains as DistributedDataParallel on N processes (NCCL on GPUs, gloo on CPU; --sync-bn
 synchronizes BatchNorm), and rank 0 prints the global images/s and the spread between the ranks.
 
 On CPU only the reference path can run: the fused CUDA and Triton kernels need a GPU, and
-the output says so. The pieces (one module per concern: providers, models, run, timing,
+the output says so. The pieces (one module per concern: providers, graphs, models, run, timing,
 torchrun, cli, report) are shared with the pytest-benchmark suites and the GPU report in
 benchmarks/.
 """
@@ -36,11 +39,13 @@ import resnet_fused
 from .cli import (Invocation, command_line, device_error, json_path_error, last_stage_size, model_error,
                   nonnegative_int, nothing_fused_error, parse_args, positive_int, program_name, provider_list,
                   runs_on_cuda, torchrun_device_error)
+from .graphs import capture
 from .models import (HF_RESNETS, LogitsOf, fused_copy, fused_model_names, library_of, model_input,
                      randomize_batchnorm, torchvision_model)
-from .providers import (COMPILE_MODES, EAGER, FUSED_PROVIDERS, MODEL_PROVIDERS, PRECISIONS, TORCHVISION_PROVIDERS,
-                        autocast_for, build_model, configure_device, default_providers, model_step, provider_backend,
-                        provider_skip_reason)
+from .providers import (COMPILE_MODES, CUDA_GRAPH_PROVIDERS, EAGER, FUSED_COMPILE_PROVIDERS, FUSED_PROVIDERS,
+                        MODEL_PROVIDERS, PRECISIONS, TORCHVISION_PROVIDERS, autocast_for, build_model,
+                        configure_device, default_providers, model_step, provider_backend, provider_skip_reason,
+                        uses_cuda_graph)
 from .report import ProviderProgress, print_table, print_warnings, run_meta, write_json
 from .run import (prepare_provider, record_backends, reference_logits_for, run_model_provider,
                   saved_activation_bytes)
@@ -50,17 +55,17 @@ from .torchrun import (Launch, Torchrun, Wrapped, average_gradients, broadcast_s
                        rank_spread_warning, run_torchrun_provider)
 
 __all__ = [
-    "COMPILE_MODES", "EAGER", "FUSED_PROVIDERS", "HF_RESNETS",
+    "COMPILE_MODES", "CUDA_GRAPH_PROVIDERS", "EAGER", "FUSED_COMPILE_PROVIDERS", "FUSED_PROVIDERS", "HF_RESNETS",
     "MODEL_PROVIDERS", "PRECISIONS", "SPREAD_WARN_RATIO", "TORCHVISION_PROVIDERS", "Invocation", "Launch",
     "LogitsOf", "Settings", "Torchrun", "Wrapped", "autocast_for", "average_gradients", "broadcast_state",
-    "build_model", "calls_per_provider", "combine_ranks", "command_line", "configure_device",
+    "build_model", "calls_per_provider", "capture", "combine_ranks", "command_line", "configure_device",
     "default_providers", "device_error", "fused_copy", "fused_model_names", "json_path_error", "last_stage_size",
     "launch_from_env", "library_of", "main", "max_memory_mib", "measure", "model_error", "model_input",
     "model_step", "nonnegative_int", "nothing_fused_error", "positive_int", "prepare_provider", "program_name",
     "provider_backend", "provider_list", "provider_skip_reason", "randomize_batchnorm", "rank_spread_warning",
     "record_backends", "reference_logits_for", "release_memory", "rounds_for", "run_main_job",
     "run_model_provider", "run_torchrun_provider", "saved_activation_bytes", "spread", "summarize",
-    "synchronize", "timing_warning", "torchrun_device_error", "torchvision_model",
+    "synchronize", "timing_warning", "torchrun_device_error", "torchvision_model", "uses_cuda_graph",
 ]
 
 
@@ -89,7 +94,7 @@ def run_main_job(argv: list[str] | None, invocation: Invocation) -> int:
     settings = _settings(args)
     configure_device(settings.device)
     providers = provider_list(args.providers) if args.providers else default_providers(
-        settings.device, args.compile, args.max_autotune)
+        settings.device, args.compile, args.max_autotune, args.cuda_graphs, args.reduce_overhead)
     lead = launch is None or launch.rank == 0
     if settings.device.type != "cuda" and lead:
         print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "

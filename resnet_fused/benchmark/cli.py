@@ -17,7 +17,7 @@ import resnet_fused
 
 from .models import HF_RESNETS, fused_model_names, library_of
 from .providers import EAGER, MODEL_PROVIDERS, PRECISIONS
-from .torchrun import Launch, launch_from_env
+from .torchrun import NO_CUDA_GRAPHS, Launch, launch_from_env
 
 MODULE = __package__  # resnet_fused.benchmark: what `python -m` runs
 
@@ -179,6 +179,12 @@ def runs_on_cuda(device: str | None) -> bool:
     return torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
 
 
+def cpu_only_error(what: str, device: str | None) -> str:
+    """The error for a GPU-only option (`what` needs a CUDA GPU) when the job runs on the CPU."""
+    where = "--device cpu" if device is not None else "torch sees no CUDA GPU here"
+    return f"{what}, so it needs a CUDA GPU, but the main job runs on the CPU ({where}); leave the option out"
+
+
 def last_stage_size(image_size: int) -> int:
     """Height (= width) of a torchvision ResNet's last stage for image_size: the stem's strided
     convolution, its max pooling and the three strided stages each halve it, rounding up."""
@@ -239,6 +245,13 @@ def _parser(invocation: Invocation, description: str) -> _ArgumentParser:
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune'), and with inductor freezing for infer "
                         "(slow to compile)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="GPU only: also time the fused (auto) and torchvision eager models captured in a CUDA "
+                        "graph (torch.cuda.graph) and replayed, the whole step (inference, or forward, backward "
+                        "and SGD step): their time without host overhead")
+    p.add_argument("--reduce-overhead", action="store_true",
+                   help="GPU only: also time torch.compile(mode='reduce-overhead') (inductor's CUDA graphs) of "
+                        "torchvision's and of the fused model")
     p.add_argument("--providers", default=None,
                    help="comma-separated providers to run instead of the defaults; any of "
                         + ", ".join(MODEL_PROVIDERS))
@@ -301,6 +314,14 @@ def _problems(args: argparse.Namespace, launch: Launch | None):
         yield f"argument --device: {reason}"
     if launch is not None and (reason := torchrun_device_error(args.device, launch)) is not None:
         yield f"argument --device: {reason}"
+    if args.cuda_graphs and launch is not None:
+        yield f"argument --cuda-graphs: {NO_CUDA_GRAPHS}; run it without torchrun"
+    if args.cuda_graphs and not runs_on_cuda(args.device):
+        yield "argument --cuda-graphs: " + cpu_only_error("torch.cuda.graph captures what a CUDA stream runs",
+                                                          args.device)
+    if args.reduce_overhead and not runs_on_cuda(args.device):
+        yield "argument --reduce-overhead: " + cpu_only_error("mode='reduce-overhead' is torch.compile's CUDA graphs",
+                                                              args.device)
     # Under torchrun only rank 0 writes the JSON (on its node's file system).
     if args.json is not None and (launch is None or launch.rank == 0) \
             and (reason := json_path_error(args.json)) is not None:

@@ -11,7 +11,7 @@ import torch
 
 import resnet_fused
 
-from .providers import autocast_for, build_model, model_step, provider_backend, provider_context
+from .providers import autocast_for, build_model, model_step, provider_backend, provider_context, uses_cuda_graph
 from .timing import max_memory_mib, measure, release_memory, rounds_for, summarize, synchronize
 
 if TYPE_CHECKING:
@@ -61,9 +61,11 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
                      torchrun: Torchrun | None = None) -> tuple[Callable[[], object], dict]:
     """Builds `provider`'s model, checks its eval logits against reference_logits (before any
     training step changes the weights), then warms its step up. The logit check and the first
-    step (torch.compile, Triton autotuning, cuDNN's search happen there) are timed together as
-    warmup_s; then `warmup` more steps. progress, if given, is called after each model call
-    with its phase ("check", then "warm-up"). In training, info["saved_mib"] is the activation
+    step (torch.compile, Triton autotuning, cuDNN's search, a CUDA graph's capture happen there)
+    are timed together as warmup_s; then `warmup` more steps. progress, if given, is called after
+    each model call with its phase ("check", then "warm-up"). A CUDA-graph provider's inference
+    graph is checked too: max_abs_logit_diff is the larger of the model's and the first replay's.
+    In training, info["saved_mib"] is the activation
     memory one forward keeps for backward (saved_activation_bytes; not for compiled models,
     whose saved tensors autograd hooks do not see). torchrun, under torchrun, makes the model data-parallel
     over the processes (Torchrun.wrap) before the check. Returns (step, info)."""
@@ -71,7 +73,7 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
         def progress(phase):
             pass
     device = x.device
-    autocast = autocast_for(device, precision)
+    autocast = autocast_for(device, precision, cache_enabled=not uses_cuda_graph(provider))
     after_backward = None
     if torchrun is None:
         model = build_model(provider, tv_model, recompute_bn_relu)
@@ -106,7 +108,10 @@ def prepare_provider(provider: str, tv_model: torch.nn.Module, x: torch.Tensor, 
             # through it with no backward would leave DDP's reducer expecting one.
             info["saved_mib"] = saved_activation_bytes(unwrapped, x) / 2**20
     step = model_step(provider, model, x, mode, autocast, after_backward)
-    step()
+    output = step()
+    if mode == "infer" and uses_cuda_graph(provider):
+        info["max_abs_logit_diff"] = max(info["max_abs_logit_diff"], _logit_diff(output, reference_logits))
+    del output
     synchronize(device)
     progress("warm-up")
     info["warmup_s"] = time.perf_counter() - t_first

@@ -13,9 +13,13 @@ import torch.distributed as dist
 
 import resnet_fused
 
-from .providers import provider_backend, provider_skip_reason
+from .providers import provider_backend, provider_skip_reason, uses_cuda_graph
 from .run import prepare_provider
 from .timing import SPREAD_WARN_RATIO, max_memory_mib, measure, release_memory, summarize
+
+# Why the CUDA-graph providers do not run under torchrun: DDP's gradient all-reduce would have
+# to be captured with them, which NCCL allows only under conditions this job does not set up.
+NO_CUDA_GRAPHS = "CUDA graphs are not captured under torchrun (DDP's all-reduce would be captured with the step)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +125,14 @@ class Torchrun:
         return Wrapped(ddp, model, None, notes)
 
     def skip_reason(self, provider: str, mode: str) -> str | None:
-        """provider_skip_reason on every process: skipped if any process cannot run it (the
-        processes must run the same providers, or their collectives would not match)."""
+        """provider_skip_reason on every process (and no CUDA graphs): skipped if any process
+        cannot run it (the processes must run the same providers, or their collectives would not
+        match)."""
+        own = provider_skip_reason(provider, self.device, mode)
+        if own is None and uses_cuda_graph(provider):
+            own = NO_CUDA_GRAPHS
         reasons = [None] * self.launch.world_size
-        dist.all_gather_object(reasons, provider_skip_reason(provider, self.device, mode))
+        dist.all_gather_object(reasons, own)
         for rank, reason in enumerate(reasons):
             if reason is not None:
                 return reason if all(r == reason for r in reasons) else f"rank {rank}: {reason}"
