@@ -33,7 +33,6 @@ from torch import nn
 import resnet_fused
 
 OPS = ("eval", "train_fwd", "train_bwd", "add_relu")
-CONV_OPS = ("eval", "train_fwd", "train_bwd")
 FUSED = ("fused-cuda", "fused-triton", "fused-reference")
 GPU_PROVIDERS = ("conv-alone", "eager-unit", "compile-unit", "fused-triton", "fused-cuda")
 CPU_PROVIDERS = ("conv-alone", "eager-unit", "fused-reference", "fused-triton", "fused-cuda")
