@@ -281,3 +281,25 @@ def test_cuda_graph_provider_captures_the_main_jobs_step(mode, monkeypatch):
     assert row["status"] == "ok" and row["max_abs_logit_diff"] < 1e-4
     if mode == "train":
         assert row["saved_mib"] > 0
+
+
+def test_reduce_overhead_compiles_in_that_mode_and_marks_each_step(monkeypatch):
+    """build_model compiles the reduce-overhead providers with mode="reduce-overhead" (torch.compile
+    recorded, not run), and their step tells inductor's CUDA graphs that a new step begins; a
+    captured step's autocast has its cache off, as torch.cuda.graph requires."""
+    modes, marks = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: modes.append(mode) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    tv_model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(1000))
+    x = torch.randn(2, 3, 8, 8)
+    for provider in ("torchvision-compile-reduce-overhead", "fused-auto-compile-reduce-overhead"):
+        model = mb.build_model(provider, tv_model)
+        step = mb.model_step(provider, model, x, "train", mb.autocast_for(x.device, "fp32"))
+        step(), step()
+    assert modes == ["reduce-overhead"] * 2 and len(marks) == 4
+    mb.model_step(mb.EAGER, tv_model, x, "infer", mb.autocast_for(x.device, "fp32"))()
+    assert len(marks) == 4  # other providers' steps do not mark
+    with mb.autocast_for(x.device, "bf16", cache_enabled=False)():
+        assert not torch.is_autocast_cache_enabled()
+    with mb.autocast_for(x.device, "bf16")():
+        assert torch.is_autocast_cache_enabled()
