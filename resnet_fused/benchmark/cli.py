@@ -24,8 +24,8 @@ MODULE = __package__  # resnet_fused.benchmark: what `python -m` runs
 
 def program_name(run_as_main: bool, module: str | None, argv0: str) -> str:
     """How the main job was started, as a user would type it: `python -m resnet_fused.benchmark`
-    (run_as_main, module: the -m module name), `python path/to/benchmark.py` (run_as_main, no
-    module), or the console script's name (resnet-fused-benchmark: argv0's basename)."""
+    (run_as_main, module: the -m module name), `python path/to/benchmark/__main__.py` (run_as_main,
+    no module), or the console script's name (resnet-fused-benchmark: argv0's basename)."""
     if run_as_main:
         return f"python -m {module}" if module else f"python {argv0}"
     name = os.path.basename(argv0)
