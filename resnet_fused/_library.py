@@ -336,9 +336,26 @@ def _no_formula(name: str):
 # float32.
 
 AUTOCAST_DISPATCH_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}
-# op -> positions of the arguments cast to the autocast dtype
-AUTOCAST_CAST_ARGS = {"conv_bn_eval": (0, 1, 4), "conv_bn_train": (0, 1, 2, 5), "conv_bn_stats": (0, 1, 2)}
-AUTOCAST_PROMOTE_ARGS = {"add_relu": (0, 1)}
+# op -> the arguments cast to the autocast dtype, by schema name
+AUTOCAST_CAST_ARGS = {"conv_bn_eval": ("x", "weight", "residual"), "conv_bn_train": ("x", "weight", "bias", "residual"),
+                      "conv_bn_stats": ("x", "weight", "bias")}
+AUTOCAST_PROMOTE_ARGS = {"add_relu": ("x", "residual")}
+
+
+def argument_names(op_name: str) -> tuple[str, ...]:
+    """The argument names of op `op_name`, in order, read from its schema in SCHEMAS."""
+    return tuple(arg.name for arg in torch._C.parse_schema(op_name + SCHEMAS[op_name]).arguments)
+
+
+def argument_positions(op_name: str, names) -> tuple[int, ...]:
+    """Positions of the arguments `names` in op `op_name`'s schema (a KeyError names the one
+    the schema lacks), so a table of arguments cannot go stale when a schema changes."""
+    order = {name: i for i, name in enumerate(argument_names(op_name))}
+    return tuple(order[name] for name in names)
+
+
+_CAST_AT = {op: argument_positions(op, names) for op, names in AUTOCAST_CAST_ARGS.items()}
+_PROMOTE_AT = {op: argument_positions(op, names) for op, names in AUTOCAST_PROMOTE_ARGS.items()}
 
 
 @torch.compiler.assume_constant_result
@@ -368,19 +385,25 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type)
 
 
+def autocast_cast(dtype: torch.dtype, *tensors):
+    """tensors as the convolution's autocast rule casts its operands: floating tensors other
+    than float64 to dtype; None and everything else as they are."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
 def autocast_args(op_name: str, args: tuple, device_type: str) -> tuple:
     """`args` of op `op_name` as its autocast rule (above) gives them on device_type."""
     dtype = autocast_dtype(device_type)
     if dtype is None:
         return args
     args = list(args)
-    if op_name in AUTOCAST_CAST_ARGS:
-        for i in AUTOCAST_CAST_ARGS[op_name]:
-            t = args[i]
-            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64:
-                args[i] = t.to(dtype)
-    elif op_name in AUTOCAST_PROMOTE_ARGS:
-        positions = AUTOCAST_PROMOTE_ARGS[op_name]
+    if op_name in _CAST_AT:
+        positions = _CAST_AT[op_name]
+        for i, t in zip(positions, autocast_cast(dtype, *(args[i] for i in positions))):
+            args[i] = t
+    elif op_name in _PROMOTE_AT:
+        positions = _PROMOTE_AT[op_name]
         common = functools.reduce(torch.promote_types, (args[i].dtype for i in positions))
         for i in positions:
             args[i] = args[i].to(common)
@@ -469,7 +492,8 @@ def register_flop_formulas(namespace: str) -> None:
         register_flop_formula(getattr(getattr(torch.ops, namespace), name))(formula)
 
 
-def direct_ops(impls: dict, namespace: str) -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
+def direct_ops(impls: dict, namespace: str, untraced: dict | None = None
+               ) -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
     """A backend's ops as plain eager calls them without the dispatcher (backends.select_ops,
     where nothing watches it): (grad mode off: the implementations themselves; grad mode on: the
     ops with an autograd formula as torch.autograd.Functions over the implementations, with the
@@ -479,17 +503,24 @@ def direct_ops(impls: dict, namespace: str) -> tuple[types.SimpleNamespace, type
     every call, tens of microseconds a unit in training; an autograd.Function over the same
     formula is the same graph (saved tensors, needs_input_grad, non-differentiable outputs)
     for less. A backward run with create_graph=True calls the backward op through torch.ops, so
-    double backward still raises as the registered ops do."""
-    direct = types.SimpleNamespace(**impls)
+    double backward still raises as the registered ops do.
+
+    untraced: implementations that replace impls' here only: these calls are never traced or
+    decomposed, so they may work in place on their own fresh outputs."""
+    direct = types.SimpleNamespace(**{**impls, **(untraced or {})})
     registered = getattr(torch.ops, namespace)
 
     class BackwardOps:  # what a formula's backward calls
         def __getattr__(self, name):
             return getattr(registered if torch.is_grad_enabled() else direct, name)
 
-    def forward_of(name):  # looked up per call: the namespace above is the one place
-        def forward(*args):
-            return getattr(direct, name)(*args)
+    def forward_of(name, setup):
+        # The ctx-taking form: with a separate setup_context, Function.apply binds the
+        # arguments against forward's signature (inspect.signature, ~15 us) on every call.
+        def forward(ctx, *args):
+            output = getattr(direct, name)(*args)  # looked up per call: the namespace above is the one place
+            setup(ctx, args, output)
+            return output
         return forward
 
     formulas = _make_autograd(BackwardOps())
@@ -500,8 +531,7 @@ def direct_ops(impls: dict, namespace: str) -> tuple[types.SimpleNamespace, type
             continue
         backward, setup = formulas[name]
         function = type(f"{name}_direct", (torch.autograd.Function,), {
-            "forward": staticmethod(forward_of(name)),
-            "setup_context": staticmethod(setup),
+            "forward": staticmethod(forward_of(name, setup)),
             "backward": staticmethod(backward),
         })
         with_grad[name] = function.apply

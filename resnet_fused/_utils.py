@@ -59,16 +59,6 @@ def or_unasked(outputs, like: Tensor) -> tuple:
 
 
 def relu_backward(grad: Tensor, y: Tensor) -> Tensor:
-    """grad masked by ReLU's output y, as aten's threshold_backward: a NaN output passes its gradient."""
-    return torch.where(y <= 0, 0, grad)
-
-
-def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count,
-                         momentum: float) -> None:
-    """nn.BatchNorm2d's running-statistics update from a batch's mean and biased variance over
-    `count` values per channel (an int, or a device tensor so that nothing reads back to the
-    host): the running variance tracks the unbiased batch variance."""
-    with torch.no_grad():
-        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        correction = (count / (count - 1)).to(var.dtype) if isinstance(count, Tensor) else count / (count - 1)
-        running_var.mul_(1 - momentum).add_((var * correction).to(running_var.dtype), alpha=momentum)
+    """grad masked by ReLU's output y (aten's threshold_backward, as eager's ReLU backward): a
+    NaN output passes its gradient."""
+    return torch.ops.aten.threshold_backward(grad, y, 0)

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._utils import stat_dtype, update_running_stats
+from ._batchnorm import check_values_per_channel, step_momentum, update_running_stats
+from ._utils import stat_dtype
 from .backends import select_ops
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_conv_bn_train"]
@@ -51,11 +52,7 @@ def _global_stats(mean: Tensor, var: Tensor, count: int, group) -> tuple[Tensor,
     variances = torch.where(present, variances, 0.0)
     total = counts.sum(0)
     if not _capturing(total):
-        n = int(total.item())  # the host read that capture must not do
-        if n <= 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got {n} across all processes of the group"
-            )
+        check_values_per_channel(int(total.item()))  # the host read that capture must not do
     global_mean = (counts * means).sum(0) / total
     global_var = (counts * (variances + (means - global_mean).square())).sum(0) / total
     return global_mean.to(mean.dtype), global_var.to(var.dtype), total
@@ -165,8 +162,7 @@ def _all_reduce_batch_norm(bn: nn.SyncBatchNorm, x: Tensor, momentum: float, gro
     count = torch.tensor([x.numel() // x.size(1)], dtype=torch.int64, device=x.device)
     dist.all_reduce(count, group=group)
     total = int(count.item())
-    if total <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {total} across all processes")
+    check_values_per_channel(total)
     xa = x.to(acc)
     mean = _AllReduceSum.apply(xa.sum(dims), group) / total
     centered = xa - mean.view(shape)
@@ -205,12 +201,7 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             return nn.modules.batchnorm._BatchNorm.forward(self, input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        momentum = 0.0 if self.momentum is None else self.momentum  # as torch.nn.SyncBatchNorm.forward
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / self.num_batches_tracked.item()
-        return _all_reduce_batch_norm(self, input, momentum, group)
+        return _all_reduce_batch_norm(self, input, step_momentum(self), group)
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
@@ -231,8 +222,3 @@ def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
         if type(m) is nn.SyncBatchNorm:
             m.__class__ = SyncBatchNorm
     return module
-
-
-def is_sync_batch_norm(module: nn.Module) -> bool:
-    """torch.nn.SyncBatchNorm or ours (exact types: a user's subclass may override forward)."""
-    return type(module) in (nn.SyncBatchNorm, SyncBatchNorm)

@@ -42,7 +42,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from . import models as _models
 from . import nn as _fnn
-from .distributed import is_sync_batch_norm
+from ._batchnorm import fusable_norm
 
 __all__ = ["fuse", "fuse_summary", "FuseSummary", "FusedUnit", "UnfusedPair"]
 
@@ -194,9 +194,8 @@ def _conv_reason(conv: nn.Module) -> str | None:
 
 
 def _norm_reason(norm: nn.Module) -> str | None:
-    """Why conv_bn_act runs this norm module by module (None: it fuses it); mirrors the type
-    test of nn._batch_norm_args (which cannot be asked: it counts a batch)."""
-    if type(norm) in (nn.BatchNorm2d, FrozenBatchNorm2d) or is_sync_batch_norm(norm):
+    """Why conv_bn_act runs this norm module by module (None: it fuses it)."""
+    if fusable_norm(norm):
         return None
     return (f"the norm is {_key(type(norm))}, not one the fused ops take (nn.BatchNorm2d, SyncBatchNorm, "
             "torchvision's FrozenBatchNorm2d; a subclass may override forward)")

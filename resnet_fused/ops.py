@@ -11,17 +11,19 @@ from __future__ import annotations
 import functools
 import numbers
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn.modules.utils import _pair
 
 from . import _library
-from ._utils import conv_output_size, stat_dtype, update_running_stats
-from .backends import direct_calls, select_ops
+from ._batchnorm import BatchNormArgs, affine_or_default, check_values_per_channel, update_running_stats
+from ._utils import conv_output_size, stat_dtype
+from .backends import plain_eager, select_ops
 from .distributed import sync_conv_bn_train
 
-__all__ = ["conv_bn_relu", "add_relu"]
+__all__ = ["conv_bn_relu", "conv_bn_unit", "add_relu", "BatchNormArgs", "ConvArgs"]
 
 
 def _check_tensor(name: str, t) -> None:
@@ -92,6 +94,15 @@ def _sync_group_size(process_group) -> int:
     return dist.get_world_size(process_group)
 
 
+class ConvArgs(NamedTuple):
+    """A convolution's checked hyperparameters, in the ops' schema order (`*conv` in a call)."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+
+
 def conv_bn_relu(
     x: Tensor,
     weight: Tensor,
@@ -124,21 +135,20 @@ def conv_bn_relu(
     the group must call this for the unit, forward and backward). None, or a group of one
     process, normalizes with this process's batch alone. Only used with batch statistics.
     """
-    return _conv_bn_act(x, weight, bn_weight, bn_bias, running_mean, running_var, training=training,
-                        momentum=momentum, eps=eps, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                        bias=bias, residual=residual, relu=relu, process_group=process_group)
+    bn = BatchNormArgs(bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, process_group)
+    return conv_bn_unit(x, weight, bn, stride=stride, padding=padding, dilation=dilation, groups=groups, bias=bias,
+                        residual=residual, relu=relu)
 
 
-def _conv_bn_act(
-    x: Tensor, weight: Tensor, bn_weight: Tensor | None, bn_bias: Tensor | None, running_mean: Tensor | None,
-    running_var: Tensor | None, *, training: bool, momentum: float = 0.1, eps: float = 1e-5, stride=1, padding=0,
-    dilation=1, groups: int = 1, bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = True,
-    process_group=None, plain_norm: bool = False,
-) -> Tensor:
-    """conv_bn_relu, and the unit of nn.conv_bn_act. plain_norm: the norm is plain float
-    arithmetic on its own buffers (FrozenBatchNorm2d), so under autocast eager's output takes
-    the dtype promoted with those buffers (float32 for float32 buffers), and so does a residual
-    sum after it: the conv + BN stay fused, the residual add and ReLU follow in that dtype."""
+def conv_bn_unit(x: Tensor, weight: Tensor, bn: BatchNormArgs, *, stride=1, padding=0, dilation=1, groups: int = 1,
+                 bias: Tensor | None = None, residual: Tensor | None = None, relu: bool = True) -> Tensor:
+    """conv_bn_relu with the BatchNorm's arguments as one BatchNormArgs: the one way every
+    caller (the functional API, the fused modules) reaches the ops. bn.plain: the norm is plain
+    float arithmetic on its own buffers (FrozenBatchNorm2d), so under autocast eager's output
+    takes the dtype promoted with those buffers (float32 for float32 buffers), and so does a
+    residual sum after it: the conv + BN stay fused, the residual add and ReLU follow in that
+    dtype."""
+    bn_weight, bn_bias, running_mean, running_var = bn.weight, bn.bias, bn.running_mean, bn.running_var
     _check_tensor("x", x)
     _check_tensor("weight", weight)
     for name, t in (("residual", residual), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
@@ -150,35 +160,35 @@ def _conv_bn_act(
     autocast_dtype = _library.autocast_dtype(x.device.type) if _library.autocast_active() else None
     uncast_residual = residual
     if autocast_dtype is not None:
-        x, weight, bias, _, _, residual = _library.autocast_args(
-            "conv_bn_train", (x, weight, bias, None, None, residual), x.device.type)
+        x, weight, bias, residual = _library.autocast_cast(autocast_dtype, x, weight, bias, residual)
     if x.dim() != 4:
         raise ValueError(f"x must be 4-D, got shape {tuple(x.shape)}")
     device = x.device
     _check_like("weight", weight, x, dims=4, device=device)
-    stride = _check_pair("stride", stride, 1)
-    padding = _check_pair("padding", padding, 0)
-    dilation = _check_pair("dilation", dilation, 1)
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"groups must be an int, got {groups!r}")
+    conv = ConvArgs(_check_pair("stride", stride, 1), _check_pair("padding", padding, 0),
+                    _check_pair("dilation", dilation, 1), groups)
+    if type(groups) is not int:
+        if isinstance(groups, bool) or not isinstance(groups, int):
+            raise TypeError(f"groups must be an int, got {groups!r}")
     if groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
-    _check_bool("training", training)
+    _check_bool("training", bn.training)
     _check_bool("relu", relu)
-    _check_number("momentum", momentum)
-    _check_number("eps", eps, minimum=0)
+    _check_number("momentum", bn.momentum)
+    _check_number("eps", bn.eps, minimum=0)
     if 0 in weight.shape:
         raise ValueError(f"weight must have no zero-size dimension, got shape {tuple(weight.shape)}")
-    if x.size(2) == 0 or x.size(3) == 0:
+    n, c_in, h, w = x.shape
+    if h == 0 or w == 0:
         # As F.conv2d: only the batch may be empty (the output is then empty too).
         raise ValueError(f"x must have non-zero height and width, got shape {tuple(x.shape)}")
-    c_out = weight.size(0)
+    c_out, c_per_group = weight.shape[:2]
     if c_out % groups != 0:
         raise ValueError(f"weight.size(0)={c_out} (out_channels) must be divisible by groups={groups}")
-    if x.size(1) != weight.size(1) * groups:
+    if c_in != c_per_group * groups:
         raise ValueError(
-            f"x has {x.size(1)} channels but weight {tuple(weight.shape)} with groups={groups} expects "
-            f"{weight.size(1) * groups} (weight.size(1) * groups)"
+            f"x has {c_in} channels but weight {tuple(weight.shape)} with groups={groups} expects "
+            f"{c_per_group * groups} (weight.size(1) * groups)"
         )
     for name, t in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
                     ("running_var", running_var)):
@@ -186,27 +196,25 @@ def _conv_bn_act(
             _check_channel_vector(name, t, c_out, x, device)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be tensors or both be None")
-    group = process_group if _sync_group_size(process_group) > 1 else None  # None: this process's batch alone
-    out_size = conv_output_size(list(x.shape), list(weight.shape), stride, padding, dilation)
+    group = bn.process_group if _sync_group_size(bn.process_group) > 1 else None  # None: this process's batch alone
+    out_size = conv_output_size(x.shape, weight.shape, conv.stride, conv.padding, conv.dilation)
     if out_size[2] <= 0 or out_size[3] <= 0:
         raise ValueError(
-            f"x of spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])} with "
-            f"stride={stride}, padding={padding}, dilation={dilation}: output size would be {out_size[2:]}"
+            f"x of spatial size {(h, w)} is too small for kernel {tuple(weight.shape[2:])} with "
+            f"stride={conv.stride}, padding={conv.padding}, dilation={conv.dilation}: output size would be "
+            f"{out_size[2:]}"
         )
     if residual is not None:
         _check_like("residual", residual, x, dims=4, device=device)
         if list(residual.shape) != out_size:
             raise ValueError(f"residual must have the conv output's shape {out_size}, got {list(residual.shape)}")
-    conv_args = (stride, padding, dilation, groups)
-    if plain_norm and autocast_dtype is not None:
+    if bn.plain and autocast_dtype is not None:
         wider = functools.reduce(torch.promote_types, [t.dtype for t in (bn_weight, running_var) if t is not None],
                                  autocast_dtype)
         if wider != autocast_dtype:
-            y = _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-                         conv_args, bias, None, False, group, out_size)
+            y = _conv_bn(x, weight, bias, conv, bn, None, False, group, out_size)
             return _add_relu_tail(y.to(wider), uncast_residual, relu)
-    return _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args,
-                    bias, residual, relu, group, out_size)
+    return _conv_bn(x, weight, bias, conv, bn, residual, relu, group, out_size)
 
 
 # id(running_var) -> (a weak reference to it, the other inputs, their versions, scale, shift)
@@ -218,8 +226,7 @@ def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, 
                       ) -> tuple[Tensor, Tensor]:
     """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc.
 
-    keep (calls that skip the dispatcher, backends.direct_calls: eager with grad mode off, i.e.
-    inference): the fold is kept per running_var and reused while every tensor it read is the
+    keep (calls that skip the dispatcher with grad mode off, backends.direct_calls: inference): the fold is kept per running_var and reused while every tensor it read is the
     same object at the same in-place version (an optimizer step, load_state_dict or a
     running-statistics update bumps it; .to() makes new tensors), so inference launches no
     folding kernels (five per unit otherwise). With grad on, the fold is part of the autograd
@@ -256,41 +263,35 @@ def _add_relu_tail(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
     return torch.relu(y) if relu else y
 
 
-def _conv_bn(x, weight, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, conv_args, bias,
-             residual, relu, group, out_size) -> Tensor:
+def _conv_bn(x: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvArgs, bn: BatchNormArgs,
+             residual: Tensor | None, relu: bool, group, out_size: list[int]) -> Tensor:
     """The fused unit on checked, autocast arguments; group: a process group of more than one
     process to synchronize the batch statistics over, or None."""
-    c_out = out_size[1]
-    sync = group is not None
     acc = stat_dtype(x.dtype)
-    use_batch_stats = training or running_mean is None
-
-    if not use_batch_stats:
-        # Not kept while a CUDA graph captures: the graph must compute the fold from the
-        # statistics' storage, so that a replay after they change in place reads the new ones.
-        keep = direct_calls() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-        scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc, keep)
-        ops = select_ops("conv_bn_eval", x, weight, scale, shift, residual, *conv_args, relu)
-        return ops.conv_bn_eval(x, weight, scale, shift, residual, *conv_args, relu)
+    plain = plain_eager()
+    if not bn.training and bn.running_mean is not None:
+        # The fold is kept for calls without grad or the dispatcher, but not while a CUDA graph
+        # captures: the graph must compute it from the statistics' storage, so that a replay
+        # after they change in place reads the new ones.
+        keep = plain and not torch.is_grad_enabled() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+        scale, shift = _eval_scale_shift(bn.weight, bn.bias, bn.running_mean, bn.running_var, bias, bn.eps, acc, keep)
+        args = (x, weight, scale, shift, residual, *conv, relu)
+        return select_ops("conv_bn_eval", *args, plain_eager=plain).conv_bn_eval(*args)
 
     count = out_size[0] * out_size[2] * out_size[3]
-    if count == 1 and not sync:
-        # The same error (type and text) nn.BatchNorm2d gives.
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(out_size)}")
-    if bn_weight is None:
-        bn_weight = torch.ones(c_out, dtype=acc, device=x.device)
-    if bn_bias is None:
-        bn_bias = torch.zeros(c_out, dtype=acc, device=x.device)
-    if sync:
-        y, mean, var, count = sync_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, conv_args, eps, relu,
+    if group is None:
+        check_values_per_channel(count, out_size)
+    bn_weight, bn_bias = affine_or_default(bn.weight, bn.bias, out_size[1], acc, x.device)
+    if group is not None:
+        y, mean, var, count = sync_conv_bn_train(x, weight, bias, bn_weight, bn_bias, residual, conv, bn.eps, relu,
                                                  group)
     else:
-        args = (x, weight, bias, bn_weight, bn_bias, residual, *conv_args, eps, relu)
-        y, _, mean, var = select_ops("conv_bn_train", *args).conv_bn_train(*args)
+        args = (x, weight, bias, bn_weight, bn_bias, residual, *conv, bn.eps, relu)
+        y, _, mean, var = select_ops("conv_bn_train", *args, plain_eager=plain).conv_bn_train(*args)
     # The synchronized count is a device tensor (no host read, for CUDA graphs), > 1 as
     # sync_conv_bn_train checked; the local one an int, 0 for an empty batch.
-    if training and running_mean is not None and (sync or count > 0):
-        update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    if bn.training and bn.running_mean is not None and (group is not None or count > 0):
+        update_running_stats(bn.running_mean, bn.running_var, mean, var, count, bn.momentum)
     return y
 
 

@@ -37,13 +37,15 @@ through temporaries.
 
 from __future__ import annotations
 
+import collections
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import _library
-from ._utils import stat_dtype, update_running_stats
+from ._batchnorm import affine_or_default, check_values_per_channel, step_momentum, update_running_stats
+from ._utils import stat_dtype
 from .backends import select_ops
 
 __all__ = ["PreActivation", "conv_stats", "bn_act_conv_stats", "bn_act", "bn_act_max_pool", "eligible_norm",
@@ -73,36 +75,29 @@ def _conv_args(conv: nn.Conv2d) -> tuple:
 
 
 def _bn_params(bn: nn.BatchNorm2d, like: Tensor) -> tuple[Tensor, Tensor]:
-    acc = stat_dtype(like.dtype)
-    weight = bn.weight if bn.weight is not None else torch.ones(bn.num_features, dtype=acc, device=like.device)
-    bias = bn.bias if bn.bias is not None else torch.zeros(bn.num_features, dtype=acc, device=like.device)
-    return weight, bias
+    return affine_or_default(bn.weight, bn.bias, bn.num_features, stat_dtype(like.dtype), like.device)
 
 
 def _count(z: Tensor) -> int:
     return z.numel() // z.size(1) if z.size(1) else 0
 
 
-def _update_running_stats(bn: nn.BatchNorm2d, mean: Tensor, var: Tensor, count: int) -> None:
-    """nn.BatchNorm2d.forward's bookkeeping in training: num_batches_tracked, the momentum
-    (cumulative average when momentum is None), the running statistics."""
-    if count == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} value per channel")
-    if not bn.track_running_stats or bn.running_mean is None:
-        return
-    momentum = 0.0 if bn.momentum is None else bn.momentum
-    if bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:
-            momentum = 1.0 / float(bn.num_batches_tracked)
-    if count > 0:
+def _update_running_stats(bn: nn.BatchNorm2d, z: Tensor, mean: Tensor, var: Tensor) -> None:
+    """nn.BatchNorm2d.forward's bookkeeping in training for a batch z: the error for one value
+    per channel, the step's momentum, the running statistics."""
+    count = _count(z)
+    check_values_per_channel(count, z.shape)
+    momentum = step_momentum(bn)
+    if bn.track_running_stats and bn.running_mean is not None and count > 0:
         update_running_stats(bn.running_mean, bn.running_var, mean, var, count, momentum)
 
 
 def _cast(conv: nn.Conv2d, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
     """(x, weight, bias) as the fused unit's autocast rule casts them (no-op outside autocast)."""
-    x, weight, bias, *_ = _library.autocast_args("conv_bn_stats", (x, conv.weight, conv.bias), x.device.type)
-    return x, weight, bias
+    dtype = _library.autocast_dtype(x.device.type) if _library.autocast_active() else None
+    if dtype is None:
+        return x, conv.weight, conv.bias
+    return _library.autocast_cast(dtype, x, conv.weight, conv.bias)
 
 
 def _conv_grads(grad_z: Tensor, x: Tensor, weight: Tensor, conv_args: tuple, need_x: bool, need_w: bool):
@@ -116,30 +111,50 @@ def _conv_grads(grad_z: Tensor, x: Tensor, weight: Tensor, conv_args: tuple, nee
     return (grads[0] if need_x else None), (grads[1] if need_w else None)
 
 
+class _BnNeeds(NamedTuple):
+    """Which of BatchNorm (+ ReLU) backward's gradients are asked for."""
+
+    dz: bool
+    residual: bool
+    bn_weight: bool
+    bn_bias: bool
+
+
 def _bn_backward(grad_y: Tensor, z: Tensor, y: Tensor | None, mean: Tensor, var: Tensor, bn_weight: Tensor,
-                 eps: float, relu: bool, need: tuple[bool, bool, bool, bool], sums: tuple | None = None):
+                 eps: float, relu: bool, need: _BnNeeds, sums: tuple | None = None):
     """Training BatchNorm (+ ReLU) backward through the batch statistics: (dz, grad_residual,
     grad_bn_weight, grad_bn_bias), each None where `need` says so. sums: (sum g, sum g (z -
     mean)) when the caller already has them (bn_act_conv_backward's), else a reduce pass."""
-    need_dz, need_residual, need_bw, need_bb = need
     if sums is None:
         ops = select_ops("bn_apply_backward_reduce", grad_y, z, y, mean, relu)
         sums = ops.bn_apply_backward_reduce(grad_y, z, y, mean, relu)
     sum_g, sum_g_zc = sums
     dz = grad_residual = None
-    if need_dz or need_residual:
-        args = (grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, _count(z), eps, relu, [need_dz, need_residual])
+    if need.dz or need.residual:
+        args = (grad_y, z, y, mean, var, bn_weight, sum_g, sum_g_zc, _count(z), eps, relu, [need.dz, need.residual])
         dz, grad_residual = select_ops("bn_apply_backward", *args).bn_apply_backward(*args)
     invstd = torch.rsqrt(var + eps)
-    grad_bw = (sum_g_zc * invstd).to(bn_weight.dtype) if need_bw else None
-    grad_bb = sum_g.to(bn_weight.dtype) if need_bb else None
-    return (dz if need_dz else None), (grad_residual if need_residual else None), grad_bw, grad_bb
+    grad_bw = (sum_g_zc * invstd).to(bn_weight.dtype) if need.bn_weight else None
+    grad_bb = sum_g.to(bn_weight.dtype) if need.bn_bias else None
+    return (dz if need.dz else None), (grad_residual if need.residual else None), grad_bw, grad_bb
 
 
 def _bn_apply(z: Tensor, mean: Tensor, var: Tensor, bn_weight: Tensor, bn_bias: Tensor, residual: Tensor | None,
               eps: float, relu: bool) -> Tensor:
     args = (z, mean, var, bn_weight, bn_bias, residual, eps, relu)
     return select_ops("bn_apply", *args).bn_apply(*args)
+
+
+def _named_inputs(name: str, fields: str) -> type:
+    """A Function's inputs by name (its forward's parameters after ctx), each defaulting to
+    None: `Inputs(*ctx.needs_input_grad)` is the gradient mask by name, `tuple(Inputs(x=grad_x))`
+    the backward's return, None for every input not named (a plain tuple: torch.compile's
+    tracing of the backward reads a namedtuple as one value)."""
+    names = fields.split()
+    return collections.namedtuple(name, names, defaults=(None,) * len(names))
+
+
+_ConvStatsInputs = _named_inputs("_ConvStatsInputs", "x weight bias conv_args")
 
 
 class _ConvStats(torch.autograd.Function):
@@ -157,10 +172,14 @@ class _ConvStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_var):
         x, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        grad_x, grad_w = _conv_grads(grad_z, x, weight, ctx.conv_args, need[0], need[1])
-        grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[2] else None
-        return grad_x, grad_w, grad_bias, None
+        need = _ConvStatsInputs(*ctx.needs_input_grad)
+        grad_x, grad_w = _conv_grads(grad_z, x, weight, ctx.conv_args, need.x, need.weight)
+        grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need.bias else None
+        return tuple(_ConvStatsInputs(x=grad_x, weight=grad_w, bias=grad_bias))
+
+
+_BnActConvStatsInputs = _named_inputs(
+    "_BnActConvStatsInputs", "z_in mean_in var_in bn_weight_in bn_bias_in weight bias eps relu conv_args")
 
 
 class _BnActConvStats(torch.autograd.Function):
@@ -181,21 +200,27 @@ class _BnActConvStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_z, _grad_mean, _grad_var):
         z_in, mean_in, var_in, bn_weight_in, bn_bias_in, weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_in = need[0] or need[3] or need[4]
+        need = _BnActConvStatsInputs(*ctx.needs_input_grad)
+        need_in = need.z_in or need.bn_weight_in or need.bn_bias_in
         # g: the gradient of bn(z_in) (dgrad masked by the ReLU) with BatchNorm backward's two
         # sums, and grad_w against relu(bn(z_in)), all recomputed from z_in (Triton: in the dgrad
         # epilogue and the wgrad prologue).
         args = (grad_z, z_in, mean_in, var_in, bn_weight_in, bn_bias_in, ctx.eps, ctx.relu, weight, *ctx.conv_args,
-                [need_in, need[5]])
+                [need_in, need.weight])
         g, grad_w, sum_g, sum_g_zc = select_ops("bn_act_conv_backward", *args).bn_act_conv_backward(*args)
-        grad_w = grad_w if need[5] else None
-        grad_bias = grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need[6] else None
-        dz_in = grad_bw = grad_bb = None
+        grads = _BnActConvStatsInputs(
+            weight=grad_w if need.weight else None,
+            bias=grad_z.sum((0, 2, 3)).to(weight.dtype) if ctx.has_bias and need.bias else None)
         if need_in:
-            dz_in, _, grad_bw, grad_bb = _bn_backward(g, z_in, None, mean_in, var_in, bn_weight_in, ctx.eps, False,
-                                                      (need[0], False, need[3], need[4]), (sum_g, sum_g_zc))
-        return dz_in, None, None, grad_bw, grad_bb, grad_w, grad_bias, None, None, None
+            dz_in, _, grad_bw, grad_bb = _bn_backward(
+                g, z_in, None, mean_in, var_in, bn_weight_in, ctx.eps, False,
+                _BnNeeds(dz=need.z_in, residual=False, bn_weight=need.bn_weight_in, bn_bias=need.bn_bias_in),
+                (sum_g, sum_g_zc))
+            grads = grads._replace(z_in=dz_in, bn_weight_in=grad_bw, bn_bias_in=grad_bb)
+        return tuple(grads)
+
+
+_BnActInputs = _named_inputs("_BnActInputs", "z mean var bn_weight bn_bias residual eps relu")
 
 
 class _BnAct(torch.autograd.Function):
@@ -212,11 +237,15 @@ class _BnAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         z, y, mean, var, bn_weight = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need = _BnActInputs(*ctx.needs_input_grad)
         dz, grad_residual, grad_bw, grad_bb = _bn_backward(
-            grad_y, z, y, mean, var, bn_weight, ctx.eps, ctx.relu, (need[0], ctx.has_residual and need[5], need[3],
-                                                                    need[4]))
-        return dz, None, None, grad_bw, grad_bb, grad_residual, None, None
+            grad_y, z, y, mean, var, bn_weight, ctx.eps, ctx.relu,
+            _BnNeeds(dz=need.z, residual=ctx.has_residual and need.residual, bn_weight=need.bn_weight,
+                     bn_bias=need.bn_bias))
+        return tuple(_BnActInputs(z=dz, bn_weight=grad_bw, bn_bias=grad_bb, residual=grad_residual))
+
+
+_BnActMaxPoolInputs = _named_inputs("_BnActMaxPoolInputs", "z mean var bn_weight bn_bias eps relu pool")
 
 
 class _BnActMaxPool(torch.autograd.Function):
@@ -235,13 +264,14 @@ class _BnActMaxPool(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, mean, var, bn_weight, bn_bias = ctx.saved_tensors
-        need = ctx.needs_input_grad
+        need = _BnActMaxPoolInputs(*ctx.needs_input_grad)
         y = _bn_apply(z, mean, var, bn_weight, bn_bias, None, ctx.eps, ctx.relu)
         indices = torch.ops.aten.max_pool2d_with_indices(y, *ctx.pool)[1]
         grad_y = torch.ops.aten.max_pool2d_with_indices_backward(grad_out, y, *ctx.pool, indices)
-        dz, _, grad_bw, grad_bb = _bn_backward(grad_y, z, y if ctx.relu else None, mean, var, bn_weight, ctx.eps,
-                                               ctx.relu, (need[0], False, need[3], need[4]))
-        return dz, None, None, grad_bw, grad_bb, None, None, None
+        dz, _, grad_bw, grad_bb = _bn_backward(
+            grad_y, z, y if ctx.relu else None, mean, var, bn_weight, ctx.eps, ctx.relu,
+            _BnNeeds(dz=need.z, residual=False, bn_weight=need.bn_weight, bn_bias=need.bn_bias))
+        return tuple(_BnActMaxPoolInputs(z=dz, bn_weight=grad_bw, bn_bias=grad_bb))
 
 
 def conv_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> PreActivation:
@@ -249,7 +279,7 @@ def conv_stats(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor) -> PreActivation:
     statistics as bn(z) in training would."""
     x, weight, bias = _cast(conv, x)
     z, mean, var = _ConvStats.apply(x, weight, bias, _conv_args(conv))
-    _update_running_stats(bn, mean, var, _count(z))
+    _update_running_stats(bn, z, mean, var)
     bn_weight, bn_bias = _bn_params(bn, z)
     return PreActivation(z, mean, var, bn_weight, bn_bias, bn.eps)
 
@@ -260,7 +290,7 @@ def bn_act_conv_stats(pre: PreActivation, conv: nn.Conv2d, bn: nn.BatchNorm2d, r
     z_in, weight, bias = _cast(conv, pre.z)
     z, mean, var = _BnActConvStats.apply(z_in, pre.mean, pre.var, pre.bn_weight, pre.bn_bias, weight, bias, pre.eps,
                                          relu, _conv_args(conv))
-    _update_running_stats(bn, mean, var, _count(z))
+    _update_running_stats(bn, z, mean, var)
     bn_weight, bn_bias = _bn_params(bn, z)
     return PreActivation(z, mean, var, bn_weight, bn_bias, bn.eps)
 

@@ -188,20 +188,26 @@ def plain_eager() -> bool:
                 or _profiler._is_profiler_enabled)
 
 
+_plain_eager = plain_eager  # the name select_ops's argument shadows
+
+
 def direct_calls() -> bool:
     """plain_eager() with grad mode off (inference; an autograd.Function's forward and backward)."""
     return not torch.is_grad_enabled() and plain_eager()
 
 
-def select_ops(op_name: str, *op_args):
+def select_ops(op_name: str, *op_args, plain_eager: bool | None = None):
     """What runs `op_name` on these arguments under the current backend: its torch.ops
     namespace, or in plain eager its ops without the dispatcher (_library.direct_ops: the same
-    implementations and autograd formulas)."""
+    implementations and autograd formulas). plain_eager: plain_eager() where the caller has
+    asked it already for this call."""
     backend = _select(op_name, op_args)
     if _recorders and not torch.compiler.is_compiling():
         for counts in _recorders:
             counts[backend.NAME] += 1
-    if backend.DIRECT is not None and plain_eager():
+    if plain_eager is None:
+        plain_eager = _plain_eager()
+    if backend.DIRECT is not None and plain_eager:
         return backend.DIRECT_WITH_GRAD if torch.is_grad_enabled() else backend.DIRECT
     return getattr(torch.ops, backend.NAMESPACE)
 

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _library
 from .._utils import CHANNEL_DIMS as _CHANNEL_DIMS
-from .._utils import memory_format, relu_backward, stat_dtype
+from .._utils import memory_format, or_unasked, relu_backward, stat_dtype, unasked
 
 NAME = "reference"
 NAMESPACE = "resnet_fused"
@@ -53,9 +53,15 @@ def _conv_grads(
     return grad_x, grad_w
 
 
-def _empty(like: Tensor) -> Tensor:
-    # Gradients the caller did not ask for: the schema returns Tensor, not Tensor?.
-    return like.new_empty(0)
+def _folded_eval(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride, padding, dilation,
+                 groups) -> Tensor:
+    """conv(x, weight * scale) + shift: the frozen BatchNorm folded into the convolution, as
+    inference engines fold it. Used where x has the statistics dtype (float32, float64), so
+    the folded weight loses nothing to a narrower dtype; it replaces two passes over the
+    output (scale, shift) with one over the weight."""
+    acc = x.dtype
+    return F.conv2d(x, weight * _as(scale, acc).view(-1, 1, 1, 1), _as(shift, acc), stride, padding, dilation,
+                    groups)
 
 
 def conv_bn_eval(
@@ -63,15 +69,34 @@ def conv_bn_eval(
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
     acc = stat_dtype(x.dtype)
-    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
     # Functional ops only (this is also the ops' decomposition, which must be functional); no
     # conversion where the dtype already is acc (each is ~1 us of host time per eval call).
-    y = _as(z, acc) * _channel(_as(scale, acc)) + _channel(_as(shift, acc))
+    if x.dtype == acc:
+        y = _folded_eval(x, weight, scale, shift, stride, padding, dilation, groups)
+    else:  # the conv in x's dtype, BatchNorm on its float32 value, one rounding at the end
+        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+        y = _as(z, acc) * _channel(_as(scale, acc)) + _channel(_as(shift, acc))
     if residual is not None:
         y = y + _as(residual, acc)
     if relu:
         y = torch.relu(y)
     return _as(y, x.dtype).contiguous(memory_format=memory_format(x))
+
+
+def _conv_bn_eval_in_place(
+    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+) -> Tensor:
+    """conv_bn_eval for calls without the dispatcher (_library.direct_ops, never traced): the
+    residual add and the ReLU in place on the fresh output, the same values as conv_bn_eval's."""
+    if x.dtype != stat_dtype(x.dtype):
+        return conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
+    y = _folded_eval(x, weight, scale, shift, stride, padding, dilation, groups)
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.relu_()
+    return y.contiguous(memory_format=memory_format(x))
 
 
 def conv_bn_eval_backward(
@@ -102,7 +127,7 @@ def conv_bn_eval_backward(
             grad_scale = (wgrad_acc * weight.to(acc)).sum(dim=(1, 2, 3)).to(scale.dtype)
     grad_shift = g.sum(dim=_CHANNEL_DIMS).to(scale.dtype) if need_shift else None
     grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format(x)) if need_residual else None
-    return tuple(t if t is not None else _empty(x) for t in (grad_x, grad_w, grad_scale, grad_shift, grad_residual))
+    return or_unasked((grad_x, grad_w, grad_scale, grad_shift, grad_residual), x)
 
 
 def conv_bn_train(
@@ -111,13 +136,20 @@ def conv_bn_train(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     z = _conv(x, weight, bias, stride, padding, dilation, groups)
     acc = stat_dtype(x.dtype)
-    z_acc = _as(z, acc)
-    # Two-pass statistics: exact enough to serve as the oracle for the kernels' merged partials.
-    mean = z_acc.mean(dim=_CHANNEL_DIMS)
-    centred = z_acc - _channel(mean)
-    var = centred.square().mean(dim=_CHANNEL_DIMS)
-    scale = _as(bn_weight, acc) * torch.rsqrt(var + eps)
-    y = centred * _channel(scale) + _channel(_as(bn_bias, acc))
+    if x.dtype == acc and z.numel():
+        # aten's BatchNorm kernel, as eager runs it (statistics and normalization in one call);
+        # the biased variance two-pass, as that kernel computes it (batch_norm_update_stats
+        # would give it in one op, but has no meta kernel: this is also the decomposition).
+        y, mean, _ = torch.native_batch_norm(z, _as(bn_weight, acc), _as(bn_bias, acc), None, None, True, 0.0, eps)
+        var = (z - _channel(mean)).square().mean(dim=_CHANNEL_DIMS)
+    else:
+        z_acc = _as(z, acc)
+        # Two-pass statistics on the float32 value: exact enough to serve as the oracle for the
+        # kernels' merged partials.
+        mean = z_acc.mean(dim=_CHANNEL_DIMS)
+        centred = z_acc - _channel(mean)
+        var = centred.square().mean(dim=_CHANNEL_DIMS)
+        y = centred * _channel(_as(bn_weight, acc) * torch.rsqrt(var + eps)) + _channel(_as(bn_bias, acc))
     if residual is not None:
         y = y + _as(residual, acc)
     if relu:
@@ -135,21 +167,28 @@ def conv_bn_train_backward(
     g = _as(grad_y, acc)
     if relu:
         g = relu_backward(g, y)
-    count = z.numel() // z.size(1)
-    invstd = torch.rsqrt(var + eps)
-    x_hat = (_as(z, acc) - _channel(mean)) * _channel(invstd)
-    sum_g = g.sum(dim=_CHANNEL_DIMS)
-    sum_g_xhat = (g * x_hat).sum(dim=_CHANNEL_DIMS)
-    grad_z = _channel(_as(bn_weight, acc) * invstd) * (g - _channel(sum_g / count) - x_hat * _channel(sum_g_xhat / count))
-    grad_x, grad_w = _conv_grads(grad_z.to(x.dtype), x, weight, stride, padding, dilation, groups, need_x, need_w)
-    grad_bias = grad_z.sum(dim=_CHANNEL_DIMS).to(weight.dtype) if need_bias else None
-    grad_bn_weight = sum_g_xhat.to(bn_weight.dtype) if need_bn_weight else None
-    grad_bn_bias = sum_g.to(bn_weight.dtype) if need_bn_bias else None
+    invstd = 1 / torch.sqrt(var + eps)  # as aten's BatchNorm computes the invstd it saves
+    need_z = need_x or need_w or need_bias
+    if x.dtype == acc and z.numel():  # aten's BatchNorm backward, one kernel, as eager runs it
+        grad_z, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
+            g, z, _as(bn_weight, acc), None, None, mean, invstd, True, eps, [need_z, need_bn_weight, need_bn_bias])
+    else:
+        count = z.numel() // z.size(1)
+        x_hat = (_as(z, acc) - _channel(mean)) * _channel(invstd)
+        sum_g = g.sum(dim=_CHANNEL_DIMS)
+        sum_g_xhat = (g * x_hat).sum(dim=_CHANNEL_DIMS)
+        grad_z = _channel(_as(bn_weight, acc) * invstd) * (
+            g - _channel(sum_g / count) - x_hat * _channel(sum_g_xhat / count))
+        grad_bn_weight, grad_bn_bias = sum_g_xhat, sum_g
+    grad_x = grad_w = grad_bias = None
+    if need_z:
+        grad_x, grad_w = _conv_grads(_as(grad_z, x.dtype), x, weight, stride, padding, dilation, groups, need_x,
+                                     need_w)
+        grad_bias = grad_z.sum(dim=_CHANNEL_DIMS).to(weight.dtype) if need_bias else None
+    grad_bn_weight = grad_bn_weight.to(bn_weight.dtype) if need_bn_weight else None
+    grad_bn_bias = grad_bn_bias.to(bn_weight.dtype) if need_bn_bias else None
     grad_residual = g.to(x.dtype).contiguous(memory_format=memory_format(x)) if need_residual else None
-    return tuple(
-        t if t is not None else _empty(x)
-        for t in (grad_x, grad_w, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual)
-    )
+    return or_unasked((grad_x, grad_w, grad_bias, grad_bn_weight, grad_bn_bias, grad_residual), x)
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
@@ -217,7 +256,7 @@ def bn_apply_backward(
         dz = dz.to(z.dtype).contiguous(memory_format=fmt)
     if need_residual:
         grad_residual = g.to(z.dtype).contiguous(memory_format=fmt)
-    return tuple(t if t is not None else _empty(z) for t in (dz, grad_residual))
+    return or_unasked((dz, grad_residual), z)
 
 
 def bn_act_conv_bn_stats(
@@ -239,7 +278,7 @@ def bn_act_conv_backward(
     grad_y_in, grad_w, *_ = conv_bn_eval_backward(grad_z, y_in, weight, ones, None, stride, padding, dilation,
                                                   groups, False, [need_g, need_w, False, False, False])
     if not need_g:
-        return grad_y_in, grad_w, _empty(mean), _empty(mean)
+        return grad_y_in, grad_w, unasked(mean), unasked(mean)
     if relu:
         grad_y_in = relu_backward(grad_y_in, y_in)
     sum_g, sum_g_zc = bn_apply_backward_reduce(grad_y_in, z_in, None, mean, False)
@@ -257,4 +296,4 @@ def unsupported_reason(op_name: str, *op_args) -> str | None:
 
 _IMPLS = {name: globals()[name] for name in _library.OP_NAMES}
 _lib = _library.define_library(NAMESPACE, _IMPLS)
-DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE)
+DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, untraced={"conv_bn_eval": _conv_bn_eval_in_place})

@@ -1,0 +1,122 @@
+"""nn.BatchNorm2d's rules, written once for every layer and backend: which modules the fused
+ops take and with which arguments, the step's momentum and batch count, the running-statistics
+update, the one-value-per-channel error, and the defaults for a BatchNorm without affine
+parameters."""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+__all__ = ["BatchNormArgs", "fusable_norm", "batch_norm_args", "step_momentum", "check_values_per_channel",
+           "affine_or_default", "update_running_stats"]
+
+
+class BatchNormArgs(NamedTuple):
+    """A BatchNorm's operands and hyperparameters for one fused call, as F.batch_norm takes
+    them. process_group: the group whose processes share the batch statistics
+    (SyncBatchNorm in training), None for this process's batch alone. plain: the norm is
+    plain float arithmetic on its own buffers (FrozenBatchNorm2d), not aten's batch_norm, so
+    under autocast its output takes the dtype promoted with those buffers."""
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    training: bool
+    momentum: float
+    eps: float
+    process_group: object = None
+    plain: bool = False
+
+
+@functools.cache
+def _sync_types() -> tuple[type, ...]:
+    from .distributed import SyncBatchNorm  # distributed imports the ops, which import this module
+
+    return nn.SyncBatchNorm, SyncBatchNorm
+
+
+def fusable_norm(norm: nn.Module) -> bool:
+    """Whether the fused ops reproduce `norm.forward`: exact types only (BatchNorm2d,
+    torchvision's FrozenBatchNorm2d, torch's or resnet_fused's SyncBatchNorm); a user's subclass
+    may override forward, so it runs as itself. Asking changes nothing (batch_norm_args counts
+    a training step)."""
+    kind = type(norm)
+    return kind is nn.BatchNorm2d or kind is FrozenBatchNorm2d or kind in _sync_types()
+
+
+def step_momentum(bn: nn.Module) -> float:
+    """The momentum `bn.forward` uses for this call, with its bookkeeping (as
+    torch.nn.modules.batchnorm._BatchNorm.forward): in training with tracked statistics,
+    num_batches_tracked grows by one, and momentum=None means the cumulative average
+    1 / num_batches_tracked."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    return momentum
+
+
+def batch_norm_args(norm: nn.Module) -> BatchNormArgs | None:
+    """The fused call's BatchNorm arguments reproducing `norm.forward` for one call (counting
+    the step, see step_momentum), or None if `norm` is not fusable_norm."""
+    kind = type(norm)
+    # The operands straight from the module's tables: nn.Module.__getattr__ costs about 1 us
+    # a tensor, paid per unit per call.
+    tensors = norm._parameters if kind is not FrozenBatchNorm2d else norm._buffers
+    buffers = norm._buffers
+    if kind is FrozenBatchNorm2d:
+        return BatchNormArgs(tensors["weight"], tensors["bias"], buffers["running_mean"], buffers["running_var"],
+                             False, 0.0, norm.eps, None, True)
+    if kind is not nn.BatchNorm2d and kind not in _sync_types():
+        return None
+    training = norm.training
+    momentum = step_momentum(norm) if training else (0.0 if norm.momentum is None else norm.momentum)
+    use_running = not training or norm.track_running_stats
+    group = None
+    if training and kind is not nn.BatchNorm2d:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            # As torch.nn.SyncBatchNorm.forward: statistics over its group (default: the world)
+            # in training; a group of one process is plain BatchNorm (the ops decide).
+            group = norm.process_group or dist.group.WORLD
+    return BatchNormArgs(tensors["weight"], tensors["bias"], buffers["running_mean"] if use_running else None,
+                         buffers["running_var"] if use_running else None, training, momentum, norm.eps, group)
+
+
+def check_values_per_channel(count: int, size=None) -> None:
+    """nn.BatchNorm2d's error for a training batch whose statistics would come from one value
+    per channel: `count` values per channel (0, an empty batch, is allowed where `size`, the
+    local batch's size, is given: it normalizes nothing); without `size`, count is the total
+    over a process group, and must be more than 1."""
+    if count == 1 or (size is None and count < 1):
+        where = f"input size {torch.Size(size)}" if size is not None else "across all processes of the group"
+        raise ValueError(f"Expected more than 1 value per channel when training, got {count} ({where})")
+
+
+def affine_or_default(weight: Tensor | None, bias: Tensor | None, channels: int, dtype: torch.dtype,
+                      device: torch.device) -> tuple[Tensor, Tensor]:
+    """The affine parameters a BatchNorm without them (affine=False) applies: ones and zeros."""
+    if weight is None:
+        weight = torch.ones(channels, dtype=dtype, device=device)
+    if bias is None:
+        bias = torch.zeros(channels, dtype=dtype, device=device)
+    return weight, bias
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor, count,
+                         momentum: float) -> None:
+    """nn.BatchNorm2d's running-statistics update from a batch's mean and biased variance over
+    `count` values per channel (an int, or a device tensor so that nothing reads back to the
+    host): the running variance tracks the unbiased batch variance."""
+    with torch.no_grad():
+        correction = (count / (count - 1)).to(var.dtype) if isinstance(count, Tensor) else count / (count - 1)
+        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+        running_var.lerp_((var * correction).to(running_var.dtype), momentum)
