@@ -50,6 +50,11 @@ def target(arch: int, sms: int | None = None):
         _TARGET = previous
 
 
+def current_target() -> tuple[int, int] | None:
+    """(arch, SMs) set by target(), or None: the current device's."""
+    return _TARGET
+
+
 @functools.cache
 def _device_arch(index: int) -> int:
     major, minor = torch.cuda.get_device_capability(index)

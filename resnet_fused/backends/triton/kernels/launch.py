@@ -11,12 +11,17 @@ torch.compile alike). Two hooks exist for tools and tests:
 
 `force_int64()` makes every launcher pick the int64-index variant of its kernel, which it
 otherwise picks only for tensors past 2**31 elements (tests run that variant on small tensors).
+
+`plan_cache` memoizes what a launcher decides from its tensors' sizes, strides, dtype and
+device and the process-wide switches (configs, grids, the int64 decision, copies), so that a
+repeated call is a dictionary lookup plus the launch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -26,6 +31,8 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 INT32_LIMIT = 2**31
+# Plans kept per launcher (least recently used dropped): a model has a few dozen layer shapes.
+PLAN_CACHE_SIZE = 512
 
 
 @dataclasses.dataclass
@@ -80,6 +87,33 @@ def force_int64() -> Iterator[None]:
         yield
     finally:
         _force_int64 = previous
+
+
+def int64_forced() -> bool:
+    return _force_int64
+
+
+def plan_key(t: torch.Tensor | None) -> tuple | None:
+    """What a launch plan may depend on of a tensor besides dtype and device: its sizes, strides
+    and storage offset modulo 16 elements (TMA's 16-byte alignment); None for an absent operand."""
+    return None if t is None else (t.shape, t.stride(), t.storage_offset() % 16)
+
+
+def plan_cache(build: Callable) -> Callable:
+    """build(*key) computed once per key (hashable arguments: plan_key's, dtypes, devices, flags),
+    at most PLAN_CACHE_SIZE kept. A key that cannot be hashed (torch.compile's symbolic sizes)
+    is planned uncached. cache_info() and cache_clear() as functools.lru_cache's."""
+    cached = functools.lru_cache(maxsize=PLAN_CACHE_SIZE)(build)
+
+    @functools.wraps(build)
+    def plan(*key):
+        try:
+            return cached(*key)
+        except TypeError:  # unhashable (a SymInt): plan this call alone
+            return build(*key)
+
+    plan.cache_info, plan.cache_clear = cached.cache_info, cached.cache_clear
+    return plan
 
 
 def cdiv(a: int, b: int) -> int:
