@@ -219,6 +219,12 @@ def _as_jit_arg(a):
     return PointerArg(a.dtype) if isinstance(a, torch.Tensor) else a
 
 
+def _as_jit_kwargs(kwargs: dict) -> dict:
+    """A launch's keyword arguments (the launchers pass every argument by keyword) with each
+    tensor as the JIT's specialization sees it."""
+    return {k: _as_jit_arg(v) for k, v in kwargs.items()}
+
+
 _BINDERS: dict = {}
 
 
@@ -233,7 +239,7 @@ def specialize(fn, target, args, kwargs):
         backend = make_backend(target)
         _BINDERS[key] = (backend, create_function_from_signature(fn.signature, fn.params, backend))
     backend, binder = _BINDERS[key]
-    kwargs = dict(kwargs)
+    kwargs = _as_jit_kwargs(kwargs)  # a new dict
     # JITFunction.run adds these two before binding (they are part of the cache key).
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
     kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
@@ -389,7 +395,7 @@ def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False,
                             if key not in jobs:
                                 jobs[key] = {"module": fn.fn.__module__, "kernel": _attr_name(rec.kernel),
                                              "arch": arch, "args": [_as_jit_arg(a) for a in rec.args],
-                                             "kwargs": kwargs}
+                                             "kwargs": _as_jit_kwargs(kwargs)}
                             meta = {**rec.kwargs, **kwargs}
                             grid = grid_size(rec.grid, meta)
                             rows.append({

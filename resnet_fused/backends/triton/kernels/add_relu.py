@@ -31,5 +31,5 @@ def add_relu(x, residual, out):
     """x, residual, out: dense tensors with identical strides."""
     numel = out.numel()
     block = 4096 if interpret() else 2048
-    launch(_add_relu_kernel, (cdiv(numel, block),), x, residual, out, numel, INDEX_64=needs_int64(out),
-           BLOCK=block, num_warps=8 if not interpret() else 4)
+    launch(_add_relu_kernel, (cdiv(numel, block),), x_ptr=x, r_ptr=residual, y_ptr=out, numel=numel,
+           INDEX_64=needs_int64(out), BLOCK=block, num_warps=8 if not interpret() else 4)
