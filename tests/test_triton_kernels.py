@@ -286,7 +286,8 @@ def test_strided_dgrad_runs_per_phase(cfg, monkeypatch):
     def run():
         gx, sums = torch.empty_like(z_in), torch.empty(2, c_in, device=DEVICE)
         with launch.observing() as launches:
-            conv.conv_dgrad(dz, weight, gx, None, *geo, bn_input=(z_in, mean, var, bn_w, bn_b, 1e-5, True),
+            conv.conv_dgrad(dz, weight, gx, None, *geo,
+                            bn_input=conv.BnInput(z_in, conv.BnPrologue(mean, var, bn_w, bn_b, 1e-5, True)),
                             bn_sums=sums)
         (lc,) = [lc for lc in launches if "PHASED" in lc.kwargs]
         _assert_exact_float32([lc])
@@ -296,7 +297,11 @@ def test_strided_dgrad_runs_per_phase(cfg, monkeypatch):
     assert lc.kwargs["PHASED"]
     assert lc.grid({"BLOCK_N": 16})[1] == stride[0] * stride[1]
     monkeypatch.setattr(conv, "dgrad_phased", lambda *args: False)
-    gx_masked, sums_masked, lc_masked = run()
+    conv._dgrad_plan.cache_clear()  # launch plans are cached per shape: plan again under the patched rule
+    try:
+        gx_masked, sums_masked, lc_masked = run()
+    finally:
+        conv._dgrad_plan.cache_clear()  # no masked plan outlives the patch
     assert not lc_masked.kwargs["PHASED"]
 
     d = lambda t: t.double().cpu()  # noqa: E731
@@ -341,3 +346,108 @@ def test_tma_scratch_allocator_reaches_every_thread():
 
     assert in_thread(set_then_get) is explicit
     assert in_thread(_allocation._allocator.get) is conv.torch_scratch
+
+
+def _meta(*shape, dtype=torch.bfloat16, channels_last=True):
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if channels_last and len(shape) == 4 else t
+
+
+def test_plan_cache_plans_once_per_key_and_unhashable_keys_uncached():
+    """launch.plan_cache: one build per key, at most PLAN_CACHE_SIZE kept; a key that cannot be
+    hashed (torch.compile's symbolic sizes) is planned on every call instead of failing."""
+    launch = _launch_mod()
+    built = []
+
+    @launch.plan_cache
+    def plan(key):
+        built.append(key)
+        return len(built)
+
+    assert plan((1, 2)) == plan((1, 2)) == 1 and plan((3,)) == 2
+    assert built == [(1, 2), (3,)]
+    assert plan.cache_info().maxsize == launch.PLAN_CACHE_SIZE
+    assert plan([4]) == 3 and plan([4]) == 4  # unhashable: built each time
+
+
+def test_conv_forward_plans_once_per_shape_layout_dtype_and_switch(monkeypatch):
+    """conv_forward decides its configs, grid, copies and index width once per (sizes, strides,
+    dtype, device, switches): repeated calls reuse the plan; a new batch, layout or dtype plans
+    again with its own sizes; a switch flipped between calls (forced int64, TF32,
+    RESNET_FUSED_TRITON_TMA) is seen by the next call. Launches recorded on meta tensors."""
+    from resnet_fused.backends.triton.kernels import conv
+
+    launch = _launch_mod()
+    x, w, v = _meta(2, 32, 8, 8), _meta(16, 32, 1, 1), torch.empty(16, device="meta")
+    geo = ([1, 1], [0, 0], [1, 1], 1)
+
+    def forward(x=x, w=w):
+        return conv.conv_forward(x, w, *geo, scale=v, shift=v, relu=True)
+
+    conv._forward_plan.cache_clear()
+    with launch.recording() as launches:
+        outs = [forward() for _ in range(3)]
+    info = conv._forward_plan.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    assert all(o.shape == (2, 16, 8, 8) and o.is_contiguous(memory_format=torch.channels_last) for o in outs)
+    assert launches[0].kwargs["TMA"] and launches[0].kwargs["M"] == 2 * 8 * 8
+    assert all(lc.kwargs.keys() == launches[0].kwargs.keys() for lc in launches)
+
+    with launch.recording() as launches:
+        y_batch = forward(_meta(4, 32, 8, 8))
+        y_nchw = forward(_meta(2, 32, 8, 8, channels_last=False))
+        forward(_meta(2, 32, 8, 8, dtype=torch.float32), _meta(16, 32, 1, 1, dtype=torch.float32))
+    assert conv._forward_plan.cache_info().misses == 4
+    assert y_batch.shape == (4, 16, 8, 8) and launches[0].kwargs["M"] == 4 * 8 * 8
+    # NCHW: x read from a channels_last copy (so still the TMA GEMM), y returned NCHW
+    assert y_nchw.is_contiguous() and launches[1].kwargs["TMA"]
+    assert launches[1].kwargs["x_ptr"].is_contiguous(memory_format=torch.channels_last)
+    assert launches[2].kwargs["x_ptr"].dtype == torch.float32
+
+    prev_tf32 = torch.backends.cudnn.allow_tf32
+    try:
+        with launch.recording() as launches:
+            with launch.force_int64():
+                forward()
+            forward()
+            torch.backends.cudnn.allow_tf32 = True
+            forward(_meta(2, 32, 8, 8, dtype=torch.float32), _meta(16, 32, 1, 1, dtype=torch.float32))
+            torch.backends.cudnn.allow_tf32 = False
+            forward(_meta(2, 32, 8, 8, dtype=torch.float32), _meta(16, 32, 1, 1, dtype=torch.float32))
+            monkeypatch.setenv("RESNET_FUSED_TRITON_TMA", "0")
+            forward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = prev_tf32
+    assert [lc.kwargs["INDEX_64"] for lc in launches] == [True, False, False, False, False]
+    assert [lc.kwargs["ALLOW_TF32"] for lc in launches] == [False, False, True, False, False]
+    assert [lc.kwargs["TMA"] for lc in launches] == [True, True, True, True, False]
+
+
+def test_backward_and_batchnorm_plans_once_per_shape():
+    """dgrad, wgrad and the per-channel BatchNorm kernels plan once per shape too, and again
+    for a new one (their grids follow the new sizes)."""
+    from resnet_fused.backends.triton.kernels import batchnorm, conv
+
+    launch = _launch_mod()
+    plans = (conv._dgrad_plan, conv._wgrad_plan, batchnorm._rows_plan, batchnorm._two_stage_plan)
+    for plan in plans:
+        plan.cache_clear()
+    geo = ([1, 1], [1, 1], [1, 1], 1)
+    w, vec = _meta(16, 8, 3, 3), torch.empty(16, dtype=torch.float32, device="meta")
+
+    def step(n):
+        x, dz = _meta(n, 8, 6, 6), _meta(n, 16, 6, 6)
+        conv.conv_dgrad(dz, w, torch.empty_like(x), None, *geo)
+        conv.conv_wgrad(dz, x, w, *geo, grad_w=torch.empty_like(w))
+        batchnorm.bn_backward(dz, dz, dz, vec, vec, vec, 1e-5, True, torch.empty_like(dz), None, None, None, None)
+
+    with launch.recording() as launches:
+        step(2)
+        step(2)
+    assert [p.cache_info().misses for p in plans] == [1, 1, 1, 1]
+    assert all(p.cache_info().hits >= 1 for p in plans)
+    with launch.recording() as launches:
+        step(4)
+    assert [p.cache_info().misses for p in plans] == [2, 2, 2, 2]
+    dgrad = next(lc for lc in launches if lc.kwargs.get("dz_ptr") is not None and "PHASED" in lc.kwargs)
+    assert dgrad.kwargs["M"] == 4 * 6 * 6

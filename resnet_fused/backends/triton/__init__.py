@@ -57,6 +57,7 @@ try:
     from .kernels import batchnorm as _k_bn
     from .kernels import conv as _k_conv
     from .kernels.configs import conv_block_m
+    from .kernels.conv import BnInput, BnPrologue
 
     _IMPORT_ERROR: str | None = None
 except Exception as exc:  # triton missing or broken: the backend reports it, the package still imports
@@ -71,31 +72,23 @@ def conv_bn_eval(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
-    y = empty_like_format(conv_output_size(x.shape, weight.shape, stride, padding, dilation), x)
-    res = in_format(residual, x) if residual is not None else None
-    _k_conv.conv_forward(x, weight, y, scale.contiguous(), shift.contiguous(), res,
-                         stride, padding, dilation, groups, relu)
-    return y
+    # The output takes x's layout; the residual any (conv_forward copies it to NHWC if need be).
+    return _k_conv.conv_forward(x, weight, stride, padding, dilation, groups, scale=scale.contiguous(),
+                                shift=shift.contiguous(), residual=residual, relu=relu)
 
 
 def _conv_stats(x, weight, bias, stride, padding, dilation, groups, prologue=None):
     """z = conv(x, weight) (+ bias) with per-tile (mean, M2) partials in the GEMM epilogue, merged
     in tile order (Chan) into the per-channel mean and biased variance of the stored z.
-    prologue: the previous unit's BatchNorm + ReLU applied to x as it loads (conv_forward)."""
-    size = conv_output_size(x.shape, weight.shape, stride, padding, dilation)
-    z = empty_like_format(size, x)
-    c_out = size[1]
-    m = size[0] * size[2] * size[3]
-    tile_m = conv_block_m()
-    tiles = -(-m // tile_m)
-    pmean = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
-    pm2 = torch.empty((tiles, c_out), dtype=torch.float32, device=x.device)
-    _k_conv.conv_forward(x, weight, z, None, bias.contiguous() if bias is not None else None, None,
-                         stride, padding, dilation, groups, False, pmean=pmean, pm2=pm2, prologue=prologue)
+    prologue: the previous unit's BatchNorm + ReLU applied to x as it loads (a BnPrologue)."""
+    z, pmean, pm2 = _k_conv.conv_forward(x, weight, stride, padding, dilation, groups,
+                                         shift=bias.contiguous() if bias is not None else None, stats=True,
+                                         prologue=prologue)
+    n, c_out, h, w = z.shape
     acc = stat_dtype(x.dtype)
     mean = torch.empty(c_out, dtype=acc, device=x.device)
     var = torch.empty(c_out, dtype=acc, device=x.device)
-    _k_bn.finalize_stats(pmean, pm2, mean, var, m, tile_m)
+    _k_bn.finalize_stats(pmean, pm2, mean, var, n * h * w, conv_block_m())
     return z, mean, var
 
 
@@ -196,7 +189,7 @@ def bn_act_conv_bn_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """conv_bn_stats of bn_apply(z_in, ...): the BatchNorm + ReLU run in the conv kernel's operand
     load (its prologue), so the activation is never written."""
-    prologue = (mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
+    prologue = BnPrologue(mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
     return _conv_stats(z_in, weight, bias, stride, padding, dilation, groups, prologue=prologue)
 
 
@@ -209,19 +202,18 @@ def bn_act_conv_backward(
     epilogue, and wgrad with bn(z_in) + ReLU applied to z_in as it loads: relu(bn(z_in)) is
     never written, and g is not read again for the sums."""
     need_g, need_w = output_mask
-    stats = (mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous())
+    bn = BnPrologue(mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
     # Outputs not asked for are empty, one tensor each (outputs may not alias each other).
     g, grad_w, sum_g, sum_g_zc = z_in.new_empty(0), weight.new_empty(0), mean.new_empty(0), mean.new_empty(0)
     if need_g:
         g = empty_like_format(z_in.shape, z_in)
         sums = torch.empty((2, z_in.size(1)), dtype=torch.float32, device=z_in.device)
-        _k_conv.conv_dgrad(grad_z, weight, g, None, stride, padding, dilation, groups,
-                           bn_input=(z_in, *stats, eps, relu), bn_sums=sums)
+        _k_conv.conv_dgrad(grad_z, weight, g, None, stride, padding, dilation, groups, bn_input=BnInput(z_in, bn),
+                           bn_sums=sums)
         sum_g, sum_g_zc = sums[0], sums[1].clone()  # custom-op outputs may not alias each other
     if need_w:
         grad_w = empty_like_format(weight.shape, weight)
-        _k_conv.conv_wgrad(grad_z, z_in, weight, stride, padding, dilation, groups, grad_w=grad_w,
-                           prologue=(*stats, eps, relu))
+        _k_conv.conv_wgrad(grad_z, z_in, weight, stride, padding, dilation, groups, grad_w=grad_w, prologue=bn)
     return g, grad_w, sum_g, sum_g_zc
 
 

@@ -1,10 +1,11 @@
 """Implicit-GEMM convolution kernels (forward with fused epilogues, dgrad, wgrad).
 
-The GEMM kernels run on NHWC (channels_last) activations and weights: the launchers copy
+The GEMM kernels run on dense NHWC (channels_last) activations and weights: the launchers copy
 NCHW (or otherwise strided) operands to channels_last, and compute an NCHW output into a
-channels_last buffer copied back. The kernels still take element strides, but gathers along
-a strided channel axis spilled in the sm_90 gate (up to 1.9 KB; the NCHW forward of 1x1
-256->64 @56 had no spill-free config), and NHWC-only halves the JIT's specializations.
+channels_last buffer copied back. So a kernel derives every operand's strides from its sizes
+(_dense_nhwc) instead of taking them: gathers along a strided channel axis spilled (the
+compile gate's spill test; figures in docs/kernels.md), and NHWC-only halves the JIT's
+specializations.
 Groups are a grid axis (one GEMM per group). Accumulation is float32; fp32 operands use TF32 on
 tensor cores only when the caller allows it (ALLOW_TF32), exact fp32 otherwise.
 
@@ -16,10 +17,10 @@ group, K = (kh, kw, input channel). Epilogues:
                          batchnorm.finalize_stats (the tile count is implied by BLOCK_M).
 
 K loop: one loop over (tap, channel block), channel block fastest, so Triton's software
-pipeline (num_stages) runs across taps instead of draining at each one (the gate counted
-3 scf.for per 3x3 kernel with the loop nested per tap). A tap moves every row's input
-address by the same amount (kh * dil * stride_h + kw * dil * stride_w), so the loop carries
-(c0, kh, kw) as scalars and each row's base address is computed once.
+pipeline (num_stages) runs across taps instead of draining at each one, as a loop nested per
+tap does (the compile gate's test_3x3_conv_kernels_have_one_pipelined_k_loop). A tap moves
+every row's input address by the same amount (kh * dil * stride_h + kw * dil * stride_w), so
+the loop carries (c0, kh, kw) as scalars and each row's base address is computed once.
 
 Strided dgrad (PHASED): grad_x's pixels split into stride_h * stride_w phases (h % stride_h,
 w % stride_w), grid axis 1. A phase meets dz only through the taps kh = kh_first + i * stride_h
@@ -33,12 +34,18 @@ its index math is shifts and masks of constants, and the loop runs over kh.
 Index math is int32; INDEX_64 (the launcher's choice when a tensor spans 2**31 elements or
 more, see launch.needs_int64) makes every pixel and offset computation int64.
 
+Absent operands are None (Triton specializes a None argument as a constexpr), tested with
+`is not None` in the kernel; flags that the autotuner keys on (EPILOGUE, TMA, PROLOGUE, ...)
+stay constexprs. Launchers pass every argument by keyword, and decide what depends only on
+(shapes, strides, dtype, device, flags) once per key (launch.plan_cache).
+
 TMA (forward): a 1x1, stride-1, unpadded conv on dense NHWC input is the plain GEMM
 x[M, C_in] @ w[C_out, C_in]^T; its tiles are loaded through device-side tensor descriptors
 (tl.make_tensor_descriptor, triton >= 3.4), whose out-of-bounds zero fill replaces the row and
-channel masks (gate, bf16 1x1 256->64 @56: 112 registers against 126-164 with pointer loads;
-UTMALDG instead of LDGSTS). The descriptors need 256 B of global scratch per program, which
-Triton takes from its allocator (torch's caching allocator unless one was set; _install_scratch_allocator).
+channel masks (fewer registers than pointer loads, UTMALDG instead of LDGSTS: docs/kernels.md;
+the gate's test_1x1_forward_on_nhwc_loads_by_tma). The descriptors need 256 B of global scratch
+per program, which Triton takes from its allocator (torch's caching allocator unless one was
+set; _install_scratch_allocator).
 
 Tile order: n-fastest (program id -> (m tile, n tile) with the n tiles of one m tile adjacent),
 so the programs sharing an activation tile run together and read it from DRAM once.
@@ -46,17 +53,20 @@ so the programs sharing an activation tile run together and read it from DRAM on
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ...._utils import interpret
+from ...._utils import conv_output_size, interpret, memory_format
 from .batchnorm import sum_partials
-from .configs import (conv_block_m, conv_configs, m_bucket, prune_gemm_configs, prune_wgrad_configs, sm_count,
-                      wgrad_configs)
-from .launch import INT32_LIMIT, as_index, cdiv, launch, needs_int64, next_power_of_2
+from .configs import (conv_block_m, conv_configs, current_target, m_bucket, prune_gemm_configs, prune_wgrad_configs,
+                      sm_count, wgrad_configs)
+from .launch import (INT32_LIMIT, as_index, cdiv, int64_forced, launch, needs_int64, next_power_of_2, plan_cache,
+                     plan_key)
 
 # Channels (of the GEMM's K side) below which K blocks span a whole filter row (FLAT).
 FLAT_BELOW = 16
@@ -121,30 +131,42 @@ def _bn_act_prologue(a, a_ok, ch, c_ok, mean_ptr, var_ptr, w_ptr, b_ptr, eps, RE
     return tl.where(a_ok, y.to(a.dtype), 0.0).to(a.dtype)
 
 
+@triton.jit
+def _dense_nhwc(C, H, W, INDEX_64: tl.constexpr):
+    """Element strides (n, h, w) of a dense NHWC tensor of C channels and H x W pixels (its
+    channel stride is 1). A weight [C_out, C_in_g, KH, KW] in channels_last is one of C_in_g
+    channels and KH x KW pixels; flattened (h, w) pixels are H = 1, W = H * W."""
+    if INDEX_64:  # one image may pass 2**31 elements
+        C = tl.cast(C, tl.int64)
+    return H * W * C, W * C, C
+
+
 @triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE", "TMA",
                                               "PROLOGUE"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_OUT_G", "C_IN_G", "x_ptr")})
 @triton.jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, out_ptr, scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,
-    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
-    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, PAD_H, PAD_W,
-    sxn, sxc, sxh, sxw,
-    swo, swi, swh, sww,
-    son, soc, sohw,
-    srn, src, srhw,
+    x_ptr, w_ptr, out_ptr,
+    scale_ptr, shift_ptr, res_ptr, pmean_ptr, pm2_ptr,  # None where absent
+    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,  # the BnPrologue; None without PROLOGUE
+    M, M_BUCKET, HWO, WO, H, W, C_IN, C_IN_G, C_OUT, C_OUT_G, KH, KW, PAD_H, PAD_W,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
-    EPILOGUE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RES: tl.constexpr, RELU: tl.constexpr,
+    EPILOGUE: tl.constexpr, RELU: tl.constexpr,
     FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, TMA: tl.constexpr,
     PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """x [N, C_IN, H, W], w [C_OUT, C_IN_G, KH, KW], out (and the residual) [N, C_OUT, HO, WO],
+    all dense NHWC; HWO = HO * WO, M = N * HWO."""
     pid_m, pid_n, grp = _tile_ids(C_OUT_G, BLOCK_N, INDEX_64)
+    sxn, sxh, sxw = _dense_nhwc(C_IN, H, W, INDEX_64)
+    swo, swh, sww = _dense_nhwc(C_IN_G, KH, KW, INDEX_64)
+    son, _, sohw = _dense_nhwc(C_OUT, 1, HWO, INDEX_64)
     offs_m, m_mask, n_idx, hw, ho, wo = _pixel_rows(pid_m, M, HWO, WO, BLOCK_M)
     h0 = ho * STRIDE_H - PAD_H
     w0 = wo * STRIDE_W - PAD_W
-    x_rows = x_ptr + grp * C_IN_G * sxc + n_idx * sxn + h0 * sxh + w0 * sxw  # tap (0, 0), channel 0
+    x_rows = x_ptr + grp * C_IN_G + n_idx * sxn + h0 * sxh + w0 * sxw  # tap (0, 0), channel 0
 
     offs_co_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     co_mask = offs_co_g < C_OUT_G
@@ -173,10 +195,10 @@ def _conv_fwd_kernel(
         kw_f = offs_f // C_PAD
         c_f = offs_f % C_PAD
         f_ok = (kw_f < KW) & (c_f < C_IN_G)
-        x_cols = kw_f * (DIL_W * sxw) + c_f * sxc
+        x_cols = kw_f * (DIL_W * sxw) + c_f
         w_f = w0[:, None] + (kw_f * DIL_W)[None, :]
         row_ok = m_mask[:, None] & f_ok[None, :] & (w_f >= 0) & (w_f < W)
-        w_k = kw_f * sww + c_f * swi
+        w_k = kw_f * sww + c_f
         for kh in range(KH):
             h = h0 + kh * DIL_H
             ok = row_ok & ((h >= 0) & (h < H))[:, None]
@@ -194,32 +216,31 @@ def _conv_fwd_kernel(
             offs_c = c0 + offs_k
             c_ok = offs_c < C_IN_G
             a_ok = ok[:, None] & c_ok[None, :]
-            a = tl.load(x_rows[:, None] + (kh * (DIL_H * sxh) + kw * (DIL_W * sxw)) + offs_c[None, :] * sxc,
+            a = tl.load(x_rows[:, None] + (kh * (DIL_H * sxh) + kw * (DIL_W * sxw)) + offs_c[None, :],
                         mask=a_ok, other=0.0)
             if PROLOGUE:
                 a = _bn_act_prologue(a, a_ok, grp * C_IN_G + offs_c, c_ok, in_mean_ptr, in_var_ptr, in_w_ptr,
                                      in_b_ptr, in_eps, IN_RELU)
-            b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_c[:, None] * swi,
+            b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_c[:, None],
                         mask=c_ok[:, None] & co_mask[None, :], other=0.0)
             acc = _dot(a, b, acc, ALLOW_TF32)
             c0, kh, kw = _next_tap(c0, kh, kw, C_IN_G, KW, 0, 1, 1, BLOCK_K)
 
     out_dtype = out_ptr.dtype.element_ty
-    out_offs = (n_idx * son + hw * sohw)[:, None] + (offs_co * soc)[None, :]
+    out_offs = (n_idx * son + hw * sohw)[:, None] + offs_co[None, :]  # the residual's too: same layout
     mask2 = m_mask[:, None] & co_mask[None, :]
     if EPILOGUE == 0:
         scale = tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
         shift = tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)
         y = acc * scale[None, :] + shift[None, :]
-        if HAS_RES:
-            r_offs = (n_idx * srn + hw * srhw)[:, None] + (offs_co * src)[None, :]
-            y += tl.load(res_ptr + r_offs, mask=mask2, other=0.0).to(tl.float32)
+        if res_ptr is not None:
+            y += tl.load(res_ptr + out_offs, mask=mask2, other=0.0).to(tl.float32)
         if RELU:
             y = tl.where(y <= 0.0, 0.0, y)  # NaN stays NaN, as torch.relu
         tl.store(out_ptr + out_offs, y.to(out_dtype), mask=mask2)
     else:
         z = acc
-        if HAS_SHIFT:  # conv bias
+        if shift_ptr is not None:  # the conv bias
             z += tl.load(shift_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[None, :]
         z_out = z.to(out_dtype)
         tl.store(out_ptr + out_offs, z_out, mask=mask2)
@@ -234,6 +255,31 @@ def _conv_fwd_kernel(
         tl.store(pm2_ptr + p_offs, m2, mask=co_mask)
 
 
+class BnPrologue(NamedTuple):
+    """The previous unit's BatchNorm + ReLU, applied to a conv operand as the kernel loads it
+    (the recompute chain): that unit's per-channel statistics and affine parameters (dense
+    1-D tensors), its eps, and whether a ReLU follows."""
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+    relu: bool
+
+
+_NO_BN = {"in_mean_ptr": None, "in_var_ptr": None, "in_w_ptr": None, "in_b_ptr": None, "in_eps": None}
+
+
+def _bn_args(bn: BnPrologue | None) -> dict:
+    """A BnPrologue as the kernels' in_* arguments (None: absent, each a constexpr None); the
+    PROLOGUE and IN_RELU flags are the launch plan's."""
+    if bn is None:
+        return _NO_BN
+    return {"in_mean_ptr": bn.mean, "in_var_ptr": bn.var, "in_w_ptr": bn.weight, "in_b_ptr": bn.bias,
+            "in_eps": bn.eps}
+
+
 def _nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
     """t as dense channels_last: itself when it already is, else a copy."""
     if t is None or t.is_contiguous(memory_format=torch.channels_last):
@@ -241,22 +287,40 @@ def _nhwc(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.contiguous(memory_format=torch.channels_last)
 
 
-def _nhwc_buffer(out: torch.Tensor) -> torch.Tensor:
-    """Where a kernel writes `out`: out itself when channels_last, else a channels_last buffer
-    that the launcher copies into out."""
-    if out.is_contiguous(memory_format=torch.channels_last):
-        return out
-    return torch.empty_like(out, memory_format=torch.channels_last)
+def _is_nhwc(layout: tuple | None) -> bool:
+    """Whether a tensor of this layout (plan_key's) is dense channels_last (None: absent, so yes)."""
+    return layout is None or _meta(layout).is_contiguous(memory_format=torch.channels_last)
 
 
-def _hw_stride(t: torch.Tensor) -> int:
-    """Stride of the flattened (h, w) index; valid for NCHW and NHWC dense tensors."""
-    assert t.stride(2) == t.size(3) * t.stride(3) or t.size(2) == 1, "H and W must be dense together"
-    return t.stride(3)
+def _meta(layout: tuple, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A meta tensor of a layout's sizes and strides, to ask torch's layout questions once per plan."""
+    shape, strides, _ = layout
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+def _nhwc_meta(size, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(size, dtype=dtype, device="meta", memory_format=torch.channels_last)
 
 
 def allow_tf32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+
+
+# Device-side TMA descriptors (the 1x1 forward's) need triton >= 3.4.
+TMA_AVAILABLE = hasattr(tl, "make_tensor_descriptor")
+
+
+def tma_enabled() -> bool:
+    """Whether a 1x1 forward may load through TMA descriptors: RESNET_FUSED_TRITON_TMA=0 turns
+    them off (read per call, by the launches it concerns)."""
+    return os.environ.get("RESNET_FUSED_TRITON_TMA", "1") != "0"
+
+
+def launch_mode(dtype: torch.dtype) -> tuple:
+    """The process-wide switches a launch plan depends on besides its tensors (each may change
+    between calls: tests flip them): the interpreter, TF32 (read for float32 only), forced
+    int64, the gate's target. TMA's switch is read per call by the launches it concerns."""
+    return interpret(), allow_tf32(dtype), int64_forced(), current_target()
 
 
 def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
@@ -267,26 +331,24 @@ def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
     return flat, c_pad, kw_pad
 
 
-def _tma_aligned(t: torch.Tensor, rows_stride: int) -> bool:
+def _tma_aligned(storage_offset: int, rows_stride: int, itemsize: int) -> bool:
     """A TMA descriptor's base and row stride must be 16-byte multiples (the allocator's
     blocks are 512-byte aligned, so the storage offset decides)."""
-    size = t.element_size()
-    return (t.storage_offset() * size) % 16 == 0 and (rows_stride * size) % 16 == 0
+    return (storage_offset * itemsize) % 16 == 0 and (rows_stride * itemsize) % 16 == 0
 
 
-def use_tma_1x1(x, weight, stride, padding, dilation, groups) -> bool:
+def use_tma_1x1(x_layout: tuple, w_layout: tuple, itemsize: int, stride, padding, groups) -> bool:
     """Whether the forward runs as a TMA-fed GEMM: a 1x1, stride-1, unpadded, ungrouped conv on
-    dense NHWC input, channels contiguous in the weight, every address 16-byte aligned.
-    RESNET_FUSED_TRITON_TMA=0 turns it off."""
-    if os.environ.get("RESNET_FUSED_TRITON_TMA", "1") == "0" or not hasattr(tl, "make_tensor_descriptor"):
+    dense NHWC input, channels contiguous in the weight, every address 16-byte aligned (the
+    layouts are plan_key's of the tensors the kernel reads; tma_enabled() is the caller's)."""
+    (n, c_in, h, w), x_strides, x_offset = x_layout
+    w_shape, w_strides, w_offset = w_layout
+    if tuple(w_shape[2:]) != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
         return False
-    n, c_in, h, w = x.shape
-    if weight.shape[2:] != (1, 1) or list(stride) != [1, 1] or list(padding) != [0, 0] or groups != 1:
-        return False
-    dense_nhwc = x.stride() == (h * w * c_in, 1, w * c_in, c_in)
+    dense_nhwc = tuple(x_strides) == (h * w * c_in, 1, w * c_in, c_in)
     # A descriptor's tile offsets are int32: its rows (output pixels) must stay below 2**31.
-    return (dense_nhwc and n * h * w < INT32_LIMIT and weight.stride(1) == 1 and _tma_aligned(x, c_in)
-            and _tma_aligned(weight, weight.stride(0)))
+    return (dense_nhwc and n * h * w < INT32_LIMIT and w_strides[1] == 1 and _tma_aligned(x_offset, c_in, itemsize)
+            and _tma_aligned(w_offset, w_strides[0], itemsize))
 
 
 def torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
@@ -332,47 +394,97 @@ def _ensure_allocator() -> None:
         triton.set_allocator(torch_scratch)
 
 
-def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilation, groups, relu,
-                 pmean=None, pm2=None, prologue=None):
-    """Launch the fused forward. `out` is y (eval: scale/shift given) or z (train: pass
-    pmean/pm2 of shape [cdiv(M, block_m()), C_out]; `shift` is then the conv bias or None).
-    prologue: (mean, var, bn_weight, bn_bias, eps, relu) of the previous unit, applied to x as
-    it is loaded (x is then that unit's z): the pointer path (no TMA, no FLAT K blocks)."""
-    x, weight, residual = _nhwc(x), _nhwc(weight), _nhwc(residual)
-    result, out = out, _nhwc_buffer(out)
-    n, _, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape
-    _, _, ho, wo = out.shape
+@dataclasses.dataclass(frozen=True)
+class _ForwardPlan:
+    """What conv_forward decides once per plan key: copies, the output, the grid and the
+    kernel's scalar and constexpr arguments."""
+
+    copy_x: bool            # x is not dense NHWC: the kernel reads a channels_last copy
+    copy_w: bool
+    copy_res: bool
+    out_size: tuple         # [N, C_out, HO, WO]
+    out_format: torch.memory_format  # x's (_utils.memory_format)
+    out_buffer: bool        # out is not dense NHWC: the kernel writes a channels_last buffer copied to it
+    stat_tiles: int         # rows of the training statistics partials
+    grid: Any
+    args: dict              # the pointer-load kernel's
+    tma_args: dict | None   # the TMA-descriptor kernel's, where the conv is one (use_tma_1x1)
+
+
+@plan_cache
+def _forward_plan(x_layout, w_layout, res_layout, dtype, device, geometry, flags, mode) -> _ForwardPlan:
+    stride, padding, dilation, groups = geometry[0:2], geometry[2:4], geometry[4:6], geometry[6]
+    train, relu, prologue_relu = flags
+    prologue = prologue_relu is not None
+    tf32 = mode[1]
+    n, _, h, w = x_layout[0]
+    c_out, c_in_g, kh, kw = w_layout[0]
+    copy_x, copy_w = not _is_nhwc(x_layout), not _is_nhwc(w_layout)
+    size = tuple(conv_output_size(list(x_layout[0]), list(w_layout[0]), stride, padding, dilation))
+    _, _, ho, wo = size
     m = n * ho * wo
     c_out_g = c_out // groups
-    train = pmean is not None
     block_m = conv_block_m()
-    dummy = out
-    res = residual if residual is not None else dummy
     flat, c_pad, kw_pad = _flat(c_in_g, kw)
-    tma = prologue is None and use_tma_1x1(x, weight, stride, padding, dilation, groups)
-    if tma:
-        _ensure_allocator()
-    in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (dummy,) * 4 + (0.0, False)
-    grid = lambda meta: (cdiv(m, block_m) * cdiv(c_out_g, meta["BLOCK_N"]), 1, groups)  # noqa: E731
-    launch(
-        _conv_fwd_kernel, grid,
-        x, weight, out, scale if scale is not None else dummy, shift if shift is not None else dummy, res,
-        pmean if train else dummy, pm2 if train else dummy,
-        in_mean, in_var, in_w, in_b, in_eps,
-        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, padding[0], padding[1],
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
-        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-        out.stride(0), out.stride(1), _hw_stride(out),
-        res.stride(0), res.stride(1), _hw_stride(res),
+    itemsize = _meta(x_layout, dtype).element_size()
+    # The layouts of what the kernel reads: a copy is dense NHWC from offset 0.
+    x_read = (x_layout[0], _nhwc_meta(x_layout[0], dtype).stride(), 0) if copy_x else x_layout
+    w_read = (w_layout[0], _nhwc_meta(w_layout[0], dtype).stride(), 0) if copy_w else w_layout
+    tma = not prologue and TMA_AVAILABLE and use_tma_1x1(x_read, w_read, itemsize, stride, padding, groups)
+    tiles_m = cdiv(m, block_m)
+    out_format = memory_format(_meta(x_layout, dtype))
+    out_buffer = not torch.empty(size, device="meta", memory_format=out_format).is_contiguous(
+        memory_format=torch.channels_last)
+    index_64 = needs_int64(_nhwc_meta(x_layout[0], dtype), _nhwc_meta(size, dtype))
+    args = dict(
+        M=m, M_BUCKET=m_bucket(m), HWO=ho * wo, WO=wo, H=h, W=w, C_IN=c_in_g * groups, C_IN_G=c_in_g, C_OUT=c_out,
+        C_OUT_G=c_out_g, KH=kh, KW=kw, PAD_H=padding[0], PAD_W=padding[1],
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        EPILOGUE=1 if train else 0, HAS_SHIFT=shift is not None, HAS_RES=residual is not None, RELU=relu,
-        FLAT=flat and not tma and prologue is None, C_PAD=c_pad, KW_PAD=kw_pad, TMA=tma,
-        PROLOGUE=prologue is not None, IN_RELU=in_relu, ALLOW_TF32=allow_tf32(x.dtype),
-        INDEX_64=needs_int64(x, out, residual), BLOCK_M=block_m,
+        EPILOGUE=1 if train else 0, RELU=relu, FLAT=flat and not prologue, C_PAD=c_pad, KW_PAD=kw_pad,
+        TMA=False, PROLOGUE=prologue, IN_RELU=bool(prologue_relu), ALLOW_TF32=tf32,
+        INDEX_64=index_64, BLOCK_M=block_m,
     )
-    if out is not result:
-        result.copy_(out)
+    return _ForwardPlan(
+        copy_x=copy_x, copy_w=copy_w, copy_res=not _is_nhwc(res_layout), out_size=size, out_format=out_format,
+        out_buffer=out_buffer,
+        stat_tiles=tiles_m, grid=lambda meta: (tiles_m * cdiv(c_out_g, meta["BLOCK_N"]), 1, groups),
+        args=args, tma_args={**args, "FLAT": False, "TMA": True} if tma else None,
+    )
+
+
+def conv_forward(x, weight, stride, padding, dilation, groups, *, scale=None, shift=None, residual=None,
+                 relu=False, stats=False, prologue: BnPrologue | None = None):
+    """The fused forward. Eval (scale and shift given): returns y = act(conv * scale + shift
+    (+ residual)). stats=True (training): returns (z, pmean, pm2), z = conv (+ shift, the conv
+    bias, when given) and the per-tile (mean, M2) partials [cdiv(M, conv_block_m()), C_out] of
+    the stored z. The output takes x's layout (_utils.memory_format). prologue: the previous
+    unit's BatchNorm + ReLU, applied to x as it is loaded (x is then that unit's z): the pointer
+    path (no TMA, no FLAT K blocks)."""
+    dtype, device = x.dtype, x.device
+    plan = _forward_plan(plan_key(x), plan_key(weight), plan_key(residual), dtype, device,
+                         (*stride, *padding, *dilation, groups),
+                         (stats, relu, None if prologue is None else prologue.relu), launch_mode(dtype))
+    if plan.copy_x:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if plan.copy_w:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    if plan.copy_res:
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    args = plan.args
+    if plan.tma_args is not None and tma_enabled():
+        args = plan.tma_args
+        _ensure_allocator()
+    out = torch.empty(plan.out_size, dtype=dtype, device=device, memory_format=plan.out_format)
+    written = torch.empty_like(out, memory_format=torch.channels_last) if plan.out_buffer else out
+    pmean = pm2 = None
+    if stats:
+        pmean = torch.empty((plan.stat_tiles, plan.out_size[1]), dtype=torch.float32, device=device)
+        pm2 = torch.empty((plan.stat_tiles, plan.out_size[1]), dtype=torch.float32, device=device)
+    launch(_conv_fwd_kernel, plan.grid, x_ptr=x, w_ptr=weight, out_ptr=written, scale_ptr=scale, shift_ptr=shift,
+           res_ptr=residual, pmean_ptr=pmean, pm2_ptr=pm2, **_bn_args(prologue), **args)
+    if written is not out:
+        out.copy_(written)
+    return (out, pmean, pm2) if stats else out
 
 
 # ---------------------------------------------------------------------------------------
@@ -388,18 +500,20 @@ def conv_forward(x, weight, out, scale, shift, residual, stride, padding, dilati
 @triton.jit
 def _conv_dgrad_kernel(
     dz_ptr, w_ptr, dx_ptr,
-    z_ptr, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps, psum_ptr, PS_T, PS_C,
-    M, M_BUCKET, HW, W, HO, WO, C_IN_G, C_OUT_G, KH, KW, PAD_H, PAD_W,
-    sdn, sdc, sdh, sdw,
-    swo, swi, swh, sww,
-    sxn, sxc, sxhw,
-    szn, szc, szhw,
+    z_ptr, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,  # (z, BnPrologue) of bn_input; else None
+    psum_ptr, PS_T,  # BN_SUMS' partials [2, PS_T, C_IN]; else None
+    M, M_BUCKET, HW, W, HO, WO, C_IN, C_IN_G, C_OUT, C_OUT_G, KH, KW, PAD_H, PAD_W,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     FLAT: tl.constexpr, C_PAD: tl.constexpr, KW_PAD: tl.constexpr, PHASED: tl.constexpr, RELU_MASK: tl.constexpr,
     BN_SUMS: tl.constexpr, ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    """dz [N, C_OUT, HO, WO], w [C_OUT, C_IN_G, KH, KW], dx and z [N, C_IN, H, W], all dense
+    NHWC; HW = H * W, M = N * HW."""
     pid_m, pid_n, grp = _tile_ids(C_IN_G, BLOCK_N, INDEX_64)
+    sdn, sdh, sdw = _dense_nhwc(C_OUT, HO, WO, INDEX_64)
+    swo, swh, sww = _dense_nhwc(C_IN_G, KH, KW, INDEX_64)
+    sxn, _, sxhw = _dense_nhwc(C_IN, 1, HW, INDEX_64)
     if PHASED:
         # Grid axis 1 is the phase (h % STRIDE_H, w % STRIDE_W) of the rows; a phase's pixels
         # meet dz only through the taps kh = kh_first + i * STRIDE_H (likewise kw), so the K
@@ -430,11 +544,11 @@ def _conv_dgrad_kernel(
         step_w = 1
     th0 = h + PAD_H  # ho * STRIDE_H = th0 - kh * DIL_H
     tw0 = w + PAD_W
-    dz_rows = dz_ptr + grp * C_OUT_G * sdc + n_idx * sdn
+    dz_rows = dz_ptr + grp * C_OUT_G + n_idx * sdn
 
     offs_ci_g = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     ci_mask = offs_ci_g < C_IN_G
-    w_cols = w_ptr + grp * C_OUT_G * swo + offs_ci_g * swi
+    w_cols = w_ptr + grp * C_OUT_G * swo + offs_ci_g
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FLAT:
@@ -446,7 +560,7 @@ def _conv_dgrad_kernel(
         tw = tw0[:, None] - (kw_f * DIL_W)[None, :]
         wo = tw // STRIDE_W
         col_ok = m_mask[:, None] & f_ok[None, :] & (tw >= 0) & (tw - wo * STRIDE_W == 0) & (wo < WO)
-        col_offs = wo * sdw + (co_f * sdc)[None, :]
+        col_offs = wo * sdw + co_f[None, :]
         w_k = co_f * swo + kw_f * sww
         for kh in range(KH):
             th = th0 - kh * DIL_H
@@ -469,7 +583,7 @@ def _conv_dgrad_kernel(
                 ok = ok & (th - ho * STRIDE_H == 0) & (tw - wo * STRIDE_W == 0)
             offs_co_g = c0 + offs_k
             co_ok = offs_co_g < C_OUT_G
-            a = tl.load(dz_rows[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_co_g[None, :] * sdc,
+            a = tl.load(dz_rows[:, None] + (ho * sdh + wo * sdw)[:, None] + offs_co_g[None, :],
                         mask=ok[:, None] & co_ok[None, :], other=0.0)
             b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + offs_co_g[:, None] * swo,
                         mask=co_ok[:, None] & ci_mask[None, :], other=0.0)
@@ -477,11 +591,10 @@ def _conv_dgrad_kernel(
             c0, kh, kw = _next_tap(c0, kh, kw, C_OUT_G, KW, kw_first, step_h, step_w, BLOCK_K)
 
     offs_ci = grp * C_IN_G + offs_ci_g
-    out_offs = (n_idx * sxn + hw * sxhw)[:, None] + (offs_ci * sxc)[None, :]
+    out_offs = (n_idx * sxn + hw * sxhw)[:, None] + offs_ci[None, :]  # z's too: same layout
     out_mask = m_mask[:, None] & ci_mask[None, :]
     if RELU_MASK or BN_SUMS:
-        z = tl.load(z_ptr + (n_idx * szn + hw * szhw)[:, None] + (offs_ci * szc)[None, :], mask=out_mask,
-                    other=0.0)
+        z = tl.load(z_ptr + out_offs, mask=out_mask, other=0.0)
     if RELU_MASK:
         # The recompute chain's backward: grad_x is the gradient of y_in = relu(bn(z)); the ReLU
         # stops it where bn(z) <= 0 (a NaN passes, as threshold_backward); bn(z) is recomputed
@@ -494,13 +607,13 @@ def _conv_dgrad_kernel(
     if BN_SUMS:
         # BatchNorm backward's two per-channel sums over this tile's rows, where g and z already
         # sit in registers: sum g and sum g * (z - mean) of the stored (rounded) g, into
-        # per-(tile, channel) partials [2, PS_T, PS_C] summed in tile order by the launcher.
+        # per-(tile, channel) partials [2, PS_T, C_IN] summed in tile order by the launcher.
         mean = tl.load(in_mean_ptr + offs_ci, mask=ci_mask, other=0.0).to(tl.float32)
         gf = tl.where(out_mask, g.to(tl.float32), 0.0)
         zc = tl.where(out_mask, z.to(tl.float32) - mean[None, :], 0.0)
-        p_offs = tile * PS_C + offs_ci
+        p_offs = tile * C_IN + offs_ci
         tl.store(psum_ptr + p_offs, tl.sum(gf, axis=0), mask=ci_mask)
-        tl.store(psum_ptr + PS_T * PS_C + p_offs, tl.sum(gf * zc, axis=0), mask=ci_mask)
+        tl.store(psum_ptr + PS_T * C_IN + p_offs, tl.sum(gf * zc, axis=0), mask=ci_mask)
 
 
 def dgrad_phased(stride, dilation, flat: bool) -> bool:
@@ -509,56 +622,88 @@ def dgrad_phased(stride, dilation, flat: bool) -> bool:
     return (stride[0] > 1 or stride[1] > 1) and list(dilation) == [1, 1] and not flat
 
 
-def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_input=None, bn_sums=None):
-    """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x.
-    bn_input: (z, mean, var, bn_weight, bn_bias, eps, relu) of the unit whose act(bn(z)) was
-    the conv's input (the recompute chain's backward): with relu, grad_x is zeroed where that
-    input was not positive, the mask recomputed in the epilogue from z. bn_sums: a [2, C_in]
-    contiguous float32 tensor that receives sum(grad_x) and sum(grad_x * (z - mean)) per channel (of the
-    stored grad_x; needs bn_input), BatchNorm backward's reductions."""
-    dz, weight = _nhwc(dz), _nhwc(weight)
-    result, grad_x = grad_x, _nhwc_buffer(grad_x)
-    n, _, h, w = grad_x.shape
-    c_out, c_in_g, kh, kw = weight.shape
-    _, _, ho, wo = dz.shape
+class BnInput(NamedTuple):
+    """The recompute chain's conv input act(bn(z)), never written: z (the previous unit's
+    pre-BatchNorm output) and that unit's BatchNorm + ReLU."""
+
+    z: torch.Tensor
+    bn: BnPrologue
+
+
+@dataclasses.dataclass(frozen=True)
+class _DgradPlan:
+    copy_dz: bool
+    copy_w: bool
+    copy_z: bool
+    buffer: bool            # grad_x is not dense NHWC: the kernel writes a channels_last buffer copied to it
+    sum_tiles: int          # PS_T: rows of the BatchNorm sums' partials (all phases' tiles)
+    grid: Any
+    args: dict
+
+
+@plan_cache
+def _dgrad_plan(dz_layout, w_layout, gx_layout, z_layout, dtype, device, geometry, flags, mode) -> _DgradPlan:
+    stride, padding, dilation, groups = geometry[0:2], geometry[2:4], geometry[4:6], geometry[6]
+    relu_mask, bn_sums = flags
+    n, c_in, h, w = gx_layout[0]
+    c_out, c_in_g, kh, kw = w_layout[0]
+    _, _, ho, wo = dz_layout[0]
     m = n * h * w
     c_out_g = c_out // groups
-    if scale is not None:
-        weight = _nhwc((weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype))
     block_m = conv_block_m()
     flat, c_pad, kw_pad = _flat(c_out_g, kw)
-    relu = False
-    if bn_input is not None:
-        z, in_mean, in_var, in_w, in_b, in_eps, relu = bn_input
-        z = _nhwc(z)
-    else:
-        z, in_mean, in_var, in_w, in_b, in_eps = grad_x, grad_x, grad_x, grad_x, grad_x, 0.0
     # A strided conv's dgrad runs per phase (h % stride, w % stride): 3x3/2 reads 1-4 taps of 9
     # per pixel, 1x1/2 one or none, where one pass over all pixels masks 3/4 of its tap loads.
     phased = dgrad_phased(stride, dilation, flat)
     phases = stride[0] * stride[1] if phased else 1
     rows = n * cdiv(h, stride[0]) * cdiv(w, stride[1]) if phased else m  # the largest phase's
     tiles = cdiv(rows, block_m)
-    c_total = c_in_g * groups
-    psum = (torch.empty((2, phases * tiles, c_total), dtype=torch.float32, device=dz.device) if bn_sums is not None
-            else grad_x)
-    grid = lambda meta: (tiles * cdiv(c_in_g, meta["BLOCK_N"]), phases, groups)  # noqa: E731
-    launch(
-        _conv_dgrad_kernel, grid,
-        dz, weight, grad_x,
-        z, in_mean, in_var, in_w, in_b, in_eps, psum, phases * tiles, c_total,
-        m, m_bucket(rows), h * w, w, ho, wo, c_in_g, c_out_g, kh, kw, padding[0], padding[1],
-        dz.stride(0), dz.stride(1), dz.stride(2), dz.stride(3),
-        weight.stride(0), weight.stride(1), weight.stride(2), weight.stride(3),
-        grad_x.stride(0), grad_x.stride(1), _hw_stride(grad_x),
-        z.stride(0), z.stride(1), _hw_stride(z),
+    args = dict(
+        PS_T=phases * tiles, M=m, M_BUCKET=m_bucket(rows), HW=h * w, W=w, HO=ho, WO=wo, C_IN=c_in, C_IN_G=c_in_g,
+        C_OUT=c_out, C_OUT_G=c_out_g, KH=kh, KW=kw, PAD_H=padding[0], PAD_W=padding[1],
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, PHASED=phased, RELU_MASK=relu, BN_SUMS=bn_sums is not None,
-        ALLOW_TF32=allow_tf32(dz.dtype),
-        INDEX_64=needs_int64(dz, grad_x), BLOCK_M=block_m,
+        FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, PHASED=phased, RELU_MASK=relu_mask, BN_SUMS=bn_sums,
+        ALLOW_TF32=mode[1],
+        INDEX_64=needs_int64(_nhwc_meta(dz_layout[0], dtype), _nhwc_meta(gx_layout[0], dtype)), BLOCK_M=block_m,
     )
-    if grad_x is not result:
-        result.copy_(grad_x)
+    return _DgradPlan(
+        copy_dz=not _is_nhwc(dz_layout), copy_w=not _is_nhwc(w_layout), copy_z=not _is_nhwc(z_layout),
+        buffer=not _is_nhwc(gx_layout), sum_tiles=phases * tiles,
+        grid=lambda meta: (tiles * cdiv(c_in_g, meta["BLOCK_N"]), phases, groups), args=args,
+    )
+
+
+def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, *, bn_input: BnInput | None = None,
+               bn_sums=None):
+    """grad_x = conv_transpose(dz, weight * scale[co]) into the preallocated grad_x.
+    bn_input: the conv's input was act(bn(z)) (the recompute chain's backward): with the ReLU,
+    grad_x is zeroed where that input was not positive, the mask recomputed in the epilogue
+    from z. bn_sums: a [2, C_in] contiguous float32 tensor that receives sum(grad_x) and
+    sum(grad_x * (z - mean)) per channel (of the stored grad_x; needs bn_input), BatchNorm
+    backward's reductions."""
+    dtype = dz.dtype
+    z = bn_input.z if bn_input is not None else None
+    plan = _dgrad_plan(plan_key(dz), plan_key(weight), plan_key(grad_x), plan_key(z), dtype, dz.device,
+                       (*stride, *padding, *dilation, groups),
+                       (bn_input is not None and bn_input.bn.relu, bn_sums is not None), launch_mode(dtype))
+    if plan.copy_dz:
+        dz = dz.contiguous(memory_format=torch.channels_last)
+    if scale is not None:  # folded into a scaled copy of the weight (rounded to its dtype)
+        weight = (weight.float() * scale.float().view(-1, 1, 1, 1)).to(weight.dtype)
+        weight = _nhwc(weight)
+    elif plan.copy_w:
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    if plan.copy_z:
+        z = z.contiguous(memory_format=torch.channels_last)
+    written = torch.empty_like(grad_x, memory_format=torch.channels_last) if plan.buffer else grad_x
+    psum = None
+    if bn_sums is not None:
+        psum = torch.empty((2, plan.sum_tiles, grad_x.size(1)), dtype=torch.float32, device=dz.device)
+    bn = _bn_args(bn_input.bn) if bn_input is not None else _NO_BN
+    launch(_conv_dgrad_kernel, plan.grid, dz_ptr=dz, w_ptr=weight, dx_ptr=written, z_ptr=z, **bn, psum_ptr=psum,
+           **plan.args)
+    if written is not grad_x:
+        grad_x.copy_(written)
     if bn_sums is not None:
         sum_partials(psum, out=bn_sums)
 
@@ -575,17 +720,18 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, bn_
 @triton.jit
 def _conv_wgrad_kernel(
     dz_ptr, x_ptr, part_ptr,
-    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
-    M, M_BUCKET, HWO, WO, H, W, C_IN_G, C_OUT_G, C_OUT, KH, KW, M_PER_SPLIT, PAD_H, PAD_W,
-    sdn, sdc, sdhw,
-    sxn, sxc, sxh, sxw,
+    in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,  # the BnPrologue; None without PROLOGUE
+    M, M_BUCKET, HWO, WO, H, W, C_IN, C_IN_G, C_OUT, C_OUT_G, KH, KW, M_PER_SPLIT, PAD_H, PAD_W,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, DIL_H: tl.constexpr, DIL_W: tl.constexpr,
     FLAT_N: tl.constexpr, PROLOGUE: tl.constexpr, IN_RELU: tl.constexpr,
     ALLOW_TF32: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
+    """dz [N, C_OUT, HO, WO] and x [N, C_IN, H, W], dense NHWC; HWO = HO * WO, M = N * HWO.
+    FLAT_N: the columns are (ci, kh, kw) flattened (few input channels: the stem) and grid
     axis 1 is the group; otherwise columns are input channels and axis 1 is (group, tap)."""
+    sdn, _, sdhw = _dense_nhwc(C_OUT, 1, HWO, INDEX_64)
+    sxn, sxh, sxw = _dense_nhwc(C_IN, H, W, INDEX_64)
     pid_mn = as_index(tl.program_id(0), INDEX_64)
     axis1 = as_index(tl.program_id(1), INDEX_64)
     split = as_index(tl.program_id(2), INDEX_64)
@@ -626,20 +772,20 @@ def _conv_wgrad_kernel(
         hw = offs_k % HWO
         ho = hw // WO
         wo = hw % WO
-        a = tl.load(dz_ptr + (offs_co * sdc)[:, None] + (n_idx * sdn + hw * sdhw)[None, :],
+        a = tl.load(dz_ptr + offs_co[:, None] + (n_idx * sdn + hw * sdhw)[None, :],
                     mask=co_mask[:, None] & k_ok[None, :], other=0.0)
         if FLAT_N:
             h = ho[:, None] * STRIDE_H - PAD_H + (kh_j * DIL_H)[None, :]
             w = wo[:, None] * STRIDE_W - PAD_W + (kw_j * DIL_W)[None, :]
             x_ok = k_ok[:, None] & j_mask[None, :] & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            b = tl.load(x_ptr + (n_idx * sxn)[:, None] + h * sxh + w * sxw + (offs_ci * sxc)[None, :],
+            b = tl.load(x_ptr + (n_idx * sxn)[:, None] + h * sxh + w * sxw + offs_ci[None, :],
                         mask=x_ok, other=0.0)
         else:
             h = ho * STRIDE_H - PAD_H + kh * DIL_H
             w = wo * STRIDE_W - PAD_W + kw * DIL_W
             x_ok = k_ok & (h >= 0) & (h < H) & (w >= 0) & (w < W)
             b_ok = x_ok[:, None] & j_mask[None, :]
-            b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + (offs_ci * sxc)[None, :],
+            b = tl.load(x_ptr + (n_idx * sxn + h * sxh + w * sxw)[:, None] + offs_ci[None, :],
                         mask=b_ok, other=0.0)
             if PROLOGUE:  # x is the previous unit's z: its BatchNorm + ReLU, as the forward applied them
                 b = _bn_act_prologue(b, b_ok, offs_ci, j_mask, in_mean_ptr, in_var_ptr, in_w_ptr, in_b_ptr, in_eps,
@@ -657,15 +803,14 @@ def _conv_wgrad_kernel(
 
 @triton.jit
 def _wgrad_finalize_kernel(
-    part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_part_ptr,
+    part_ptr, w_ptr, scale_ptr, gw_ptr, gscale_part_ptr,  # None where absent (w with gscale_part)
     C_OUT, K, KHW, SPLIT,
-    sgo, sgi, sgh, sgw, KW,
-    HAS_SCALE: tl.constexpr, WRITE_GW: tl.constexpr, WRITE_GSCALE: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
+    sgo, sgi, sgh, sgw, KW,  # grad_w's strides (any layout); None without gw_ptr
+    INDEX_64: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One (co block, k block) tile (grid axes 0, 1): grad_w = (sum over splits, in order) *
     scale[co]; with WRITE_GSCALE, this k block's share of grad_scale[co] = sum_k wgrad * w[co, k]
-    into gscale_part[k block, co] (summed over k blocks in order by the launcher).
+    into gscale_part[k block, co] (summed over k blocks in order by the launcher), where given.
     K = C_in_g * KH * KW flattened in (ci, kh, kw) order; w is read with the partials' layout
     contract of a contiguous weight (the caller passes weight.contiguous())."""
     offs_co = as_index(tl.program_id(0), INDEX_64) * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -677,12 +822,12 @@ def _wgrad_finalize_kernel(
     total = tl.zeros((BLOCK_CO, BLOCK_K), dtype=tl.float32)
     for s in range(SPLIT):
         total += tl.load(part_ptr + s * C_OUT * K + flat, mask=mask, other=0.0)
-    if WRITE_GSCALE:
+    if gscale_part_ptr is not None:
         wv = tl.load(w_ptr + flat, mask=mask, other=0.0).to(tl.float32)
         tl.store(gscale_part_ptr + kb * C_OUT + offs_co, tl.sum(total * wv, axis=1), mask=co_mask)
-    if WRITE_GW:
+    if gw_ptr is not None:
         g = total
-        if HAS_SCALE:
+        if scale_ptr is not None:
             g = g * tl.load(scale_ptr + offs_co, mask=co_mask, other=0.0).to(tl.float32)[:, None]
         ci = offs_k // KHW
         tap = offs_k % KHW
@@ -694,7 +839,7 @@ def wgrad_tiles(c_out_g: int, n_cols: int, flat: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of wgrad: the launcher's choice (not the autotuner's), so that the
     split count, which sizes the partials buffer, is computed for the real tile count.
     FLAT_N (the stem) decodes (ci, kh, kw) and gathers per element of the [BLOCK_K, BLOCK_N]
-    tile: BLOCK_N 128 spills under triton 3.6 (64 B bf16, 168 B fp32 at BLOCK_K 32), 64 not."""
+    tile: BLOCK_N 64, as 128 spills (triton 3.6; docs/kernels.md, the gate's spill test)."""
     if interpret():
         return 64, 128
     return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 and not flat else 64)
@@ -711,58 +856,89 @@ def wgrad_split(m: int, tiles: int, sms: int) -> int:
     return max(1, min(want, m // WGRAD_MIN_K_PER_SPLIT))
 
 
-def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=None, scale=None, grad_scale=None,
-               split=None, prologue=None):
-    """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
-    is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given.
-    `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter).
-    grad_w may have any layout: the finalize kernel writes it by strides.
-    prologue: (mean, var, bn_weight, bn_bias, eps, relu): x is the previous unit's z, and the
-    kernel applies its BatchNorm + ReLU as it loads x (as conv_forward's prologue)."""
-    dz, x = _nhwc(dz), _nhwc(x)
-    n, _, h, w = x.shape
-    c_out, c_in_g, kh, kw = weight.shape
-    _, _, ho, wo = dz.shape
+@dataclasses.dataclass(frozen=True)
+class _WgradPlan:
+    copy_dz: bool
+    copy_x: bool
+    split: int
+    part_shape: tuple       # the float32 partials [SPLIT, C_out, C_in_g, KH, KW]
+    grid: Any
+    args: dict
+    finalize_grid: tuple
+    finalize_args: dict
+
+
+@plan_cache
+def _wgrad_plan(dz_layout, x_layout, w_shape, dtype, device, geometry, split, prologue_relu, mode) -> _WgradPlan:
+    stride, padding, dilation, groups = geometry[0:2], geometry[2:4], geometry[4:6], geometry[6]
+    in_interpreter = mode[0]
+    n, c_in, h, w = x_layout[0]
+    c_out, c_in_g, kh, kw = w_shape
+    _, _, ho, wo = dz_layout[0]
     m = n * ho * wo
     c_out_g = c_out // groups
-    flat = c_in_g < FLAT_BELOW and prologue is None
+    prologue = prologue_relu is not None
+    flat = c_in_g < FLAT_BELOW and not prologue
     n_cols = c_in_g * kh * kw if flat else c_in_g
     axis1 = groups if flat else kh * kw * groups
     block_m, block_n = wgrad_tiles(c_out_g, n_cols, flat)
     tiles = cdiv(c_out_g, block_m) * cdiv(n_cols, block_n) * axis1
     if split is None:
-        split = 1 if interpret() else wgrad_split(m, tiles, sm_count())
+        split = 1 if in_interpreter else wgrad_split(m, tiles, sm_count())
     m_per_split = cdiv(cdiv(m, split), 64) * 64  # whole K blocks per split
     split = cdiv(m, m_per_split)
-    part = torch.empty((split, c_out, c_in_g, kh, kw), dtype=torch.float32, device=x.device)
-    in_mean, in_var, in_w, in_b, in_eps, in_relu = prologue if prologue is not None else (part,) * 4 + (0.0, False)
-    launch(
-        _conv_wgrad_kernel, (tiles // axis1, axis1, split),
-        dz, x, part,
-        in_mean, in_var, in_w, in_b, in_eps,
-        m, m_bucket(m), ho * wo, wo, h, w, c_in_g, c_out_g, c_out, kh, kw, m_per_split, padding[0], padding[1],
-        dz.stride(0), dz.stride(1), _hw_stride(dz),
-        x.stride(0), x.stride(1), x.stride(2), x.stride(3),
+    part_shape = (split, c_out, c_in_g, kh, kw)
+    args = dict(
+        M=m, M_BUCKET=m_bucket(m), HWO=ho * wo, WO=wo, H=h, W=w, C_IN=c_in, C_IN_G=c_in_g, C_OUT=c_out,
+        C_OUT_G=c_out_g, KH=kh, KW=kw, M_PER_SPLIT=m_per_split, PAD_H=padding[0], PAD_W=padding[1],
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT_N=flat, PROLOGUE=prologue is not None, IN_RELU=in_relu, ALLOW_TF32=allow_tf32(x.dtype),
-        INDEX_64=needs_int64(dz, x), BLOCK_M=block_m, BLOCK_N=block_n,
+        FLAT_N=flat, PROLOGUE=prologue, IN_RELU=bool(prologue_relu), ALLOW_TF32=mode[1],
+        INDEX_64=needs_int64(_nhwc_meta(dz_layout[0], dtype), _nhwc_meta(x_layout[0], dtype)),
+        BLOCK_M=block_m, BLOCK_N=block_n,
     )
     # The finalize: one program per (16 output channels, 64 K) tile, so that even 64x64x3x3
     # (36 tiles) is not a handful of programs each summing every split.
     k = c_in_g * kh * kw
-    block_co, block_k = (64, 256) if interpret() else (16, 64)
-    k_blocks = cdiv(k, block_k)
-    w_c = weight.contiguous() if grad_scale is not None else weight
-    gw = grad_w if grad_w is not None else part
-    gs_part = (torch.empty((1, k_blocks, c_out), dtype=torch.float32, device=x.device)
-               if grad_scale is not None else part)
-    launch(
-        _wgrad_finalize_kernel, (cdiv(c_out, block_co), k_blocks),
-        part, w_c, scale if scale is not None else part, gw, gs_part,
-        c_out, k, kh * kw, split,
-        gw.stride(0), gw.stride(1), gw.stride(2), gw.stride(3), kw,
-        HAS_SCALE=scale is not None, WRITE_GW=grad_w is not None, WRITE_GSCALE=grad_scale is not None,
-        INDEX_64=needs_int64(part), BLOCK_CO=block_co, BLOCK_K=block_k,
+    block_co, block_k = (64, 256) if in_interpreter else (16, 64)
+    finalize_args = dict(C_OUT=c_out, K=k, KHW=kh * kw, SPLIT=split, KW=kw,
+                         INDEX_64=needs_int64(torch.empty(part_shape, device="meta")), BLOCK_CO=block_co,
+                         BLOCK_K=block_k)
+    return _WgradPlan(
+        copy_dz=not _is_nhwc(dz_layout), copy_x=not _is_nhwc(x_layout), split=split, part_shape=part_shape,
+        grid=(tiles // axis1, axis1, split), args=args, finalize_grid=(cdiv(c_out, block_co), cdiv(k, block_k)),
+        finalize_args=finalize_args,
     )
+
+
+_NO_GRAD_W = {"gw_ptr": None, "sgo": None, "sgi": None, "sgh": None, "sgw": None}
+
+
+def conv_wgrad(dz, x, weight, stride, padding, dilation, groups, *, grad_w=None, scale=None, grad_scale=None,
+               split=None, prologue: BnPrologue | None = None):
+    """Weight gradient of conv(x, weight) given dz; writes grad_w (= wgrad * scale[co] when scale
+    is given) and grad_scale[co] = sum(wgrad[co] * weight[co]) (needs scale-free wgrad) if given.
+    `split`: the K split count (default: enough programs for the GPU; 1 in the interpreter).
+    grad_w may have any layout: the finalize kernel writes it by strides.
+    prologue: x is the previous unit's z, and the kernel applies that unit's BatchNorm + ReLU
+    as it loads x (as conv_forward's prologue)."""
+    plan = _wgrad_plan(plan_key(dz), plan_key(x), weight.shape, x.dtype, x.device,
+                       (*stride, *padding, *dilation, groups), split,
+                       None if prologue is None else prologue.relu, launch_mode(x.dtype))
+    if plan.copy_dz:
+        dz = dz.contiguous(memory_format=torch.channels_last)
+    if plan.copy_x:
+        x = x.contiguous(memory_format=torch.channels_last)
+    part = torch.empty(plan.part_shape, dtype=torch.float32, device=x.device)
+    launch(_conv_wgrad_kernel, plan.grid, dz_ptr=dz, x_ptr=x, part_ptr=part, **_bn_args(prologue), **plan.args)
+    gs_part = None
+    if grad_scale is not None:
+        gs_part = torch.empty((1, plan.finalize_grid[1], plan.part_shape[1]), dtype=torch.float32, device=x.device)
+    gw = _NO_GRAD_W
+    if grad_w is not None:
+        sgo, sgi, sgh, sgw = grad_w.stride()
+        gw = {"gw_ptr": grad_w, "sgo": sgo, "sgi": sgi, "sgh": sgh, "sgw": sgw}
+    launch(_wgrad_finalize_kernel, plan.finalize_grid, part_ptr=part,
+           w_ptr=weight.contiguous() if grad_scale is not None else None, scale_ptr=scale, **gw,
+           gscale_part_ptr=gs_part, **plan.finalize_args)
     if grad_scale is not None:
         grad_scale.copy_(sum_partials(gs_part)[0])
