@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from ... import _library
-from ..._utils import conv_output_size, empty_like_format, in_format, interpret, stat_dtype
+from ..._utils import conv_output_size, empty_like_format, in_format, interpret, or_unasked, stat_dtype, unasked
 
 NAME = "triton"
 NAMESPACE = "resnet_fused_triton"
@@ -128,9 +128,7 @@ def conv_bn_eval_backward(
         grad_w, grad_scale = gw, gs
     grad_shift = sum_g.to(scale.dtype) if need_shift else None
     grad_residual = g if need_residual else None
-    # Gradients not asked for: a fresh empty each (custom-op outputs may not alias each other).
-    return tuple(t if t is not None else x.new_empty(0) for t in (grad_x, grad_w, grad_scale, grad_shift,
-                                                                   grad_residual))
+    return or_unasked((grad_x, grad_w, grad_scale, grad_shift, grad_residual), x)
 
 
 def conv_bn_train_backward(
@@ -158,9 +156,8 @@ def conv_bn_train_backward(
     if need_w:
         grad_w = empty_like_format(weight.shape, weight)
         _k_conv.conv_wgrad(dz, x, weight, stride, padding, dilation, groups, grad_w=grad_w)
-    outs = (grad_x, grad_w, gbias if need_bias else None, gbw if need_bn_weight else None,
-            gbb if need_bn_bias else None, grad_res)
-    return tuple(t if t is not None else x.new_empty(0) for t in outs)
+    return or_unasked((grad_x, grad_w, gbias if need_bias else None, gbw if need_bn_weight else None,
+                       gbb if need_bn_bias else None, grad_res), x)
 
 
 def add_relu(x: Tensor, residual: Tensor) -> Tensor:
@@ -203,8 +200,7 @@ def bn_act_conv_backward(
     never written, and g is not read again for the sums."""
     need_g, need_w = output_mask
     bn = BnPrologue(mean.contiguous(), var.contiguous(), bn_weight.contiguous(), bn_bias.contiguous(), eps, relu)
-    # Outputs not asked for are empty, one tensor each (outputs may not alias each other).
-    g, grad_w, sum_g, sum_g_zc = z_in.new_empty(0), weight.new_empty(0), mean.new_empty(0), mean.new_empty(0)
+    g = grad_w = sum_g = sum_g_zc = None
     if need_g:
         g = empty_like_format(z_in.shape, z_in)
         sums = torch.empty((2, z_in.size(1)), dtype=torch.float32, device=z_in.device)
@@ -214,7 +210,8 @@ def bn_act_conv_backward(
     if need_w:
         grad_w = empty_like_format(weight.shape, weight)
         _k_conv.conv_wgrad(grad_z, z_in, weight, stride, padding, dilation, groups, grad_w=grad_w, prologue=bn)
-    return g, grad_w, sum_g, sum_g_zc
+    return (g if need_g else unasked(z_in), grad_w if need_w else unasked(weight),
+            sum_g if need_g else unasked(mean), sum_g_zc if need_g else unasked(mean))
 
 
 def bn_apply(
@@ -250,7 +247,7 @@ def bn_apply_backward(
         sums = torch.stack([sum_g, sum_g_zc]).to(torch.float32)
         _k_bn.bn_backward_dz(in_format(grad_y, z), in_format(y, z) if relu else None, z, mean.contiguous(),
                              var.contiguous(), bn_weight.contiguous(), sums, count, eps, relu, dz, grad_res)
-    return tuple(t if t is not None else z.new_empty(0) for t in (dz, grad_res))
+    return or_unasked((dz, grad_res), z)
 
 
 def on_tensor_device(impl):
@@ -398,9 +395,16 @@ def _device_ok(t: Tensor) -> bool:
     return t.device.type == ("cpu" if interpret() else "cuda")
 
 
-# Positions of (weight, conv bias, residual, first of (stride, padding, dilation)) per conv op.
-_CONV_ARGS_AT = {"conv_bn_eval": (1, None, 4, 5), "conv_bn_train": (1, 2, 5, 6), "conv_bn_stats": (1, 2, None, 3),
-                 "bn_act_conv_bn_stats": (7, 8, None, 9)}
+def _conv_args_at(op_name: str) -> tuple[int, int | None, int | None, int, int, int]:
+    """Positions of (weight, conv bias, residual, stride, padding, dilation) in a conv op's
+    arguments, read by name from its schema (_library.SCHEMAS); None for one it does not take."""
+    at = {name: i for i, name in enumerate(_library.argument_names(op_name))}
+    return at["weight"], at.get("bias"), at.get("residual"), at["stride"], at["padding"], at["dilation"]
+
+
+# The forward conv ops unsupported_reason checks (the backward ones run on what their forward covered).
+_CONV_ARGS_AT = {name: _conv_args_at(name)
+                 for name in ("conv_bn_eval", "conv_bn_train", "conv_bn_stats", "bn_act_conv_bn_stats")}
 
 
 def unsupported_reason(op_name: str, *args) -> str | None:
@@ -424,7 +428,7 @@ def unsupported_reason(op_name: str, *args) -> str | None:
     if op_name == "add_relu":
         return None if args[1].dtype == x.dtype else "x and residual differ in dtype"
     if op_name in _CONV_ARGS_AT:
-        w_at, bias_at, res_at, i = _CONV_ARGS_AT[op_name]
+        w_at, bias_at, res_at, stride_at, padding_at, dilation_at = _CONV_ARGS_AT[op_name]
         weight = args[w_at]
         if x.dim() != 4 or weight.dim() != 4:
             return "x and weight must be 4-D"
@@ -437,7 +441,8 @@ def unsupported_reason(op_name: str, *args) -> str | None:
             return "residual's dtype differs from x's"
         if bias_at is not None and args[bias_at] is not None and args[bias_at].dtype != x.dtype:
             return "the conv bias's dtype differs from x's"
-        size = conv_output_size(list(x.shape), list(weight.shape), args[i], args[i + 1], args[i + 2])
+        size = conv_output_size(list(x.shape), list(weight.shape), args[stride_at], args[padding_at],
+                                args[dilation_at])
         return None if size[0] * size[1] * size[2] * size[3] > 0 else "empty output"
     return None  # the backward and SyncBatchNorm ops run on whatever their forward covered
 
