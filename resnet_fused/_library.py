@@ -492,7 +492,7 @@ def register_flop_formulas(namespace: str) -> None:
         register_flop_formula(getattr(getattr(torch.ops, namespace), name))(formula)
 
 
-def direct_ops(impls: dict, namespace: str, untraced: dict | None = None
+def direct_ops(impls: dict, namespace: str, no_grad: dict | None = None
                ) -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
     """A backend's ops as plain eager calls them without the dispatcher (backends.select_ops,
     where nothing watches it): (grad mode off: the implementations themselves; grad mode on: the
@@ -505,9 +505,11 @@ def direct_ops(impls: dict, namespace: str, untraced: dict | None = None
     for less. A backward run with create_graph=True calls the backward op through torch.ops, so
     double backward still raises as the registered ops do.
 
-    untraced: implementations that replace impls' here only: these calls are never traced or
-    decomposed, so they may work in place on their own fresh outputs."""
-    direct = types.SimpleNamespace(**{**impls, **(untraced or {})})
+    no_grad: implementations that replace impls' in the first namespace only (grad mode off:
+    inference; never traced or decomposed, so they may work in place on their own fresh
+    outputs and keep what they derive from the parameters)."""
+    no_grad = no_grad or {}
+    direct = types.SimpleNamespace(**{**impls, **no_grad})
     registered = getattr(torch.ops, namespace)
 
     class BackwardOps:  # what a formula's backward calls
@@ -518,7 +520,9 @@ def direct_ops(impls: dict, namespace: str, untraced: dict | None = None
         # The ctx-taking form: with a separate setup_context, Function.apply binds the
         # arguments against forward's signature (inspect.signature, ~15 us) on every call.
         def forward(ctx, *args):
-            output = getattr(direct, name)(*args)  # looked up per call: the namespace above is the one place
+            # Looked up per call: the namespace above is the one place (grad mode is off in a
+            # forward, but its output joins a graph, so no_grad's implementations do not run here).
+            output = impls[name](*args) if name in no_grad else getattr(direct, name)(*args)
             setup(ctx, args, output)
             return output
         return forward

@@ -75,6 +75,8 @@ def _check_bool(name: str, value) -> None:
 
 def _check_channel_vector(name: str, t: Tensor, channels: int, x: Tensor, device: torch.device) -> None:
     """A per-output-channel vector (a tensor already checked by _check_tensor) on x's device."""
+    if t.device == device and t.shape == (channels,) and (name != "bias" or t.dtype == x.dtype):
+        return  # the common case in three reads; the checks below name what is wrong
     _check_like(name, t, x, dims=1, same_dtype=name == "bias", device=device)  # the conv bias is a conv operand
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
@@ -227,15 +229,20 @@ def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, 
     """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc.
 
     keep (calls that skip the dispatcher with grad mode off, backends.direct_calls: inference): the fold is kept per running_var and reused while every tensor it read is the
-    same object at the same in-place version (an optimizer step, load_state_dict or a
-    running-statistics update bumps it; .to() makes new tensors), so inference launches no
+    same object at the same in-place version and data pointer (an optimizer step,
+    load_state_dict or a running-statistics update bumps the version; .to() makes new tensors
+    or new data), so inference launches no
     folding kernels (five per unit otherwise). With grad on, the fold is part of the autograd
     graph and is computed every call."""
     key = None
     if keep:
         try:
-            key = (-1 if bn_weight is None else bn_weight._version, -1 if bn_bias is None else bn_bias._version,
-                   running_mean._version, running_var._version, -1 if bias is None else bias._version, eps, acc)
+            # Versions count in-place writes; data pointers catch `t.data = other`, which keeps
+            # the object and its version.
+            key = (None if bn_weight is None else (bn_weight._version, bn_weight.data_ptr()),
+                   None if bn_bias is None else (bn_bias._version, bn_bias.data_ptr()),
+                   running_mean._version, running_mean.data_ptr(), running_var._version, running_var.data_ptr(),
+                   None if bias is None else (bias._version, bias.data_ptr()), eps, acc)
         except RuntimeError:  # inference tensors keep no version counter: nothing to key on
             key = None
         if key is not None:

@@ -120,7 +120,8 @@ def test_double_backward_still_raises(counted):
 def test_eval_fold_is_kept_until_an_input_changes():
     """The inference fold (scale, shift) is reused while its tensors are unchanged, and
     recomputed after each kind of change: an in-place parameter update, load_state_dict, a
-    running-statistics update in training, a replaced parameter, another eps."""
+    running-statistics update in training, a replaced parameter or its data, another eps; the
+    same for the conv weight the reference folds the scale into."""
     unit = _unit(False)
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
 
@@ -156,6 +157,17 @@ def test_eval_fold_is_kept_until_an_input_changes():
         assert fold()[1] is not kept[1]
         check()
         unit.bn.eps = 1e-3
+        check()
+        # The conv weight, which the reference folds the scale into (kept per scale):
+        unit.conv.weight.mul_(0.5)  # in place
+        check()
+        unit.conv.weight.data = torch.randn_like(unit.conv.weight)  # new data, same object and version
+        check()
+        kept = fold()
+        unit.bn.running_var.data = unit.bn.running_var.data * 2.0  # the same for a statistic
+        assert fold()[0] is not kept[0]
+        check()
+        unit.conv.weight = torch.nn.Parameter(unit.conv.weight.detach() * 3.0)  # a replaced parameter
         check()
     unit.train()
     unit(torch.randn(4, 4, 5, 5, dtype=torch.float64))  # updates the running statistics

@@ -12,6 +12,8 @@ The ops are registered in the `resnet_fused` namespace (torch.ops.resnet_fused.*
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -19,6 +21,8 @@ from torch import Tensor
 from .. import _library
 from .._utils import CHANNEL_DIMS as _CHANNEL_DIMS
 from .._utils import memory_format, or_unasked, relu_backward, stat_dtype, unasked
+
+_STAT_DTYPES = (torch.float32, torch.float64)  # where x's dtype is stat_dtype's
 
 NAME = "reference"
 NAMESPACE = "resnet_fused"
@@ -83,15 +87,40 @@ def conv_bn_eval(
     return _as(y, x.dtype).contiguous(memory_format=memory_format(x))
 
 
+# id(scale) -> (a weak reference to it, its version, the weight, its version, the folded weight)
+# of the last fold of that scale; the entry goes when scale does.
+_FOLDED_WEIGHTS: dict[int, tuple] = {}
+
+
+def _folded_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """weight * scale per output channel, kept per scale while both tensors are the same
+    objects at the same in-place versions (and the weight at the same data): ops keeps an
+    inference fold's scale per BatchNorm (ops._eval_scale_shift), so inference multiplies each
+    weight once, not per call."""
+    try:  # versions count in-place writes; the data pointer catches `weight.data = other`
+        versions = (scale._version, (weight._version, weight.data_ptr()))
+    except RuntimeError:  # inference tensors keep no version counter: nothing to key on
+        return weight * scale.view(-1, 1, 1, 1)
+    ident = id(scale)
+    kept = _FOLDED_WEIGHTS.get(ident)
+    if kept is not None and kept[0]() is scale and kept[2] is weight and (kept[1], kept[3]) == versions:
+        return kept[4]
+    folded = weight * scale.view(-1, 1, 1, 1)
+    ref = weakref.ref(scale, lambda _, ident=ident: _FOLDED_WEIGHTS.pop(ident, None))
+    _FOLDED_WEIGHTS[ident] = (ref, versions[0], weight, versions[1], folded)
+    return folded
+
+
 def _conv_bn_eval_in_place(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
 ) -> Tensor:
-    """conv_bn_eval for calls without the dispatcher (_library.direct_ops, never traced): the
-    residual add and the ReLU in place on the fresh output, the same values as conv_bn_eval's."""
-    if x.dtype != stat_dtype(x.dtype):
+    """conv_bn_eval for calls without the dispatcher and without grad (inference,
+    _library.direct_ops; never traced): the folded weight kept, the residual add and the ReLU in
+    place on the fresh output; the same values as conv_bn_eval's."""
+    if x.dtype not in _STAT_DTYPES or scale.dtype != x.dtype or shift.dtype != x.dtype:
         return conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
-    y = _folded_eval(x, weight, scale, shift, stride, padding, dilation, groups)
+    y = F.conv2d(x, _folded_weight(weight, scale), shift, stride, padding, dilation, groups)
     if residual is not None:
         y.add_(residual)
     if relu:
@@ -296,4 +325,4 @@ def unsupported_reason(op_name: str, *op_args) -> str | None:
 
 _IMPLS = {name: globals()[name] for name in _library.OP_NAMES}
 _lib = _library.define_library(NAMESPACE, _IMPLS)
-DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, untraced={"conv_bn_eval": _conv_bn_eval_in_place})
+DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, no_grad={"conv_bn_eval": _conv_bn_eval_in_place})
