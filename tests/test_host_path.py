@@ -197,3 +197,18 @@ def test_plain_eager_predicate():
         assert not backends.plain_eager()
     with OpRecorder():
         assert not backends.plain_eager()
+
+
+def test_inference_mode_keeps_the_folds():
+    """Under torch.inference_mode (the main job's inference) the scale and shift, and the
+    reference's folded conv weight, are kept across calls: the module's tensors are ordinary
+    tensors with version counters even though what the calls create is not."""
+    unit = _unit(False)
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with resnet_fused.use_backend("reference"), torch.inference_mode():
+        y = unit(x)
+        scale = ops._EVAL_FOLDS[id(unit.bn.running_var)][3]
+        folded = reference._FOLDED_WEIGHTS[id(scale)][3]
+        assert torch.equal(unit(x), y)
+        assert ops._EVAL_FOLDS[id(unit.bn.running_var)][3] is scale
+        assert reference._FOLDED_WEIGHTS[id(scale)][3] is folded

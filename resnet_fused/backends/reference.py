@@ -87,27 +87,27 @@ def conv_bn_eval(
     return _as(y, x.dtype).contiguous(memory_format=memory_format(x))
 
 
-# id(scale) -> (a weak reference to it, its version, the weight, its version, the folded weight)
-# of the last fold of that scale; the entry goes when scale does.
+# id(scale) -> (a weak reference to it, the weight, the weight's version and data pointer, the
+# folded weight) of the last fold of that scale; the entry goes when scale does.
 _FOLDED_WEIGHTS: dict[int, tuple] = {}
 
 
 def _folded_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """weight * scale per output channel, kept per scale while both tensors are the same
-    objects at the same in-place versions (and the weight at the same data): ops keeps an
-    inference fold's scale per BatchNorm (ops._eval_scale_shift), so inference multiplies each
-    weight once, not per call."""
-    try:  # versions count in-place writes; the data pointer catches `weight.data = other`
-        versions = (scale._version, (weight._version, weight.data_ptr()))
-    except RuntimeError:  # inference tensors keep no version counter: nothing to key on
+    """weight * scale per output channel, kept per scale object while the weight is the same
+    object at the same in-place version and data: ops keeps an inference fold's scale per
+    BatchNorm (ops._eval_scale_shift; a scale is never written in place), so inference
+    multiplies each weight once, not per call."""
+    try:  # the version counts in-place writes; the data pointer catches `weight.data = other`
+        state = (weight._version, weight.data_ptr())
+    except RuntimeError:  # an inference tensor keeps no version counter: nothing to key on
         return weight * scale.view(-1, 1, 1, 1)
     ident = id(scale)
     kept = _FOLDED_WEIGHTS.get(ident)
-    if kept is not None and kept[0]() is scale and kept[2] is weight and (kept[1], kept[3]) == versions:
-        return kept[4]
+    if kept is not None and kept[0]() is scale and kept[1] is weight and kept[2] == state:
+        return kept[3]
     folded = weight * scale.view(-1, 1, 1, 1)
     ref = weakref.ref(scale, lambda _, ident=ident: _FOLDED_WEIGHTS.pop(ident, None))
-    _FOLDED_WEIGHTS[ident] = (ref, versions[0], weight, versions[1], folded)
+    _FOLDED_WEIGHTS[ident] = (ref, weight, state, folded)
     return folded
 
 
