@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ...._utils import interpret
+from .configs import INTERPRETED
 from .launch import cdiv, launch, needs_int64
 
 
@@ -30,6 +30,6 @@ def _add_relu_kernel(x_ptr, r_ptr, y_ptr, numel, INDEX_64: tl.constexpr, BLOCK: 
 def add_relu(x, residual, out):
     """x, residual, out: dense tensors with identical strides."""
     numel = out.numel()
-    block = 4096 if interpret() else 2048
+    block = 4096 if INTERPRETED else 2048
     launch(_add_relu_kernel, (cdiv(numel, block),), x_ptr=x, r_ptr=residual, y_ptr=out, numel=numel,
-           INDEX_64=needs_int64(out), BLOCK=block, num_warps=8 if not interpret() else 4)
+           INDEX_64=needs_int64(out), BLOCK=block, num_warps=8 if not INTERPRETED else 4)

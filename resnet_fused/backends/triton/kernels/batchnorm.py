@@ -27,7 +27,6 @@ import triton.language as tl
 
 from .configs import elementwise_block
 from .launch import as_index, cdiv, int64_forced, launch, needs_int64, plan_cache, plan_key
-from ...._utils import interpret
 
 
 def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -37,7 +36,7 @@ def act_strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 @plan_cache
-def _rows_plan(layout, mode) -> tuple[tuple, dict]:
+def _rows_plan(layout, forced_int64: bool) -> tuple[tuple, dict]:
     """(grid, arguments) of a per-channel kernel over an activation of this plan_key layout: its
     rows, channels, strides, index width and tile."""
     shape, strides, _ = layout
@@ -51,7 +50,7 @@ def _rows_plan(layout, mode) -> tuple[tuple, dict]:
 
 
 def _rows(t: torch.Tensor) -> tuple[tuple, dict]:
-    return _rows_plan(plan_key(t), (interpret(), int64_forced()))
+    return _rows_plan(plan_key(t), int64_forced())
 
 
 @triton.jit
@@ -141,7 +140,7 @@ def finalize_stats(pmean, pm2, mean, var, m, tile_m, group_tiles=None):
     t, c = pmean.shape
     groups, c_blocks, args = _two_stage_plan(pmean.shape, group_tiles, int64_forced())
     gmean = torch.empty((groups, c), dtype=torch.float32, device=pmean.device)
-    gm2 = torch.empty_like(gmean)
+    gm2 = torch.empty((groups, c), dtype=torch.float32, device=pmean.device)
     gcnt = torch.empty((groups,), dtype=torch.float32, device=pmean.device)
     launch(_chan_merge_kernel, (groups, c_blocks), pmean_ptr=pmean, pm2_ptr=pm2, pcnt_ptr=None, out_mean_ptr=gmean,
            out_m2_ptr=gm2, out_cnt_ptr=gcnt, T=t, C=c, M=m, TILE_M=tile_m, GROUP_T=args["GROUP_T"], FINAL=False,

@@ -25,6 +25,11 @@ import triton
 from ...._utils import interpret
 from .launch import next_power_of_2
 
+# Whether the kernels run in Triton's CPU interpreter: read once, at import, as triton.jit
+# decides it for each kernel when the kernel modules are imported; the launchers' block sizes
+# and configs follow the kernels they launch.
+INTERPRETED = interpret()
+
 # Shared memory a block may use (the opt-in maximum), by compute capability.
 SMEM_BYTES = {90: 232448, 100: 232448, 80: 166912, 87: 166912, 86: 101376, 89: 101376, 120: 101376}
 SMEM_BYTES_DEFAULT = 101376
@@ -78,7 +83,7 @@ def target_arch() -> int:
     CUDA is in use by then."""
     if _TARGET is not None:
         return _TARGET[0]
-    if interpret():
+    if INTERPRETED:
         return 0
     return _device_arch(torch.cuda.current_device())
 
@@ -95,7 +100,7 @@ def conv_configs() -> list[triton.Config]:
     """Configs of the implicit-GEMM forward and dgrad (BLOCK_N, BLOCK_K, warps, stages; BLOCK_M
     is fixed by the caller because the training statistics partials are per BLOCK_M tile), in
     order of preference: pruning keeps the first MAX_CONFIGS that fit."""
-    if interpret():
+    if INTERPRETED:
         # The interpreter's cost is per program and per loop iteration, hardly per element.
         return [_cfg(64, 64, 4, 1)]
     # Gate figures per config (registers / spill bytes / shared KB), bf16 and fp32:
@@ -124,7 +129,7 @@ def wgrad_configs() -> list[triton.Config]:
     def cfg(block_k, warps, stages):
         return triton.Config({"BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
-    if interpret():
+    if INTERPRETED:
         return [cfg(32, 4, 1)]
     # 128x128 tiles (8 warps): 1x1 2048->512 @7 bf16 111/0/96 and 97/0/64, fp32 158/0/192 and
     # 126/0/128. 64-wide tiles (4 warps): 3x3 64->64 @56 bf16 79/0/48 and 70/0/32.
@@ -223,9 +228,9 @@ def m_bucket(m: int) -> int:
 
 
 def conv_block_m() -> int:
-    return 64 if interpret() else 128
+    return 64 if INTERPRETED else 128
 
 
 def elementwise_block() -> tuple[int, int]:
     """(rows, channels) tile of the per-channel elementwise/reduction kernels."""
-    return (64, 32) if interpret() else (64, 64)
+    return (64, 32) if INTERPRETED else (64, 64)

@@ -61,10 +61,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ...._utils import conv_output_size, interpret, memory_format
+from ...._utils import conv_output_size, memory_format
 from .batchnorm import sum_partials
-from .configs import (conv_block_m, conv_configs, current_target, m_bucket, prune_gemm_configs, prune_wgrad_configs,
-                      sm_count, wgrad_configs)
+from .configs import (INTERPRETED, conv_block_m, conv_configs, current_target, m_bucket, prune_gemm_configs,
+                      prune_wgrad_configs, sm_count, wgrad_configs)
 from .launch import (INT32_LIMIT, as_index, cdiv, int64_forced, launch, needs_int64, next_power_of_2, plan_cache,
                      plan_key)
 
@@ -318,9 +318,9 @@ def tma_enabled() -> bool:
 
 def launch_mode(dtype: torch.dtype) -> tuple:
     """The process-wide switches a launch plan depends on besides its tensors (each may change
-    between calls: tests flip them): the interpreter, TF32 (read for float32 only), forced
-    int64, the gate's target. TMA's switch is read per call by the launches it concerns."""
-    return interpret(), allow_tf32(dtype), int64_forced(), current_target()
+    between calls: tests flip them): TF32 (read for float32 only), forced int64, the gate's
+    target. TMA's switch is read per call by the launches it concerns."""
+    return allow_tf32(dtype), int64_forced(), current_target()
 
 
 def _flat(channels: int, kw: int) -> tuple[bool, int, int]:
@@ -386,7 +386,7 @@ _SCRATCH_ALLOCATOR_INSTALLED = _install_scratch_allocator()
 
 def _ensure_allocator() -> None:
     """Where the default could not be installed: set torch's allocator for this thread."""
-    if _SCRATCH_ALLOCATOR_INSTALLED or interpret():
+    if _SCRATCH_ALLOCATOR_INSTALLED or INTERPRETED:
         return
     from triton.runtime import _allocation
 
@@ -416,7 +416,7 @@ def _forward_plan(x_layout, w_layout, res_layout, dtype, device, geometry, flags
     stride, padding, dilation, groups = geometry[0:2], geometry[2:4], geometry[4:6], geometry[6]
     train, relu, prologue_relu = flags
     prologue = prologue_relu is not None
-    tf32 = mode[1]
+    tf32 = mode[0]
     n, _, h, w = x_layout[0]
     c_out, c_in_g, kh, kw = w_layout[0]
     copy_x, copy_w = not _is_nhwc(x_layout), not _is_nhwc(w_layout)
@@ -475,7 +475,9 @@ def conv_forward(x, weight, stride, padding, dilation, groups, *, scale=None, sh
         args = plan.tma_args
         _ensure_allocator()
     out = torch.empty(plan.out_size, dtype=dtype, device=device, memory_format=plan.out_format)
-    written = torch.empty_like(out, memory_format=torch.channels_last) if plan.out_buffer else out
+    written = out
+    if plan.out_buffer:
+        written = torch.empty(plan.out_size, dtype=dtype, device=device, memory_format=torch.channels_last)
     pmean = pm2 = None
     if stats:
         pmean = torch.empty((plan.stat_tiles, plan.out_size[1]), dtype=torch.float32, device=device)
@@ -663,7 +665,7 @@ def _dgrad_plan(dz_layout, w_layout, gx_layout, z_layout, dtype, device, geometr
         C_OUT=c_out, C_OUT_G=c_out_g, KH=kh, KW=kw, PAD_H=padding[0], PAD_W=padding[1],
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
         FLAT=flat, C_PAD=c_pad, KW_PAD=kw_pad, PHASED=phased, RELU_MASK=relu_mask, BN_SUMS=bn_sums,
-        ALLOW_TF32=mode[1],
+        ALLOW_TF32=mode[0],
         INDEX_64=needs_int64(_nhwc_meta(dz_layout[0], dtype), _nhwc_meta(gx_layout[0], dtype)), BLOCK_M=block_m,
     )
     return _DgradPlan(
@@ -695,7 +697,9 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, *, 
         weight = weight.contiguous(memory_format=torch.channels_last)
     if plan.copy_z:
         z = z.contiguous(memory_format=torch.channels_last)
-    written = torch.empty_like(grad_x, memory_format=torch.channels_last) if plan.buffer else grad_x
+    written = grad_x
+    if plan.buffer:
+        written = torch.empty(grad_x.shape, dtype=grad_x.dtype, device=grad_x.device, memory_format=torch.channels_last)
     psum = None
     if bn_sums is not None:
         psum = torch.empty((2, plan.sum_tiles, grad_x.size(1)), dtype=torch.float32, device=dz.device)
@@ -840,7 +844,7 @@ def wgrad_tiles(c_out_g: int, n_cols: int, flat: bool) -> tuple[int, int]:
     split count, which sizes the partials buffer, is computed for the real tile count.
     FLAT_N (the stem) decodes (ci, kh, kw) and gathers per element of the [BLOCK_K, BLOCK_N]
     tile: BLOCK_N 64, as 128 spills (triton 3.6; docs/kernels.md, the gate's spill test)."""
-    if interpret():
+    if INTERPRETED:
         return 64, 128
     return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 and not flat else 64)
 
@@ -871,7 +875,6 @@ class _WgradPlan:
 @plan_cache
 def _wgrad_plan(dz_layout, x_layout, w_shape, dtype, device, geometry, split, prologue_relu, mode) -> _WgradPlan:
     stride, padding, dilation, groups = geometry[0:2], geometry[2:4], geometry[4:6], geometry[6]
-    in_interpreter = mode[0]
     n, c_in, h, w = x_layout[0]
     c_out, c_in_g, kh, kw = w_shape
     _, _, ho, wo = dz_layout[0]
@@ -884,7 +887,7 @@ def _wgrad_plan(dz_layout, x_layout, w_shape, dtype, device, geometry, split, pr
     block_m, block_n = wgrad_tiles(c_out_g, n_cols, flat)
     tiles = cdiv(c_out_g, block_m) * cdiv(n_cols, block_n) * axis1
     if split is None:
-        split = 1 if in_interpreter else wgrad_split(m, tiles, sm_count())
+        split = 1 if INTERPRETED else wgrad_split(m, tiles, sm_count())
     m_per_split = cdiv(cdiv(m, split), 64) * 64  # whole K blocks per split
     split = cdiv(m, m_per_split)
     part_shape = (split, c_out, c_in_g, kh, kw)
@@ -892,14 +895,14 @@ def _wgrad_plan(dz_layout, x_layout, w_shape, dtype, device, geometry, split, pr
         M=m, M_BUCKET=m_bucket(m), HWO=ho * wo, WO=wo, H=h, W=w, C_IN=c_in, C_IN_G=c_in_g, C_OUT=c_out,
         C_OUT_G=c_out_g, KH=kh, KW=kw, M_PER_SPLIT=m_per_split, PAD_H=padding[0], PAD_W=padding[1],
         STRIDE_H=stride[0], STRIDE_W=stride[1], DIL_H=dilation[0], DIL_W=dilation[1],
-        FLAT_N=flat, PROLOGUE=prologue, IN_RELU=bool(prologue_relu), ALLOW_TF32=mode[1],
+        FLAT_N=flat, PROLOGUE=prologue, IN_RELU=bool(prologue_relu), ALLOW_TF32=mode[0],
         INDEX_64=needs_int64(_nhwc_meta(dz_layout[0], dtype), _nhwc_meta(x_layout[0], dtype)),
         BLOCK_M=block_m, BLOCK_N=block_n,
     )
     # The finalize: one program per (16 output channels, 64 K) tile, so that even 64x64x3x3
     # (36 tiles) is not a handful of programs each summing every split.
     k = c_in_g * kh * kw
-    block_co, block_k = (64, 256) if in_interpreter else (16, 64)
+    block_co, block_k = (64, 256) if INTERPRETED else (16, 64)
     finalize_args = dict(C_OUT=c_out, K=k, KHW=kh * kw, SPLIT=split, KW=kw,
                          INDEX_64=needs_int64(torch.empty(part_shape, device="meta")), BLOCK_CO=block_co,
                          BLOCK_K=block_k)
