@@ -116,7 +116,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
     """nn.BatchNorm2d's running-statistics update from a batch's mean and biased variance over
     `count` values per channel (an int, or a device tensor so that nothing reads back to the
     host): the running variance tracks the unbiased batch variance."""
-    with torch.no_grad():
-        correction = (count / (count - 1)).to(var.dtype) if isinstance(count, Tensor) else count / (count - 1)
-        running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        running_var.lerp_((var * correction).to(running_var.dtype), momentum)
+    if torch.is_grad_enabled() and (mean.requires_grad or var.requires_grad or running_mean.requires_grad
+                                    or running_var.requires_grad):  # e.g. SyncBatchNorm's differentiable statistics
+        with torch.no_grad():  # only then: the block costs ~4 us a call
+            return update_running_stats(running_mean, running_var, mean, var, count, momentum)
+    correction = (count / (count - 1)).to(var.dtype) if isinstance(count, Tensor) else count / (count - 1)
+    unbiased = var * correction
+    running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
+    running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype), momentum)
