@@ -73,10 +73,12 @@ def _check_bool(name: str, value) -> None:
         raise TypeError(f"{name} must be a bool, got {value!r}")
 
 
-def _check_channel_vector(name: str, t: Tensor, channels: int, x: Tensor, device: torch.device) -> None:
-    """A per-output-channel vector (a tensor already checked by _check_tensor) on x's device."""
-    if t.device == device and t.shape == (channels,) and (name != "bias" or t.dtype == x.dtype):
-        return  # the common case in three reads; the checks below name what is wrong
+def _check_channel_vector(name: str, t, channels: int, x: Tensor, device: torch.device) -> None:
+    """A floating-point per-output-channel vector on x's device."""
+    if (isinstance(t, Tensor) and t.device == device and t.shape == (channels,) and t.is_floating_point()
+            and (name != "bias" or t.dtype == x.dtype)):
+        return  # the common case in a few reads; the checks below name what is wrong
+    _check_tensor(name, t)
     _check_like(name, t, x, dims=1, same_dtype=name == "bias", device=device)  # the conv bias is a conv operand
     if t.numel() != channels:
         raise ValueError(f"{name} must have {channels} elements (one per output channel), got {t.numel()}")
@@ -151,12 +153,14 @@ def conv_bn_unit(x: Tensor, weight: Tensor, bn: BatchNormArgs, *, stride=1, padd
     residual sum after it: the conv + BN stay fused, the residual add and ReLU follow in that
     dtype."""
     bn_weight, bn_bias, running_mean, running_var = bn.weight, bn.bias, bn.running_mean, bn.running_var
+    # The operands autocast may cast are checked first; the BatchNorm vectors with their shapes
+    # below (_check_channel_vector).
     _check_tensor("x", x)
     _check_tensor("weight", weight)
-    for name, t in (("residual", residual), ("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias),
-                    ("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None:
-            _check_tensor(name, t)
+    if residual is not None:
+        _check_tensor("residual", residual)
+    if bias is not None:
+        _check_tensor("bias", bias)
     # Autocast before the dtype checks: a bfloat16 x with float32 weights is accepted under
     # autocast, as F.conv2d accepts it, and is an error outside.
     autocast_dtype = _library.autocast_dtype(x.device.type) if _library.autocast_active() else None

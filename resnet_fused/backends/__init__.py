@@ -173,6 +173,10 @@ def _select(op_name: str, op_args) -> Backend:
 
 
 _profiler = torch.autograd.profiler
+_jit_tracing_state = torch._C._get_tracing_state
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_torch_function_modes = torch._C._is_torch_function_mode_enabled
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)  # None: this torch cannot tell
 
 
 def plain_eager() -> bool:
@@ -183,8 +187,11 @@ def plain_eager() -> bool:
     torch.export (is_compiling), jit tracing, dispatch modes (FakeTensor, make_fx,
     FlopCounterMode, functionalization, selective checkpointing), torch-function modes,
     autocast (the op's kernel casts, then excludes autocast) and the profiler."""
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
-                or torch._C._is_torch_function_mode_enabled() or _library.autocast_active()
+    # The C predicates themselves (torch.jit.is_tracing and autocast_active wrap them in
+    # Python), the per-call cost of every unit; compiling first: Dynamo traces the rest as
+    # constants only after that.
+    return not (torch.compiler.is_compiling() or _jit_tracing_state() is not None or _dispatch_modes()
+                or _torch_function_modes() or (_any_autocast() if _any_autocast else True)
                 or _profiler._is_profiler_enabled)
 
 
