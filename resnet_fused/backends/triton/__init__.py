@@ -369,10 +369,9 @@ DIRECT, DIRECT_WITH_GRAD = _direct_ops() if _REGISTRATION_ERROR is None else (No
 @functools.cache
 def _device_reason() -> str | None:
     if interpret():
-        # Launching interpreted kernels through wrap_triton needs a torch that accepts them:
-        # 2.14 does; 2.11 raises "wrap_triton only works on functions annotated with triton.jit"
-        # for every kernel without an autotuner. (On a GPU the kernels are JIT-compiled, and
-        # wrap_triton accepts them on every torch >= 2.6.)
+        # Launching interpreted kernels through wrap_triton needs a torch that accepts them; an
+        # older one rejects every kernel without an autotuner (versions in docs/kernels.md). On a
+        # GPU the kernels are JIT-compiled, and wrap_triton accepts them on every torch >= 2.6.
         try:
             torch.library.wrap_triton(_k_add_relu._add_relu_kernel)
         except RuntimeError as exc:

@@ -10,8 +10,10 @@ step, and a benchmark).
 Under the interpreter (TRITON_INTERPRET=1) `triton.autotune` cannot benchmark more than one
 config (it times through a GPU driver), so every autotuned kernel gets exactly one there.
 
-The figures in the comments are the compile gate's (python -m resnet_fused.backends.triton.aot,
-sm_90, triton 3.8, BLOCK_M 128, batch 256): registers / spill bytes / shared KB.
+Why each config and bound is here is said beside it; the compile gate
+(python -m resnet_fused.backends.triton.aot; tests/test_triton_compile_gate.py) enforces the
+rules (no spill-free config missing, shared memory within the limit, at most MAX_CONFIGS per
+launch), and docs/kernels.md keeps its per-config readings (registers, spills, shared memory).
 """
 
 from __future__ import annotations
@@ -103,22 +105,16 @@ def conv_configs() -> list[triton.Config]:
     if INTERPRETED:
         # The interpreter's cost is per program and per loop iteration, hardly per element.
         return [_cfg(64, 64, 4, 1)]
-    # Gate figures per config (registers / spill bytes / shared KB), bf16 and fp32:
-    #   3x3 64->64 @56 forward      1x1 64->256 @56 forward     1x1 2048->512 @7 dgrad
+    # Each kept config compiles spill-free for the layers it is kept for (the gate's
+    # test_each_kernel_and_layer_has_a_spill_free_config; readings per config in docs/kernels.md).
     return [
-        # 155/0/96, 216/0/192           236/0/72, 254/0/192           230/0/72, 253/0/192
         _cfg(64, 64, 4, 4),
-        # C_out >= 128 only: 226/0/80 bf16; fp32 needs 256 KB (over 227: pruned)
-        _cfg(128, 64, 8, 4),
-        # 156/0/64, 165/0/128           179/0/40, 246/0/128           128/0/40, 147/0/128
+        _cfg(128, 64, 8, 4),  # C_out >= 128; fp32 needs more shared memory than sm_90 has (pruned)
         _cfg(128, 32, 8, 4),
-        # 128/0/48, 128/0/96            164/0/36, 204/0/96            150/0/36, 168/0/96
         _cfg(64, 32, 4, 4),
-        # 155/0/72, 223/0/144 (the 3-stage twin of the first, for 64-channel layers)
-        _cfg(64, 64, 4, 3),
-        # Pre-Hopper TF32 only (see _register_operands): 8 warps hold half the accumulator
-        # each; sm_80 gate, fp32: the stem 178-180/0/72 (4 warps spilled 8 B at 255), the 1x1
-        # training forwards 100/0/72 (4 warps spilled 8 B).
+        _cfg(64, 64, 4, 3),   # the 3-stage twin of the first, for 64-channel layers
+        # Pre-Hopper TF32 only (see _register_operands): 8 warps hold half the accumulator each,
+        # where 4 warps spilled (the stem, the 1x1 training forwards).
         _cfg(64, 32, 8, 4),
     ]
 
@@ -131,8 +127,7 @@ def wgrad_configs() -> list[triton.Config]:
 
     if INTERPRETED:
         return [cfg(32, 4, 1)]
-    # 128x128 tiles (8 warps): 1x1 2048->512 @7 bf16 111/0/96 and 97/0/64, fp32 158/0/192 and
-    # 126/0/128. 64-wide tiles (4 warps): 3x3 64->64 @56 bf16 79/0/48 and 70/0/32.
+    # 8 warps for 128x128 tiles, 4 for 64-wide ones (prune_wgrad_configs); spill-free in the gate.
     return [cfg(64, 8, 3), cfg(32, 8, 4), cfg(64, 4, 3), cfg(32, 4, 4)]
 
 
@@ -144,8 +139,8 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     elem = _itemsize(args["dz_ptr"].dtype)
     block_m, block_n = args["BLOCK_M"], args["BLOCK_N"]
     warps = 8 if block_m * block_n >= 128 * 128 else 4
-    # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element): BLOCK_K 64 runs at
-    # 254-255 registers (64x64 tiles, 4 warps; it spilled 48-776 B with 64x128), 32 at 118-157.
+    # FLAT_N (the stem: columns are (ci, kh, kw), decoded per K element) keeps BLOCK_K 32: at
+    # 64 it ran at the register limit and spilled with 64x128 tiles (the gate's spill test).
     max_k = 32 if args.get("FLAT_N") else 1 << 30
     if _register_operands(elem):
         max_k = min(max_k, 32)
@@ -164,8 +159,8 @@ def _pipeline_smem(cfg: triton.Config, block_m: int, block_k: int, elem_bytes: i
 
 def _register_operands(elem_bytes: int) -> bool:
     """Before Hopper, mma.sync takes both operand tiles from registers: with 4-byte (TF32)
-    operands, 4-warp configs with BLOCK_K 64 spilled in the sm_80 gate (dgrad 20-116 B at 255
-    registers, the recompute chain's wgrad up to 344 B); at BLOCK_K 32 they do not."""
+    operands, 4-warp configs with BLOCK_K 64 spilled in the sm_80 gate (dgrad, the recompute
+    chain's wgrad); at BLOCK_K 32 they do not (figures in docs/kernels.md)."""
     return elem_bytes == 4 and 0 < target_arch() < 90
 
 
@@ -181,9 +176,9 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
     waste); FLAT kernels ignore BLOCK_K (their K block is a filter row), so configs differing
     only in BLOCK_K count once. With a PROLOGUE (the recompute chain's BatchNorm + ReLU on the
     A tile, in float32 registers) 4-warp configs keep BLOCK_K <= 32: at 64 the 1x1 forwards
-    used 255 registers and spilled 8-64 B in the sm_90 gate (bf16, 32: 227-233, no spill).
-    Before Hopper with TF32 operands (_register_operands) the same BLOCK_K bound holds, and
-    8-warp 64-wide tiles are kept only there. At most MAX_CONFIGS."""
+    spilled in the sm_90 gate (docs/kernels.md). Before Hopper with TF32 operands
+    (_register_operands) the same BLOCK_K bound holds, and 8-warp 64-wide tiles are kept only
+    there. At most MAX_CONFIGS."""
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
