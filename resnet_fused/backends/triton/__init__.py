@@ -344,7 +344,8 @@ def _direct_ops() -> tuple[object, object]:
     """The implementations as backends.select_ops calls them without the dispatcher
     (_library.direct_ops): on the tensors' device, with wrap_triton launching the kernels
     directly, as triton_op's own eager path does (through its higher-order op a launch costs
-    ~1 ms). (None, None) with a torch that lacks the switch: every call then dispatches."""
+    far more: docs/kernels.md). (None, None) with a torch that lacks the switch: every call then
+    dispatches."""
     try:
         from torch._library.triton import set_wrap_triton_enabled
     except ImportError:

@@ -843,7 +843,7 @@ def wgrad_tiles(c_out_g: int, n_cols: int, flat: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of wgrad: the launcher's choice (not the autotuner's), so that the
     split count, which sizes the partials buffer, is computed for the real tile count.
     FLAT_N (the stem) decodes (ci, kh, kw) and gathers per element of the [BLOCK_K, BLOCK_N]
-    tile: BLOCK_N 64, as 128 spills (triton 3.6; docs/kernels.md, the gate's spill test)."""
+    tile: BLOCK_N 64, as 128 spills (docs/kernels.md; the gate's spill test)."""
     if INTERPRETED:
         return 64, 128
     return (128 if c_out_g >= 128 else 64), (128 if n_cols >= 128 and not flat else 64)
