@@ -241,7 +241,11 @@ void check_conv_supported(const ConvShape& s, DType dtype, const char* op) {
   TORCH_CHECK(conv_igemm_supported(dtype, s), kPrefix, op, ": shape not supported by the implicit-GEMM kernel");
 }
 
-Tensor empty_grad(const Tensor& x) { return at::empty({0}, x.options()); }
+// An op output the caller did not ask for (output_mask false): an empty tensor, because a
+// custom-op schema returns Tensor, not Tensor?. The one place for that rule in C++ (the
+// Python backends' is _utils.unasked / or_unasked).
+Tensor unasked(const Tensor& like) { return at::empty({0}, like.options()); }
+Tensor or_unasked(const Tensor& t, const Tensor& like) { return t.defined() ? t : unasked(like); }
 
 // --------------------------------------------------------------------------------------
 
@@ -456,8 +460,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_eval_backward(
   }
   const Tensor grad_shift = need_shift ? sum_g.to(scale.scalar_type()) : Tensor();
   const Tensor grad_residual = need_residual ? g_t : Tensor();
-  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_grad(x); };
-  return {or_empty(grad_x), or_empty(grad_w), or_empty(grad_scale), or_empty(grad_shift), or_empty(grad_residual)};
+  return {or_unasked(grad_x, x), or_unasked(grad_w, x), or_unasked(grad_scale, x), or_unasked(grad_shift, x),
+          or_unasked(grad_residual, x)};
 }
 
 // Training backward, pass 1 (NHWC-dense activations, float32 vectors; yc undefined when !relu):
@@ -534,9 +538,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv_bn_train_backwar
   const Tensor grad_bn_weight = need_bn_weight ? sum_gx.to(bn_weight.scalar_type()) : Tensor();
   const Tensor grad_bn_bias = need_bn_bias ? sum_g.to(bn_weight.scalar_type()) : Tensor();
   const Tensor grad_residual = need_residual ? g.finish() : Tensor();
-  auto or_empty = [&](const Tensor& t) { return t.defined() ? t : empty_grad(x); };
-  return {or_empty(grad_x),         or_empty(grad_w),       or_empty(grad_bias),
-          or_empty(grad_bn_weight), or_empty(grad_bn_bias), or_empty(grad_residual)};
+  return {or_unasked(grad_x, x),         or_unasked(grad_w, x),       or_unasked(grad_bias, x),
+          or_unasked(grad_bn_weight, x), or_unasked(grad_bn_bias, x), or_unasked(grad_residual, x)};
 }
 
 
@@ -639,10 +642,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> bn_act_conv_backward(
   auto [g, grad_w] = conv_grads(grad_z.contiguous(layout_of(y_in)), y_in, weight, stride, padding, dilation, groups,
                                 output_mask[0], output_mask[1]);
   if (!output_mask[0])
-    return {empty_grad(z_in), output_mask[1] ? grad_w : empty_grad(weight), empty_grad(mean), empty_grad(mean)};
+    return {unasked(z_in), output_mask[1] ? grad_w : unasked(weight), unasked(mean), unasked(mean)};
   if (relu) g = at::where(y_in <= 0, at::zeros_like(g), g);
   auto [sum_g, sum_g_zc] = bn_apply_backward_reduce(g, z_in, std::nullopt, mean, false);
-  return {g, output_mask[1] ? grad_w : empty_grad(weight), sum_g, sum_g_zc};
+  return {g, output_mask[1] ? grad_w : unasked(weight), sum_g, sum_g_zc};
 }
 
 std::tuple<Tensor, Tensor> bn_apply_backward_reduce(const Tensor& grad_y, const Tensor& z,
@@ -700,8 +703,8 @@ std::tuple<Tensor, Tensor> bn_apply_backward(const Tensor& grad_y, const Tensor&
                                 current_stream(z));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const Tensor dz_t = need_dz ? dz.finish() : empty_grad(z);
-  const Tensor g_t = need_residual ? g.finish() : empty_grad(z);
+  const Tensor dz_t = need_dz ? dz.finish() : unasked(z);
+  const Tensor g_t = need_residual ? g.finish() : unasked(z);
   return {dz_t, g_t};
 }
 

@@ -9,7 +9,7 @@ torch.ops.resnet_fused_cuda); its ops run the shared op suite (tests/test_ops.py
   * On a GPU (@needs_cuda): what is covered (groups=1 only), float32 with TF32 allowed, an
     input whose data pointer is not 16-byte aligned (realigned by a copy), the channel padding
     of a 3-channel stem, and on an H100/H200 the CUTLASS sm90 kernels against the sm80 kernel
-    (RESNET_FUSED_CUDA_SM90=0) and the float64 reference.
+    (backends.cuda.use_sm90(False)) and the float64 reference.
 
 GPU run: RESNET_FUSED_FORCE_CUDA=1 pip install --no-build-isolation -e . &&
          pytest tests/test_ops.py tests/test_backend_cuda.py
@@ -117,6 +117,32 @@ def _sm90_shape_reason():
         return None if got is None else got.decode()
 
     return reason
+
+
+def test_sm90_switch_reads_the_environment_once():
+    """RESNET_FUSED_CUDA_SM90 is read once (no getenv per call): a later change of the
+    environment does not switch the kernels, backends.cuda.use_sm90 does, and restores the
+    setting after. Runs without a GPU: the switch lives in the extension's host code."""
+    require_extension()
+    script = (
+        "import os, resnet_fused.backends.cuda as c\n"
+        "first = c.sm90_enabled()\n"
+        "os.environ['RESNET_FUSED_CUDA_SM90'] = '1' if first is False else '0'\n"
+        "after_env = c.sm90_enabled()\n"
+        "with c.use_sm90(not first):\n"
+        "    inside = c.sm90_enabled()\n"
+        "print(first, after_env, inside, c.sm90_enabled())\n"
+    )
+    cases = (("0", "False False True False"), ("1", "True True False True"), (None, "True True False True"))
+    for env_value, expected in cases:
+        env = {k: v for k, v in os.environ.items() if k != "RESNET_FUSED_CUDA_SM90"}
+        if env_value is not None:
+            env["RESNET_FUSED_CUDA_SM90"] = env_value
+        out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.split() == expected.split(), (env_value, out.stdout, out.stderr)
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        with cuda_backend.use_sm90(0):
+            pass
 
 
 def test_sm90_dispatch_takes_resnet_layers_and_bounds_tma_im2col():
@@ -230,9 +256,9 @@ def test_channels_padded_to_whole_vectors(cuda_backend_on, c_in):
 @pytest.mark.needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("residual", [False, True])
-def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype, residual):
+def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, dtype, residual):
     """On an H100/H200 the CUTLASS kernels (TMA im2col + wgmma) take the 64-channel layers; the
-    sm80 kernel (RESNET_FUSED_CUDA_SM90=0) and the float64 reference judge them, eval and
+    sm80 kernel (backends.cuda.use_sm90(False)) and the float64 reference judge them, eval and
     training, with a residual and odd spatial sizes (partial M tiles)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm90 kernels run on compute capability 9.0 only")
@@ -250,10 +276,10 @@ def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, monkeypatch, dtype,
         got_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
         got_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
         assert launches() == before + 2, "the calls did not run on the sm90 kernels"
-        monkeypatch.setenv("RESNET_FUSED_CUDA_SM90", "0")
-        sm80_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
-        sm80_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
-        assert launches() == before + 2, "RESNET_FUSED_CUDA_SM90=0 still ran the sm90 kernels"
+        with cuda_backend.use_sm90(False):
+            sm80_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
+            sm80_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
+        assert launches() == before + 2, "use_sm90(False) still ran the sm90 kernels"
     compare_outputs("sm90 eval", got_eval, sm80_eval, torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args)))
     compare_outputs("sm90 train", got_train, sm80_train, torch.ops.resnet_fused.conv_bn_train(*as64(train_args)))
 
@@ -274,7 +300,7 @@ SM90_CASES = {
 @pytest.mark.parametrize("mode", ["eval", "eval_residual", "train_bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "tf32"])
 @pytest.mark.parametrize("case", SM90_CASES.values(), ids=SM90_CASES.keys())
-def test_sm90_kernel_paths(cuda_backend_on, monkeypatch, case, dtype, mode):
+def test_sm90_kernel_paths(cuda_backend_on, case, dtype, mode):
     """Every CUTLASS kernel (dtype x epilogue x tile width) on partial and whole M and N tiles,
     1x1 and strided convolutions, a conv bias in training: the launch counter proves the sm90
     kernel ran, and the outputs (y; z, mean, var) are judged against float64 with the sm80
@@ -304,8 +330,8 @@ def test_sm90_kernel_paths(cuda_backend_on, monkeypatch, case, dtype, mode):
         before = launches()
         got = getattr(getattr(torch.ops, NS), op)(*args)
         assert launches() == before + 1, "the call did not run on an sm90 kernel"
-        monkeypatch.setenv("RESNET_FUSED_CUDA_SM90", "0")
-        sm80 = getattr(getattr(torch.ops, NS), op)(*args)
-        assert launches() == before + 1, "RESNET_FUSED_CUDA_SM90=0 still ran the sm90 kernels"
+        with cuda_backend.use_sm90(False):
+            sm80 = getattr(getattr(torch.ops, NS), op)(*args)
+        assert launches() == before + 1, "use_sm90(False) still ran the sm90 kernels"
     ref64 = getattr(torch.ops.resnet_fused, op)(*as64(args))
     compare_outputs(f"sm90 {op}", got, sm80, ref64)

@@ -53,6 +53,23 @@ bool device_is_sm90() {
   return sm90;
 }
 
+// Whether calls may take the sm90 kernels at all (off: the sm80 kernel everywhere, for
+// comparisons). Read from RESNET_FUSED_CUDA_SM90 at the first call (0 switches off), not per
+// call: getenv walks the environment; switched at run time through
+// resnet_fused_set_sm90_enabled (backends.cuda.use_sm90). -1: not read yet.
+std::atomic<int> sm90_switch{-1};
+
+bool sm90_switched_on() {
+  int v = sm90_switch.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("RESNET_FUSED_CUDA_SM90");
+    int unread = -1;
+    sm90_switch.compare_exchange_strong(unread, env != nullptr && env[0] == '0' ? 0 : 1);
+    v = sm90_switch.load(std::memory_order_relaxed);
+  }
+  return v != 0;
+}
+
 Sm90Result not_eligible(const char* reason) { return {Sm90Result::kNotEligible, reason}; }
 
 // Whether this call is for the sm90 kernels at all: built, on an sm_90 device, not switched
@@ -60,10 +77,7 @@ Sm90Result not_eligible(const char* reason) { return {Sm90Result::kNotEligible, 
 const char* call_reason(DType dtype, const ConvShape& s, bool allow_tf32) {
   if (!conv_sm90_built()) return "the extension was built without sm_90a";
   if (!device_is_sm90()) return "the device is not an sm_90";
-  // RESNET_FUSED_CUDA_SM90=0: the sm80 kernel everywhere (for comparisons; read per call so
-  // that tests and benchmarks can switch it).
-  const char* env = std::getenv("RESNET_FUSED_CUDA_SM90");
-  if (env != nullptr && env[0] == '0') return "RESNET_FUSED_CUDA_SM90=0";
+  if (!sm90_switched_on()) return "switched off (RESNET_FUSED_CUDA_SM90=0 or backends.cuda.use_sm90(False))";
   return sm90_shape_reason(dtype, s, allow_tf32);
 }
 
@@ -227,5 +241,9 @@ extern "C" const char* resnet_fused_sm90_shape_reason(int dtype, const int64_t* 
 
 // How many sm90 kernels this process launched, and how many calls CUTLASS refused after our
 // checks accepted them (tests/test_backend_cuda.py reads both through ctypes).
+// The switch above: read (reading the environment once if nothing set it) and set.
+extern "C" int resnet_fused_sm90_enabled() { return resnet_fused::sm90_switched_on() ? 1 : 0; }
+extern "C" void resnet_fused_set_sm90_enabled(int enabled) { resnet_fused::sm90_switch.store(enabled ? 1 : 0); }
+
 extern "C" int64_t resnet_fused_sm90_launches() { return resnet_fused::sm90_launches.load(); }
 extern "C" int64_t resnet_fused_sm90_rejected() { return resnet_fused::sm90_rejected.load(); }

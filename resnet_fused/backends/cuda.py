@@ -24,7 +24,9 @@ Support matrix (inputs outside it take the reference path, see `unsupported_reas
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+from collections.abc import Iterator
 
 import torch
 
@@ -59,6 +61,42 @@ else:
         _lib = _library.define_library(NAMESPACE, {})
     except Exception as exc:  # e.g. a C++ kernel signature that does not match its schema
         _load_error = f"registering the {NAMESPACE} ops failed ({type(exc).__name__}: {exc})"
+
+
+def _switch_functions():
+    """The extension's sm90 switch (csrc/sm90/conv_sm90.cu) through ctypes: (read, set)."""
+    import ctypes
+
+    from . import cuda_sass
+
+    path = cuda_sass.extension_path()
+    if path is None:
+        raise RuntimeError(f"the CUDA extension is not built: {_load_error}")
+    lib = ctypes.CDLL(path)
+    lib.resnet_fused_set_sm90_enabled.argtypes = [ctypes.c_int]
+    return lib.resnet_fused_sm90_enabled, lib.resnet_fused_set_sm90_enabled
+
+
+def sm90_enabled() -> bool:
+    """Whether CUDA-backend calls may take the sm90 (Hopper) CUTLASS kernels; False makes them
+    take the sm80 kernel everywhere. Read from RESNET_FUSED_CUDA_SM90 once (0: off), at the
+    first call or query, not per call; use_sm90 switches it at run time."""
+    return bool(_switch_functions()[0]())
+
+
+@contextlib.contextmanager
+def use_sm90(enabled: bool) -> Iterator[None]:
+    """Context manager: CUDA-backend calls inside may (True) or may not (False) take the sm90
+    kernels (for comparisons against the sm80 kernel); the previous setting after."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    read, set_enabled = _switch_functions()
+    previous = bool(read())
+    set_enabled(int(enabled))
+    try:
+        yield
+    finally:
+        set_enabled(int(previous))
 
 
 def unavailable_reason() -> str | None:
