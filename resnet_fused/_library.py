@@ -257,6 +257,9 @@ def _make_autograd(ops):
         x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu = inputs
         y, z, mean, var = output
         ctx.mark_non_differentiable(z, mean, var)
+        # No zero-filled gradients for z, mean and var (autograd would allocate and fill a
+        # z-sized tensor per unit per backward): backward reads grad_y only.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, weight, z, y if relu else None, mean, var, bn_weight)
         ctx.conv_args = (stride, padding, dilation, groups)
         ctx.eps = eps
@@ -268,7 +271,7 @@ def _make_autograd(ops):
         x, weight, z, y, mean, var, bn_weight = ctx.saved_tensors
         need = ctx.needs_input_grad
         mask = [need[0], need[1], ctx.has_bias and need[2], need[3], need[4], ctx.has_residual and need[5]]
-        if not any(mask):
+        if grad_y is None or not any(mask):  # None: only a non-differentiable output was reached
             return (None,) * 12
         grads = ops.conv_bn_train_backward(
             grad_y, x, weight, z, y, mean, var, bn_weight, *ctx.conv_args, ctx.eps, ctx.relu, mask
