@@ -225,7 +225,7 @@ def conv_bn_train_backward(
     g = _as(grad_y, acc)
     if relu:
         g = relu_backward(g, y)
-    invstd = 1 / torch.sqrt(var + eps)  # as aten's BatchNorm computes the invstd it saves
+    invstd = torch.reciprocal(torch.sqrt(var + eps))  # 1 / sqrt(var + eps), as aten's BatchNorm saves it
     need_z = need_x or need_w or need_bias
     if x.dtype == acc and z.numel():  # aten's BatchNorm backward, one kernel, as eager runs it
         grad_z, grad_bn_weight, grad_bn_bias = torch.ops.aten.native_batch_norm_backward(
