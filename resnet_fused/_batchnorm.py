@@ -5,7 +5,6 @@ parameters."""
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import torch
@@ -34,11 +33,10 @@ class BatchNormArgs(NamedTuple):
     plain: bool = False
 
 
-@functools.cache
-def _sync_types() -> tuple[type, ...]:
-    from .distributed import SyncBatchNorm  # distributed imports the ops, which import this module
-
-    return nn.SyncBatchNorm, SyncBatchNorm
+# The synchronized BatchNorms the fused ops take (exact types): torch's, and
+# resnet_fused.SyncBatchNorm, which distributed.py adds where it defines it (it imports this
+# module, so this module cannot import it).
+SYNC_BATCH_NORMS: tuple[type, ...] = (nn.SyncBatchNorm,)
 
 
 def fusable_norm(norm: nn.Module) -> bool:
@@ -47,7 +45,7 @@ def fusable_norm(norm: nn.Module) -> bool:
     may override forward, so it runs as itself. Asking changes nothing (batch_norm_args counts
     a training step)."""
     kind = type(norm)
-    return kind is nn.BatchNorm2d or kind is FrozenBatchNorm2d or kind in _sync_types()
+    return kind is nn.BatchNorm2d or kind is FrozenBatchNorm2d or kind in SYNC_BATCH_NORMS
 
 
 def step_momentum(bn: nn.Module) -> float:
@@ -74,7 +72,7 @@ def batch_norm_args(norm: nn.Module) -> BatchNormArgs | None:
     if kind is FrozenBatchNorm2d:
         return BatchNormArgs(tensors["weight"], tensors["bias"], buffers["running_mean"], buffers["running_var"],
                              False, 0.0, norm.eps, None, True)
-    if kind is not nn.BatchNorm2d and kind not in _sync_types():
+    if kind is not nn.BatchNorm2d and kind not in SYNC_BATCH_NORMS:
         return None
     training = norm.training
     momentum = step_momentum(norm) if training else (0.0 if norm.momentum is None else norm.momentum)

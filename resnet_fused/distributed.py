@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import _batchnorm
 from ._batchnorm import check_values_per_channel, step_momentum, update_running_stats
 from ._utils import stat_dtype
 from .backends import select_ops
@@ -202,6 +203,9 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         return _all_reduce_batch_norm(self, input, step_momentum(self), group)
+
+
+_batchnorm.SYNC_BATCH_NORMS = (nn.SyncBatchNorm, SyncBatchNorm)  # fused as torch's is
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

@@ -232,12 +232,12 @@ def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, 
                       ) -> tuple[Tensor, Tensor]:
     """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc.
 
-    keep (calls that skip the dispatcher with grad mode off, backends.direct_calls: inference): the fold is kept per running_var and reused while every tensor it read is the
-    same object at the same in-place version and data pointer (an optimizer step,
-    load_state_dict or a running-statistics update bumps the version; .to() makes new tensors
-    or new data), so inference launches no
-    folding kernels (five per unit otherwise). With grad on, the fold is part of the autograd
-    graph and is computed every call."""
+    keep (calls that skip the dispatcher with grad mode off, backends.direct_calls: inference):
+    the fold is kept per running_var and reused while every tensor it read is the same object
+    at the same in-place version and data pointer (an optimizer step, load_state_dict or a
+    running-statistics update bumps the version; .to() makes new tensors or new data), so
+    inference launches no folding kernels (five per unit otherwise). With grad on, the fold is
+    part of the autograd graph and is computed every call."""
     key = None
     if keep:
         try:
