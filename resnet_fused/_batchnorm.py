@@ -95,8 +95,9 @@ def check_values_per_channel(count: int, size=None) -> None:
     local batch's size, is given: it normalizes nothing); without `size`, count is the total
     over a process group, and must be more than 1."""
     if count == 1 or (size is None and count < 1):
-        where = f"input size {torch.Size(size)}" if size is not None else "across all processes of the group"
-        raise ValueError(f"Expected more than 1 value per channel when training, got {count} ({where})")
+        # nn.BatchNorm2d's own text for a local batch (tests/test_api.py compares the two).
+        got = f"input size {torch.Size(size)}" if size is not None else f"{count} across all processes of the group"
+        raise ValueError(f"Expected more than 1 value per channel when training, got {got}")
 
 
 def affine_or_default(weight: Tensor | None, bias: Tensor | None, channels: int, dtype: torch.dtype,
