@@ -35,8 +35,10 @@ def records_graph() -> bool:
     # The TorchScript-based ONNX exporter traces with torch.jit; the torch.export-based one
     # traces as torch.export does (is_compiling), so its flag is asked only then: asking costs
     # two imports a call (~2 us per block).
-    return (torch.jit.is_tracing() or (torch.compiler.is_compiling() and torch.onnx.is_in_onnx_export())
-            or _is_fx_symbolic_tracing())
+    if torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    # torch.jit.is_tracing without its is_scripting test (a scripted block never gets here).
+    return torch._C._is_tracing() or _is_fx_symbolic_tracing()
 
 
 def _fusable_conv(conv: nn.Module) -> bool:
@@ -106,7 +108,8 @@ class ConvBNReLU2d(nn.Module):
         return unit
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
-        return conv_bn_act(self.conv, self.bn, x, residual, _RELU if self.relu else None)
+        modules = self._modules  # not nn.Module.__getattr__: ~1 us a submodule, per unit per call
+        return conv_bn_act(modules["conv"], modules["bn"], x, residual, _RELU if self.relu else None)
 
     def extra_repr(self) -> str:
         return f"relu={self.relu}"
@@ -154,12 +157,14 @@ class BasicBlock(tv_resnet.BasicBlock):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
-                if self.recompute_bn_relu and _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2)]):
-                    pre = recompute.conv_stats(self.conv1, self.bn1, x)
-                    pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
+                m = self._modules  # not nn.Module.__getattr__: ~1 us a submodule, per block per call
+                conv1, bn1, conv2, bn2, relu = m["conv1"], m["bn1"], m["conv2"], m["bn2"], m["relu"]
+                if self.recompute_bn_relu and _chain(self, [(conv1, bn1), (conv2, bn2)]):
+                    pre = recompute.conv_stats(conv1, bn1, x)
+                    pre = recompute.bn_act_conv_stats(pre, conv2, bn2)
                     return recompute.bn_act(pre, _identity(self.downsample, x))
-                out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
-                return conv_bn_act(self.conv2, self.bn2, out, residual=_identity(self.downsample, x), act=self.relu)
+                out = conv_bn_act(conv1, bn1, x, act=relu)
+                return conv_bn_act(conv2, bn2, out, residual=_identity(self.downsample, x), act=relu)
         # torchvision's forward, statement for statement (the same FX nodes and names).
         identity = x
         out = self.conv1(x)
@@ -183,15 +188,17 @@ class Bottleneck(tv_resnet.Bottleneck):
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_scripting():  # TorchScript compiles no statement of this branch
             if not records_graph():
-                if self.recompute_bn_relu and _chain(self, [(self.conv1, self.bn1), (self.conv2, self.bn2),
-                                                            (self.conv3, self.bn3)]):
-                    pre = recompute.conv_stats(self.conv1, self.bn1, x)
-                    pre = recompute.bn_act_conv_stats(pre, self.conv2, self.bn2)
-                    pre = recompute.bn_act_conv_stats(pre, self.conv3, self.bn3)
+                m = self._modules  # not nn.Module.__getattr__: ~1 us a submodule, per block per call
+                conv1, bn1, conv2, bn2, conv3, bn3, relu = (m["conv1"], m["bn1"], m["conv2"], m["bn2"], m["conv3"],
+                                                            m["bn3"], m["relu"])
+                if self.recompute_bn_relu and _chain(self, [(conv1, bn1), (conv2, bn2), (conv3, bn3)]):
+                    pre = recompute.conv_stats(conv1, bn1, x)
+                    pre = recompute.bn_act_conv_stats(pre, conv2, bn2)
+                    pre = recompute.bn_act_conv_stats(pre, conv3, bn3)
                     return recompute.bn_act(pre, _identity(self.downsample, x))
-                out = conv_bn_act(self.conv1, self.bn1, x, act=self.relu)
-                out = conv_bn_act(self.conv2, self.bn2, out, act=self.relu)
-                return conv_bn_act(self.conv3, self.bn3, out, residual=_identity(self.downsample, x), act=self.relu)
+                out = conv_bn_act(conv1, bn1, x, act=relu)
+                out = conv_bn_act(conv2, bn2, out, act=relu)
+                return conv_bn_act(conv3, bn3, out, residual=_identity(self.downsample, x), act=relu)
         # torchvision's forward, statement for statement (the same FX nodes and names).
         identity = x
         out = self.conv1(x)

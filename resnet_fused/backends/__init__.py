@@ -158,8 +158,13 @@ _recorders: list[collections.Counter] = []
 
 
 def _select(op_name: str, op_args) -> Backend:
-    name = get_backend()
-    candidates = _auto_candidates(op_args[0]) if name == "auto" else (name,)
+    name = _current or get_backend()
+    if name == "auto":
+        candidates = _auto_candidates(op_args[0])
+        if not candidates:  # a CPU call: the reference, in a few reads (per unit per call)
+            return reference
+    else:
+        candidates = (name,)
     covering = []
     for candidate in candidates:
         module = BACKENDS[candidate][0]
