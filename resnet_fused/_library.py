@@ -316,10 +316,67 @@ def _no_formula(name: str):
             f"resnet_fused: {name} is a building block of the synchronized BatchNorm path and has no "
             "autograd formula of its own; call ops.conv_bn_relu(..., process_group=...) instead."
         )
-    return _raising_autograd(  # the backward ops: reached by double backward only
-        f"resnet_fused: double backward through {name} is not supported. Use torch.autograd.grad "
-        "without create_graph=True, or convert the model with resnet_fused.to_torchvision()."
-    )
+    return _raising_autograd(double_backward_message(name))  # the backward ops: reached by double backward only
+
+
+def double_backward_message(backward_op: str) -> str:
+    return (f"resnet_fused: double backward through {backward_op} is not supported. Use torch.autograd.grad "
+            "without create_graph=True, or convert the model with resnet_fused.to_torchvision().")
+
+
+class _RaisesWhenDifferentiated(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad, message):
+        ctx.message = message
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(ctx.message)
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, message):
+        ctx.mark_dirty(y)  # y itself, not a view: the caller keeps working on it in place
+        ctx.message = message
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: the gradient joins a graph that must not be differentiated
+            grad = _RaisesWhenDifferentiated.apply(grad, ctx.message)
+        return grad, None
+
+
+def _top_saved_tensors_hooks():
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        top(False)
+    except TypeError:  # absent, or a signature this code does not know: count hooks as present
+        return lambda: True
+    return functools.partial(top, False)
+
+
+_saved_tensors_hooks = _top_saved_tensors_hooks()
+
+
+def saved_tensors_watched() -> bool:
+    """Whether saved-tensor hooks are active (torch.utils.checkpoint, save_on_cpu, activation
+    memory counters). They see what each autograd node saves, and non-reentrant checkpointing
+    requires its recomputation to save as many tensors as the forward did, whatever else
+    (a dispatch mode, the profiler) watched either pass: there a unit saves the op's formula's
+    tensors (the registered op's or its autograd.Function's), never those of aten's graph."""
+    return _saved_tensors_hooks() is not None
+
+
+def once_differentiable(y: Tensor, backward_op: str) -> Tensor:
+    """y (marked modified in place, so take it fresh from an op that did not save it), its
+    gradient passed through unchanged; differentiating that gradient again raises as
+    differentiating the registered op `backward_op` does. For a unit that runs as aten's own
+    autograd graph (which would support double backward) in place of a resnet_fused op (which
+    does not): every backend then behaves alike."""
+    return _OnceDifferentiable.apply(y, double_backward_message(backward_op))
 
 
 # ---------------------------------------------------------------------------------------
@@ -495,7 +552,7 @@ def register_flop_formulas(namespace: str) -> None:
         register_flop_formula(getattr(getattr(torch.ops, namespace), name))(formula)
 
 
-def direct_ops(impls: dict, namespace: str, no_grad: dict | None = None
+def direct_ops(impls: dict, namespace: str, no_grad: dict | None = None, with_grad: dict | None = None
                ) -> tuple[types.SimpleNamespace, types.SimpleNamespace]:
     """A backend's ops as plain eager calls them without the dispatcher (backends.select_ops,
     where nothing watches it): (grad mode off: the implementations themselves; grad mode on: the
@@ -510,8 +567,14 @@ def direct_ops(impls: dict, namespace: str, no_grad: dict | None = None
 
     no_grad: implementations that replace impls' in the first namespace only (grad mode off:
     inference; never traced or decomposed, so they may work in place on their own fresh
-    outputs and keep what they derive from the parameters)."""
+    outputs and keep what they derive from the parameters).
+
+    with_grad: implementations for grad mode on that build their autograd graph from aten's own
+    differentiable ops (C++ backward nodes, as eager's modules) where they cover a call, with
+    the op's values and gradients and its double-backward error (once_differentiable); each
+    takes the autograd.Function's apply first and calls it for the calls it does not cover."""
     no_grad = no_grad or {}
+    with_grad_impls = with_grad or {}
     direct = types.SimpleNamespace(**{**impls, **no_grad})
     registered = getattr(torch.ops, namespace)
 
@@ -542,6 +605,8 @@ def direct_ops(impls: dict, namespace: str, no_grad: dict | None = None
             "backward": staticmethod(backward),
         })
         with_grad[name] = function.apply
+        if name in with_grad_impls:
+            with_grad[name] = functools.partial(with_grad_impls[name], function.apply)
     return direct, types.SimpleNamespace(**with_grad)
 
 

@@ -118,13 +118,16 @@ def _conv_bn_eval_in_place(
     """conv_bn_eval for calls without the dispatcher and without grad (inference,
     _library.direct_ops; never traced): the folded weight kept, the residual add and the ReLU in
     place on the fresh output; the same values as conv_bn_eval's."""
-    if x.dtype not in _STAT_DTYPES or scale.dtype != x.dtype or shift.dtype != x.dtype:
+    dtype = x.dtype
+    if scale.dtype is not dtype or shift.dtype is not dtype or dtype not in _STAT_DTYPES:
         return conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
     y = F.conv2d(x, _folded_weight(weight, scale), shift, stride, padding, dilation, groups)
     if residual is not None:
         y.add_(residual)
     if relu:
         y.relu_()
+    if y.is_contiguous() and x.is_contiguous():  # the common layout, in two reads
+        return y
     return y.contiguous(memory_format=memory_format(x))
 
 
@@ -213,6 +216,43 @@ def _conv_bn_train_kernel(
     if relu:
         y.relu_()
     return y.contiguous(memory_format=memory_format(x)), z, mean, var
+
+
+def _conv_bn_train_graph(
+    function, x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor, bn_bias: Tensor,
+    residual: Tensor | None, stride: list[int], padding: list[int], dilation: list[int], groups: int, eps: float,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """conv_bn_train for calls without the dispatcher with grad mode on (_library.direct_ops's
+    with_grad), where x and the BatchNorm parameters have the statistics dtype and the batch is
+    not empty: eager's own autograd graph (aten's convolution and native_batch_norm, the
+    residual add and ReLU in place), whose backward nodes are C++, with _conv_bn_train_kernel's
+    output and conv_bn_train_backward's gradients (aten's BatchNorm backward on the same
+    statistics; the variance one rounding apart); double backward raises as the op's does.
+    `function`: the autograd.Function over the op's formula, which runs every other call, and
+    wherever saved-tensor hooks watch (activation checkpointing: _library.saved_tensors_watched). On a
+    2x8x4x4 unit (benchmarks/host_overhead.py, one CPU thread) a training step cost 1.33-1.40x
+    eager's through the Function, 1.15-1.26x as this graph: the Function's Python forward and
+    backward, not the kernels, made the difference."""
+    dtype = x.dtype
+    if dtype not in _STAT_DTYPES or bn_weight.dtype is not dtype or bn_bias.dtype is not dtype or x.is_meta \
+            or not x.numel() or _library.saved_tensors_watched():
+        return function(x, weight, bias, bn_weight, bn_bias, residual, stride, padding, dilation, groups, eps, relu)
+    z = _conv(x, weight, bias, stride, padding, dilation, groups)
+    # The statistics from the normalizing pass itself: with momentum 1 its running-statistics
+    # update writes the batch mean and unbiased variance into these buffers (a separate
+    # statistics pass cost as much as the BatchNorm: 1.5 ms on 4x64x48x48, one CPU thread).
+    mean = torch.zeros(z.size(1), dtype=dtype, device=z.device)
+    unbiased = torch.zeros_like(mean)
+    y = torch.native_batch_norm(z, bn_weight, bn_bias, mean, unbiased, True, 1.0, eps)[0]
+    count = z.numel() // z.size(1)
+    var = unbiased * ((count - 1) / count)  # the op's biased variance (count > 1: ops checked)
+    y = _library.once_differentiable(y, "conv_bn_train_backward")
+    if residual is not None:
+        y.add_(residual)
+    if relu:
+        y.relu_()
+    return y.contiguous(memory_format=memory_format(x)), z.detach(), mean, var
 
 
 def conv_bn_train_backward(
@@ -356,4 +396,5 @@ def unsupported_reason(op_name: str, *op_args) -> str | None:
 # the compositions, which tracing needs).
 _IMPLS = {**{name: globals()[name] for name in _library.OP_NAMES}, "conv_bn_train": _conv_bn_train_kernel}
 _lib = _library.define_library(NAMESPACE, _IMPLS)
-DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, no_grad={"conv_bn_eval": _conv_bn_eval_in_place})
+DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, no_grad={"conv_bn_eval": _conv_bn_eval_in_place},
+                                               with_grad={"conv_bn_train": _conv_bn_train_graph})
