@@ -230,10 +230,10 @@ def _conv_bn_train_graph(
     output and conv_bn_train_backward's gradients (aten's BatchNorm backward on the same
     statistics; the variance one rounding apart); double backward raises as the op's does.
     `function`: the autograd.Function over the op's formula, which runs every other call, and
-    wherever saved-tensor hooks watch (activation checkpointing: _library.saved_tensors_watched). On a
-    2x8x4x4 unit (benchmarks/host_overhead.py, one CPU thread) a training step cost 1.33-1.40x
-    eager's through the Function, 1.15-1.26x as this graph: the Function's Python forward and
-    backward, not the kernels, made the difference."""
+    wherever saved-tensor hooks watch (activation checkpointing; _library.saved_tensors_watched).
+    On a 2x8x4x4 unit (benchmarks/host_overhead.py, one CPU thread) a training step cost
+    1.33-1.40x eager's through the Function, 1.15-1.26x as this graph: the Function's Python
+    forward and backward, not the kernels, made the difference."""
     dtype = x.dtype
     if dtype not in _STAT_DTYPES or bn_weight.dtype is not dtype or bn_bias.dtype is not dtype or x.is_meta \
             or not x.numel() or _library.saved_tensors_watched():
@@ -242,6 +242,7 @@ def _conv_bn_train_graph(
     # The statistics from the normalizing pass itself: with momentum 1 its running-statistics
     # update writes the batch mean and unbiased variance into these buffers (a separate
     # statistics pass cost as much as the BatchNorm: 1.5 ms on 4x64x48x48, one CPU thread).
+    # Fresh per call: the BatchNorm's backward node saves them, so they must not be rewritten.
     mean = torch.zeros(z.size(1), dtype=dtype, device=z.device)
     unbiased = torch.zeros_like(mean)
     y = torch.native_batch_norm(z, bn_weight, bn_bias, mean, unbiased, True, 1.0, eps)[0]
