@@ -121,5 +121,8 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
             return update_running_stats(running_mean, running_var, mean, var, count, momentum)
     correction = (count / (count - 1)).to(var.dtype) if isinstance(count, Tensor) else count / (count - 1)
     unbiased = var * correction
-    running_mean.lerp_(mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype), momentum)
-    running_var.lerp_(unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype), momentum)
+    # One call for both buffers (one kernel on a GPU, one dispatch on the CPU), lerp_'s values.
+    torch._foreach_lerp_([running_mean, running_var],
+                         [mean if mean.dtype == running_mean.dtype else mean.to(running_mean.dtype),
+                          unbiased if unbiased.dtype == running_var.dtype else unbiased.to(running_var.dtype)],
+                         momentum)

@@ -243,8 +243,7 @@ def _conv_bn_train_graph(
     # update writes the batch mean and unbiased variance into these buffers (a separate
     # statistics pass cost as much as the BatchNorm: 1.5 ms on 4x64x48x48, one CPU thread).
     # Fresh per call: the BatchNorm's backward node saves them, so they must not be rewritten.
-    mean = torch.zeros(z.size(1), dtype=dtype, device=z.device)
-    unbiased = torch.zeros_like(mean)
+    mean, unbiased = torch.zeros(2, z.size(1), dtype=dtype, device=z.device).unbind()
     y = torch.native_batch_norm(z, bn_weight, bn_bias, mean, unbiased, True, 1.0, eps)[0]
     count = z.numel() // z.size(1)
     var = unbiased * ((count - 1) / count)  # the op's biased variance (count > 1: ops checked)
