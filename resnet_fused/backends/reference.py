@@ -232,7 +232,7 @@ def _conv_bn_train_graph(
     `function`: the autograd.Function over the op's formula, which runs every other call, and
     wherever saved-tensor hooks watch (activation checkpointing; _library.saved_tensors_watched).
     On a 2x8x4x4 unit (benchmarks/host_overhead.py, one CPU thread) a training step cost
-    1.33-1.40x eager's through the Function, 1.15-1.26x as this graph: the Function's Python
+    1.33-1.40x eager's through the Function, 1.15-1.28x as this graph: the Function's Python
     forward and backward, not the kernels, made the difference."""
     dtype = x.dtype
     if dtype not in _STAT_DTYPES or bn_weight.dtype is not dtype or bn_bias.dtype is not dtype or x.is_meta \
