@@ -39,12 +39,14 @@ class BatchNormArgs(NamedTuple):
 SYNC_BATCH_NORMS: tuple[type, ...] = (nn.SyncBatchNorm,)
 
 
-def fusable_norm(norm: nn.Module) -> bool:
+def fusable_norm(norm: nn.Module, kind: type | None = None) -> bool:
     """Whether the fused ops reproduce `norm.forward`: exact types only (BatchNorm2d,
     torchvision's FrozenBatchNorm2d, torch's or resnet_fused's SyncBatchNorm); a user's subclass
-    may override forward, so it runs as itself. Asking changes nothing (batch_norm_args counts
-    a training step)."""
-    kind = type(norm)
+    may override forward, so it runs as itself. kind: the type whose forward norm's normalization
+    is, where an adapter knows it (fuse's, for timm's BatchNormAct2d: BatchNorm2d's, then its
+    drop and act); default type(norm). Asking changes nothing (batch_norm_args counts a training
+    step)."""
+    kind = type(norm) if kind is None else kind
     return kind is nn.BatchNorm2d or kind is FrozenBatchNorm2d or kind in SYNC_BATCH_NORMS
 
 
@@ -61,10 +63,12 @@ def step_momentum(bn: nn.Module) -> float:
     return momentum
 
 
-def batch_norm_args(norm: nn.Module) -> BatchNormArgs | None:
-    """The fused call's BatchNorm arguments reproducing `norm.forward` for one call (counting
-    the step, see step_momentum), or None if `norm` is not fusable_norm."""
-    kind = type(norm)
+def batch_norm_args(norm: nn.Module, kind: type | None = None) -> BatchNormArgs | None:
+    """The fused call's BatchNorm arguments reproducing `kind.forward` on norm (default
+    type(norm), see fusable_norm) for one call (counting the step, see step_momentum), or None
+    if it is not fusable_norm."""
+    if kind is None:
+        kind = type(norm)
     # The operands straight from the module's tables: nn.Module.__getattr__ costs about 1 us
     # a tensor, paid per unit per call.
     tensors = norm._parameters if kind is not FrozenBatchNorm2d else norm._buffers

@@ -163,23 +163,16 @@ def _is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm, FrozenBatchNorm2d))
 
 
-def _as_batch_norm2d(norm: nn.Module) -> nn.BatchNorm2d:
-    """An nn.BatchNorm2d sharing `norm`'s state (its __dict__: parameters, buffers, mode,
-    momentum), for a subclass whose forward is BatchNorm2d's followed by other modules (timm's
-    BatchNormAct2d: drop, act): conv_bn_act then fuses exactly the BatchNorm2d part, reading
-    and updating norm's own tensors."""
-    view = nn.BatchNorm2d.__new__(nn.BatchNorm2d)
-    object.__setattr__(view, "__dict__", norm.__dict__)
-    return view
-
-
-def _split_norm(norm: nn.Module) -> tuple[nn.Module, list[nn.Module]]:
-    """(the BatchNorm part, the modules its forward runs after it) of `norm`: timm's
-    BatchNormAct2d (exact type, known forward) is BatchNorm2d followed by its drop and act;
-    any other module is itself."""
+def _split_norm(norm: nn.Module) -> tuple[type | None, list[nn.Module]]:
+    """(the type whose forward is norm's normalization, None for type(norm); the modules norm's
+    forward runs after it): timm's BatchNormAct2d (exact type, known forward) is BatchNorm2d's
+    forward on its own state followed by its drop and act, which conv_bn_act and the BatchNorm
+    rules take as such (norm_kind) where the module is built, with no object made per call
+    (torch 2.11's compiler does not follow a BatchNorm2d view made in traced code); any other
+    module is itself."""
     if _key(type(norm)) == _BATCH_NORM_ACT and _refusal(type(norm)) is None:
-        return _as_batch_norm2d(norm), [m for m in (norm.drop, norm.act) if type(m) is not nn.Identity]
-    return norm, []
+        return nn.BatchNorm2d, [m for m in (norm.drop, norm.act) if type(m) is not nn.Identity]
+    return None, []
 
 
 def _conv_reason(conv: nn.Module) -> str | None:
@@ -193,9 +186,9 @@ def _conv_reason(conv: nn.Module) -> str | None:
     return f"the conv has padding={conv.padding!r}"
 
 
-def _norm_reason(norm: nn.Module) -> str | None:
-    """Why conv_bn_act runs this norm module by module (None: it fuses it)."""
-    if fusable_norm(norm):
+def _norm_reason(norm: nn.Module, kind: type | None = None) -> str | None:
+    """Why conv_bn_act runs this norm module by module (None: it fuses it); kind: _split_norm's."""
+    if fusable_norm(norm, kind):
         return None
     return (f"the norm is {_key(type(norm))}, not one the fused ops take (nn.BatchNorm2d, SyncBatchNorm, "
             "torchvision's FrozenBatchNorm2d; a subclass may override forward)")
@@ -205,12 +198,12 @@ def _unit(conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None =
           act: nn.Module | None = None) -> Tensor:
     """act(norm(conv(x)) [+ residual]), where norm may run modules of its own after the
     BatchNorm (timm's BatchNormAct2d); fused as far as the modules allow (_describe_unit)."""
-    norm, tail = _split_norm(norm)
+    kind, tail = _split_norm(norm)
     if not tail:
-        return _fnn.conv_bn_act(conv, norm, x, residual, act)
+        return _fnn.conv_bn_act(conv, norm, x, residual, act, norm_kind=kind)
     if len(tail) == 1 and type(tail[0]) is nn.ReLU and residual is None and _no_act(act):
-        return _fnn.conv_bn_act(conv, norm, x, act=tail[0])
-    y = _fnn.conv_bn_act(conv, norm, x)
+        return _fnn.conv_bn_act(conv, norm, x, act=tail[0], norm_kind=kind)
+    y = _fnn.conv_bn_act(conv, norm, x, norm_kind=kind)
     for module in tail:
         y = module(y)
     return _fnn._add_act(y, residual, act)
@@ -255,9 +248,9 @@ def _describe_unit(walk: _Walk, conv: nn.Module, norm: nn.Module, *, residual: b
     if walk.unfused_because is not None:
         walk.unfused.append(UnfusedPair(cp, np_, walk.unfused_because))
         return
-    bn, tail = _split_norm(norm) if split_norm else (norm, [])
+    kind, tail = _split_norm(norm) if split_norm else (None, [])
     relu = type(act) is nn.ReLU
-    reason = _conv_reason(conv) or _norm_reason(bn)
+    reason = _conv_reason(conv) or _norm_reason(norm, kind)
     if reason is not None:
         walk.unfused.append(UnfusedPair(cp, np_, reason))
         if residual and relu:  # after the module-by-module pair, nn._add_act adds and applies ReLU in one op

@@ -50,15 +50,18 @@ def _fusable_conv(conv: nn.Module) -> bool:
 
 
 def conv_bn_act(
-    conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None = None, act: nn.Module | None = None
+    conv: nn.Module, norm: nn.Module, x: Tensor, residual: Tensor | None = None, act: nn.Module | None = None,
+    norm_kind: type | None = None,
 ) -> Tensor:
     """act(norm(conv(x)) [+ residual]) as one fused op when conv is an nn.Conv2d with zero
     padding, norm an nn.BatchNorm2d or FrozenBatchNorm2d and act ReLU/None/Identity;
-    otherwise the same computation module by module."""
+    otherwise the same computation module by module. norm_kind: run norm as that type's forward
+    (fuse's adapters: nn.BatchNorm2d for the normalization of timm's BatchNormAct2d)."""
     relu = type(act) is nn.ReLU
-    bn = batch_norm_args(norm) if _fusable_conv(conv) else None
+    bn = batch_norm_args(norm, norm_kind) if _fusable_conv(conv) else None
     if bn is None:
-        return _add_act(norm(conv(x)), residual, act)
+        y = conv(x)
+        return _add_act(norm(y) if norm_kind is None else norm_kind.forward(norm, y), residual, act)
     conv_params = conv._parameters  # not through nn.Module.__getattr__: ~1 us a tensor, per unit per call
     y = ops.conv_bn_unit(x, conv_params["weight"], bn, stride=conv.stride, padding=conv.padding,
                          dilation=conv.dilation, groups=conv.groups, bias=conv_params["bias"], residual=residual,

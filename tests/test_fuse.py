@@ -641,3 +641,24 @@ def _batch_norm_reduction_scales(model: nn.Module) -> dict:
         for param in ("weight", "bias"):
             scales[f"{name}.{param}"] = lambda name=name, param=param: seen[name][param]
     return scales
+
+
+def test_batch_norm_act_is_taken_as_itself(monkeypatch):
+    """A fused BatchNormAct2d unit hands the module itself to the BatchNorm rules, as
+    BatchNorm2d's normalization (norm_kind), building nothing per call: torch 2.11's compiler
+    could not follow the BatchNorm2d view fuse() used to build in traced code (fullgraph failed
+    with "'BatchNorm2d' object has no attribute 'momentum'"). The results are the model's own."""
+    import resnet_fused.nn as fused_nn
+    from timm.layers import ConvNormAct
+
+    stock, fused = _twins(nn.Sequential(ConvNormAct(3, 8, 3)))
+    norm = fused[0].bn
+    taken = []
+    real = fused_nn.batch_norm_args
+    monkeypatch.setattr(fused_nn, "batch_norm_args",
+                        lambda n, kind=None: (taken.append((n, kind)), real(n, kind))[1])
+    x = _images(hw=16)
+    for training in (True, False):
+        stock.train(training), fused.train(training)
+        assert rel_err(fused(x), stock(x)) <= TOLERANCE
+    assert len(taken) == 2 and all(n is norm and kind is nn.BatchNorm2d for n, kind in taken)
