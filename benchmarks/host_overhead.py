@@ -7,6 +7,7 @@ modules it replaces, measured on tensors so small that compute is negligible.
 Pairs, each timed interleaved in the same process (median of the rounds, one thread):
   unit eval          resnet_fused.nn.ConvBNReLU2d, eval under no_grad, against
                      nn.Sequential(Conv2d, BatchNorm2d, ReLU)
+  unit eval frozen   the same unit after resnet_fused.freeze (BatchNorm folded into the conv)
   unit train         the same, training forward + backward
   bottleneck eval    resnet_fused.nn.Bottleneck against torchvision's, eval under no_grad
   triton eval        the Triton backend's own Python for one eval unit (bf16 1x1 256->64 at
@@ -14,7 +15,7 @@ Pairs, each timed interleaved in the same process (median of the rounds, one thr
                      does), against the eager unit's eval time from the same run
   triton train fwd   the same for the training forward (conv + statistics + apply)
 
-The CPU runs the reference backend for the first three (what `auto` picks there): on a GPU
+The CPU runs the reference backend for the first four (what `auto` picks there): on a GPU
 these ratios are the host side of a unit, which must stay below the kernels' time.
 """
 
@@ -68,7 +69,15 @@ def unit_eval() -> Pair:
     fused, eager = _unit_modules(False)
     x = torch.randn(X_SHAPE)
     return Pair("unit eval", _no_grad(lambda: eager(x)), _no_grad(lambda: fused(x)),
-                "Sequential(Conv2d, BatchNorm2d, ReLU)", "nn.ConvBNReLU2d", 1.0)
+                "Sequential(Conv2d, BatchNorm2d, ReLU)", "nn.ConvBNReLU2d", 1.25)
+
+
+def unit_eval_frozen() -> Pair:
+    fused, eager = _unit_modules(False)
+    frozen = resnet_fused.freeze(fused)
+    x = torch.randn(X_SHAPE)
+    return Pair("unit eval frozen", _no_grad(lambda: eager(x)), _no_grad(lambda: frozen(x)),
+                "Sequential(Conv2d, BatchNorm2d, ReLU)", "freeze(nn.ConvBNReLU2d)", 1.0)
 
 
 def unit_train() -> Pair:
@@ -139,7 +148,7 @@ def triton_pairs() -> list[Pair]:
 
 def all_pairs() -> list[Pair]:
     with resnet_fused.use_backend("reference"):
-        pairs = [unit_eval(), unit_train(), bottleneck_eval()]
+        pairs = [unit_eval(), unit_eval_frozen(), unit_train(), bottleneck_eval()]
     return pairs + triton_pairs()
 
 

@@ -186,7 +186,11 @@ def test_cuda_graph_and_reduce_overhead_providers():
     assert [mb.uses_cuda_graph(p) for p in GPU_ONLY] == [True] * 4 + [False] * 2
     assert {mb.COMPILE_MODES[p] for p in GPU_ONLY[4:]} == {"reduce-overhead"}
     # The defaults are the same as before unless asked for; the flags add both sides of the comparison.
-    assert mb.default_providers(cpu) == ["fused-cuda", "fused-triton", "fused-reference", mb.EAGER]
+    assert mb.default_providers(cpu) == ["fused-cuda", "fused-triton", "fused-reference", "fused-reference-frozen",
+                                         mb.EAGER]
+    assert mb.default_providers(cpu, mode="train") == ["fused-cuda", "fused-triton", "fused-reference", mb.EAGER]
+    assert mb.provider_skip_reason("fused-reference-frozen", cpu, "train") == \
+        "resnet_fused.freeze folds the BatchNorm for inference only"
     assert mb.default_providers(gpu, cuda_graphs=True, reduce_overhead=True)[-4:] == [
         "fused-auto-cuda-graph", "torchvision-eager-cuda-graph", "fused-auto-compile-reduce-overhead",
         "torchvision-compile-reduce-overhead"]

@@ -2,7 +2,7 @@
 
 A call walks here once: the arguments are checked and autocast (the rule `_library.py`
 defines for the ops) applied, the backend picked (`resnet_fused.backends`), the frozen
-statistics folded for eval, the op run, and the running statistics updated for training.
+statistics folded for a fused eval kernel, the op run, and the running statistics updated for training.
 The arithmetic happens in the torch.library ops (schemas in `_library.py`).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -20,7 +19,7 @@ from torch.nn.modules.utils import _pair
 from . import _library
 from ._batchnorm import BatchNormArgs, affine_or_default, check_values_per_channel, update_running_stats
 from ._utils import conv_output_size, stat_dtype
-from .backends import plain_eager, select_ops
+from .backends import backend_ops, plain_eager, reference, select_backend, select_ops
 from .distributed import sync_conv_bn_train
 
 __all__ = ["conv_bn_relu", "conv_bn_unit", "add_relu", "BatchNormArgs", "ConvArgs"]
@@ -234,48 +233,26 @@ def conv_bn_unit(x: Tensor, weight: Tensor, bn: BatchNormArgs, *, stride=1, padd
     return _conv_bn(x, weight, bias, conv, bn, residual, relu, group, out_size)
 
 
-# id(running_var) -> (a weak reference to it, the other inputs, their versions, scale, shift)
-# of its last fold; the entry goes when running_var does.
-_EVAL_FOLDS: dict[int, tuple] = {}
-
-
-def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc, keep: bool
-                      ) -> tuple[Tensor, Tensor]:
-    """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc.
-
-    keep (calls that skip the dispatcher with grad mode off, backends.direct_calls: inference):
-    the fold is kept per running_var and reused while every tensor it read is the same object
-    at the same in-place version and data pointer (an optimizer step, load_state_dict or a
-    running-statistics update bumps the version; .to() makes new tensors or new data), so
-    inference launches no folding kernels (five per unit otherwise). With grad on, the fold is
-    part of the autograd graph and is computed every call."""
-    key = None
-    if keep:
-        try:
-            # Versions count in-place writes; data pointers catch `t.data = other`, which keeps
-            # the object and its version.
-            key = (None if bn_weight is None else (bn_weight._version, bn_weight.data_ptr()),
-                   None if bn_bias is None else (bn_bias._version, bn_bias.data_ptr()),
-                   running_mean._version, running_mean.data_ptr(), running_var._version, running_var.data_ptr(),
-                   None if bias is None else (bias._version, bias.data_ptr()), eps, acc)
-        except RuntimeError:  # inference tensors keep no version counter: nothing to key on
-            key = None
-        if key is not None:
-            kept = _EVAL_FOLDS.get(id(running_var))
-            if kept is not None and kept[0]() is running_var and kept[2] == key:
-                kept_weight, kept_bias, kept_mean, kept_conv_bias = kept[1]
-                if (kept_weight is bn_weight and kept_bias is bn_bias and kept_mean is running_mean
-                        and kept_conv_bias is bias):
-                    return kept[3], kept[4]
+def _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc) -> tuple[Tensor, Tensor]:
+    """Frozen BatchNorm and the conv bias folded into a per-channel scale and shift, in dtype acc,
+    for the fused kernels' epilogue. Computed every call, from the tensors as they are now:
+    nothing a write could leave stale (resnet_fused.freeze is the promise that they do not
+    change)."""
     invstd = torch.rsqrt(running_var.to(acc) + eps)
     scale = invstd if bn_weight is None else bn_weight.to(acc) * invstd
     centre = -running_mean.to(acc) if bias is None else bias.to(acc) - running_mean.to(acc)
     shift = centre * scale if bn_bias is None else bn_bias.to(acc) + centre * scale
-    if key is not None:
-        ident = id(running_var)
-        ref = weakref.ref(running_var, lambda _, ident=ident: _EVAL_FOLDS.pop(ident, None))
-        _EVAL_FOLDS[ident] = (ref, (bn_weight, bn_bias, running_mean, bias), key, scale, shift)
     return scale, shift
+
+
+def _batch_norm_takes(x: Tensor, acc: torch.dtype, bn_weight, bn_bias, running_mean: Tensor, running_var: Tensor
+                      ) -> bool:
+    """Whether F.batch_norm takes these vectors beside x: one dtype, x's or (for a half x) float32.
+    The ops also take vectors of other floating dtypes (float32 beside a float64 conv), which
+    eager's BatchNorm refuses; those calls take the op's scale and shift."""
+    dtype = running_var.dtype
+    return ((dtype is x.dtype or dtype is acc) and running_mean.dtype is dtype
+            and (bn_weight is None or bn_weight.dtype is dtype) and (bn_bias is None or bn_bias.dtype is dtype))
 
 
 def _add_relu_tail(y: Tensor, residual: Tensor | None, relu: bool) -> Tensor:
@@ -293,13 +270,22 @@ def _conv_bn(x: Tensor, weight: Tensor, bias: Tensor | None, conv: ConvArgs, bn:
     plain = plain_eager()
     bn_weight, bn_bias, running_mean, running_var, training, momentum, eps = bn[:7]
     if not training and running_mean is not None:
-        # The fold is kept for calls without grad or the dispatcher, but not while a CUDA graph
-        # captures: the graph must compute it from the statistics' storage, so that a replay
-        # after they change in place reads the new ones.
-        keep = plain and not torch.is_grad_enabled() and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
-        scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc, keep)
-        args = (x, weight, scale, shift, residual, *conv, relu)
-        return select_ops("conv_bn_eval", *args, plain_eager=plain).conv_bn_eval(*args)
+        # The backends choose on shapes, dtypes and devices: running_var stands in for the
+        # scale and shift where it has their dtype, so they are computed only for a call that
+        # takes them. In plain eager the reference runs eager's own modules' arithmetic: the
+        # upstream model's bits.
+        scale = shift = None
+        if running_var.dtype is not acc:
+            scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc)
+        probe = running_var if scale is None else scale
+        backend = select_backend("conv_bn_eval", x, weight, probe, probe, residual, *conv, relu)
+        if plain and backend is reference and (bn.plain or _batch_norm_takes(x, acc, bn_weight, bn_bias, running_mean,
+                                                                          running_var)):
+            return reference.conv_bn_eval_eager(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, eps,
+                                                residual, *conv, relu, bn.plain)
+        if scale is None:
+            scale, shift = _eval_scale_shift(bn_weight, bn_bias, running_mean, running_var, bias, eps, acc)
+        return backend_ops(backend, plain).conv_bn_eval(x, weight, scale, shift, residual, *conv, relu)
 
     count = out_size[0] * out_size[2] * out_size[3]
     if group is None:

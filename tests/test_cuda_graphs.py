@@ -208,16 +208,16 @@ def test_cuda_graph_training_step_equals_eager(backend, dtype):
 
 @pytest.mark.needs_cuda
 def test_captured_inference_reads_running_statistics_changed_after_capture(backend):
-    """Eager inference keeps the frozen-BatchNorm fold between calls, but not while a graph
-    captures: a replay after the statistics and affine parameters change in place (further
-    training, load_state_dict) computes with the new ones, as eager does."""
+    """A captured eval unit reads the statistics and affine parameters from their storage: a
+    replay after they change in place (further training, load_state_dict) computes with the
+    new ones, as eager does. Nothing is kept between eager calls either."""
     if backend.interpreted:
         pytest.skip("the Triton interpreter runs CPU tensors only")
     unit = resnet_fused.nn.ConvBNReLU2d(16, 16, 3, padding=1).cuda().eval()
     x = torch.randn(2, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
     stream = _side_stream()
     with torch.no_grad(), _cudnn_deterministic(), resnet_fused.use_backend(backend.name):
-        _warm_up(lambda: unit(x), 3, stream)  # the fold is kept from here on in eager
+        _warm_up(lambda: unit(x), 3, stream)
         replay, static_y = _capture(lambda: unit(x), stream)
         unit.bn.running_mean.add_(0.5)
         unit.bn.running_var.mul_(3.0)

@@ -120,6 +120,32 @@ def test_torch_jit_trace_gives_a_portable_graph_without_warnings(tmp_path):
     assert float(out) == pytest.approx(tv(torch.randn(2, 3, 32, 32)).abs().sum().item(), rel=1e-5)
 
 
+def test_feature_extraction_routes_give_equal_tensors():
+    """torchvision's feature-extraction test asks that IntermediateLayerGetter and
+    create_feature_extractor give equal tensors. On the fused model they do, and equal a direct
+    call's (read with a forward hook) and torchvision's, in float32 eval."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    fused, tv = twins()
+    fused.eval(), tv.eval()
+    x = torch.randn(2, 3, 32, 32)
+    layers = {"layer2": "c3", "layer4": "c5"}
+    seen = {}
+    hooks = [getattr(fused, name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+             for name in layers]
+    with torch.no_grad():
+        fused(x)
+        for h in hooks:
+            h.remove()
+        routes = {"IntermediateLayerGetter": IntermediateLayerGetter(fused, layers)(x),
+                  "create_feature_extractor": create_feature_extractor(fused, layers)(x),
+                  "direct call": {out: seen[name] for name, out in layers.items()},
+                  "torchvision": create_feature_extractor(tv, layers)(x)}
+    for route, got in routes.items():
+        for key, want in routes["IntermediateLayerGetter"].items():
+            assert torch.equal(got[key], want), f"{route} {key}"
+
+
 # ---------------------------------------------------------------------------------------
 # FX
 

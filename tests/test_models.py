@@ -56,7 +56,8 @@ def test_builder_exact_in_float64(name):
     each step's logits and every parameter's gradient, and after them every parameter and
     running statistic, within 1e-11 of torchvision's (max |error| / max |torchvision's|, per
     tensor); num_batches_tracked equal. A wiring error anywhere (a unit's arguments, a
-    residual, a running-statistics update, a gradient left out) shows up as O(1)."""
+    residual, a running-statistics update, a gradient left out) shows up as O(1). Then the
+    same twins in float32 eval: torchvision's bits, and frozen within float32 rounding."""
     tv, fused = model_twins(name, torch.float64, residual_scale=RESIDUAL_SCALE, num_classes=10)
     g = torch.Generator().manual_seed(1)
     x_eval, *inputs = (torch.randn(EXACT_BATCH, 3, EXACT_HW, EXACT_HW, generator=g, dtype=torch.float64)
@@ -82,6 +83,25 @@ def test_builder_exact_in_float64(name):
     bad = [f"{what}: {err:.2e}" for what, err in errors if not err <= EXACT_RTOL]
     assert not bad, f"{len(bad)} of {len(errors)} tensors above {EXACT_RTOL:.0e}: " + "; ".join(bad[:10])
     print(f"{name}: {len(errors)} tensors, worst {worst[0]} {worst[1]:.2e}")
+    _float32_eval_is_torchvisions(tv, fused, x_eval)
+
+
+def _float32_eval_is_torchvisions(tv, fused, x64):
+    """The same twins (trained two steps, so the running statistics are not their initial
+    values) in float32 eval on the default backend: torchvision's logits bitwise, as torchvision's
+    own model tests (stored outputs at atol 1e-5) and feature extraction expect. Frozen
+    (resnet_fused.freeze: the BatchNorm folded into the conv weights), the logits are within
+    float32 rounding: at most 2x eager float32's error against float64, plus 8 ulps."""
+    tv.eval(), fused.eval()
+    with torch.no_grad():
+        ref64 = tv(x64)
+        tv.float(), fused.float()
+        x = x64.float()
+        eager, got = tv(x), fused(x)
+        frozen = resnet_fused.freeze(fused)(x)
+    assert torch.equal(got, eager), f"float32 eval differs from torchvision's by {(got - eager).abs().max():.3g}"
+    err, err_eager = aggregate_rel_l2([frozen], [ref64]), aggregate_rel_l2([eager], [ref64])
+    assert err <= 2 * err_eager + F32_FLOOR, f"frozen: error {err:.2e} vs float64 exceeds 2x eager's {err_eager:.2e}"
 
 
 # ---------------------------------------------------------------------------------------

@@ -208,20 +208,29 @@ def direct_calls() -> bool:
     return not torch.is_grad_enabled() and plain_eager()
 
 
-def select_ops(op_name: str, *op_args, plain_eager: bool | None = None):
-    """What runs `op_name` on these arguments under the current backend: its torch.ops
-    namespace, or in plain eager its ops without the dispatcher (_library.direct_ops: the same
-    implementations and autograd formulas). plain_eager: plain_eager() where the caller has
-    asked it already for this call."""
+def select_backend(op_name: str, *op_args) -> Backend:
+    """The backend module that runs `op_name` on these arguments under the current backend,
+    counted by record_selections: the one place a call's backend is chosen."""
     backend = _select(op_name, op_args)
     if _recorders and not torch.compiler.is_compiling():
         for counts in _recorders:
             counts[backend.NAME] += 1
-    if plain_eager is None:
-        plain_eager = _plain_eager()
+    return backend
+
+
+def backend_ops(backend: Backend, plain_eager: bool):
+    """What runs a backend's ops: its torch.ops namespace, or in plain eager its ops without the
+    dispatcher (_library.direct_ops: the same implementations and autograd formulas)."""
     if backend.DIRECT is not None and plain_eager:
         return backend.DIRECT_WITH_GRAD if torch.is_grad_enabled() else backend.DIRECT
     return getattr(torch.ops, backend.NAMESPACE)
+
+
+def select_ops(op_name: str, *op_args, plain_eager: bool | None = None):
+    """What runs `op_name` on these arguments under the current backend (select_backend, then
+    backend_ops). plain_eager: plain_eager() where the caller has asked it already for this
+    call."""
+    return backend_ops(select_backend(op_name, *op_args), _plain_eager() if plain_eager is None else plain_eager)
 
 
 def resolved_backend(op_name: str, *op_args) -> str:

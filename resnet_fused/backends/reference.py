@@ -12,8 +12,6 @@ The ops are registered in the `resnet_fused` namespace (torch.ops.resnet_fused.*
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -57,17 +55,6 @@ def _conv_grads(
     return grad_x, grad_w
 
 
-def _folded_eval(x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, stride, padding, dilation,
-                 groups) -> Tensor:
-    """conv(x, weight * scale) + shift: the frozen BatchNorm folded into the convolution, as
-    inference engines fold it. Used where x has the statistics dtype (float32, float64), so
-    the folded weight loses nothing to a narrower dtype; it replaces two passes over the
-    output (scale, shift) with one over the weight."""
-    acc = x.dtype
-    return F.conv2d(x, weight * _as(scale, acc).view(-1, 1, 1, 1), _as(shift, acc), stride, padding, dilation,
-                    groups)
-
-
 def conv_bn_eval(
     x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
     stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
@@ -75,11 +62,9 @@ def conv_bn_eval(
     acc = stat_dtype(x.dtype)
     # Functional ops only (this is also the ops' decomposition, which must be functional); no
     # conversion where the dtype already is acc (each is ~1 us of host time per eval call).
-    if x.dtype == acc:
-        y = _folded_eval(x, weight, scale, shift, stride, padding, dilation, groups)
-    else:  # the conv in x's dtype, BatchNorm on its float32 value, one rounding at the end
-        z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
-        y = _as(z, acc) * _channel(_as(scale, acc)) + _channel(_as(shift, acc))
+    # The conv in x's dtype, BatchNorm on its acc value, one rounding at the end.
+    z = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = _as(z, acc) * _channel(_as(scale, acc)) + _channel(_as(shift, acc))
     if residual is not None:
         y = y + _as(residual, acc)
     if relu:
@@ -87,48 +72,28 @@ def conv_bn_eval(
     return _as(y, x.dtype).contiguous(memory_format=memory_format(x))
 
 
-# id(scale) -> (a weak reference to it, the weight, the weight's version and data pointer, the
-# folded weight) of the last fold of that scale; the entry goes when scale does.
-_FOLDED_WEIGHTS: dict[int, tuple] = {}
-
-
-def _folded_weight(weight: Tensor, scale: Tensor) -> Tensor:
-    """weight * scale per output channel, kept per scale object while the weight is the same
-    object at the same in-place version and data: ops keeps an inference fold's scale per
-    BatchNorm (ops._eval_scale_shift; a scale is never written in place), so inference
-    multiplies each weight once, not per call."""
-    try:  # the version counts in-place writes; the data pointer catches `weight.data = other`
-        state = (weight._version, weight.data_ptr())
-    except RuntimeError:  # an inference tensor keeps no version counter: nothing to key on
-        return weight * scale.view(-1, 1, 1, 1)
-    ident = id(scale)
-    kept = _FOLDED_WEIGHTS.get(ident)
-    if kept is not None and kept[0]() is scale and kept[1] is weight and kept[2] == state:
-        return kept[3]
-    folded = weight * scale.view(-1, 1, 1, 1)
-    ref = weakref.ref(scale, lambda _, ident=ident: _FOLDED_WEIGHTS.pop(ident, None))
-    _FOLDED_WEIGHTS[ident] = (ref, weight, state, folded)
-    return folded
-
-
-def _conv_bn_eval_in_place(
-    x: Tensor, weight: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None,
-    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool,
+def conv_bn_eval_eager(
+    x: Tensor, weight: Tensor, bias: Tensor | None, bn_weight: Tensor | None, bn_bias: Tensor | None,
+    running_mean: Tensor, running_var: Tensor, eps: float, residual: Tensor | None,
+    stride: list[int], padding: list[int], dilation: list[int], groups: int, relu: bool, plain: bool,
 ) -> Tensor:
-    """conv_bn_eval for calls without the dispatcher and without grad (inference,
-    _library.direct_ops; never traced): the folded weight kept, the residual add and the ReLU in
-    place on the fresh output; the same values as conv_bn_eval's."""
-    dtype = x.dtype
-    if scale.dtype is not dtype or shift.dtype is not dtype or dtype not in _STAT_DTYPES:
-        return conv_bn_eval(x, weight, scale, shift, residual, stride, padding, dilation, groups, relu)
-    y = F.conv2d(x, _folded_weight(weight, scale), shift, stride, padding, dilation, groups)
+    """Eval with frozen statistics as eager's modules compute it, for the plain-eager calls the
+    reference runs (ops._conv_bn): nn.Conv2d's convolution, then nn.BatchNorm2d's F.batch_norm
+    (plain: FrozenBatchNorm2d's arithmetic), then torchvision's in-place residual add and ReLU.
+    The same kernels on the same operands give the upstream model's bits, with grad mode on or
+    off, and nothing is kept between calls: whatever writes the parameters or the statistics
+    (an optimizer, a CUDA graph replay, a NumPy view) is read by the next call.
+    resnet_fused.freeze folds the statistics into the convolution instead, on the user's
+    promise that they do not change."""
+    z = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if plain:  # FrozenBatchNorm2d.forward, operation for operation
+        scale = bn_weight.reshape(1, -1, 1, 1) * (running_var.reshape(1, -1, 1, 1) + eps).rsqrt()
+        y = z * scale + (bn_bias.reshape(1, -1, 1, 1) - running_mean.reshape(1, -1, 1, 1) * scale)
+    else:
+        y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias, False, 0.0, eps)
     if residual is not None:
-        y.add_(residual)
-    if relu:
-        y.relu_()
-    if y.is_contiguous() and x.is_contiguous():  # the common layout, in two reads
-        return y
-    return y.contiguous(memory_format=memory_format(x))
+        y += residual
+    return torch.relu_(y) if relu else y
 
 
 def conv_bn_eval_backward(
@@ -396,5 +361,4 @@ def unsupported_reason(op_name: str, *op_args) -> str | None:
 # the compositions, which tracing needs).
 _IMPLS = {**{name: globals()[name] for name in _library.OP_NAMES}, "conv_bn_train": _conv_bn_train_kernel}
 _lib = _library.define_library(NAMESPACE, _IMPLS)
-DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, no_grad={"conv_bn_eval": _conv_bn_eval_in_place},
-                                               with_grad={"conv_bn_train": _conv_bn_train_graph})
+DIRECT, DIRECT_WITH_GRAD = _library.direct_ops(_IMPLS, NAMESPACE, with_grad={"conv_bn_train": _conv_bn_train_graph})

@@ -94,7 +94,7 @@ def run_main_job(argv: list[str] | None, invocation: Invocation) -> int:
     settings = _settings(args)
     configure_device(settings.device)
     providers = provider_list(args.providers) if args.providers else default_providers(
-        settings.device, args.compile, args.max_autotune, args.cuda_graphs, args.reduce_overhead)
+        settings.device, args.compile, args.max_autotune, args.cuda_graphs, args.reduce_overhead, args.mode)
     lead = launch is None or launch.rank == 0
     if settings.device.type != "cuda" and lead:
         print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "

@@ -21,6 +21,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # in a CUDA graph and replayed (graphs.capture); "...-compile-reduce-overhead" is compiled with
 # mode="reduce-overhead" (inductor's CUDA graphs).
 FUSED_PROVIDERS = ("fused-cuda", "fused-triton", "fused-auto", "fused-reference")
+# The fused model after resnet_fused.freeze (BatchNorm folded into the conv weights: inference
+# only, within float32 rounding of torchvision's logits rather than its bits).
+FROZEN_PROVIDERS = ("fused-auto-frozen", "fused-reference-frozen")
 TORCHVISION_PROVIDERS = (
     "torchvision-eager",
     "torchvision-compile",                     # torch.compile(model), default mode
@@ -31,7 +34,8 @@ TORCHVISION_PROVIDERS = (
 CUDA_GRAPH_PROVIDERS = ("fused-auto-cuda-graph", "fused-triton-cuda-graph", "fused-cuda-cuda-graph",
                         "torchvision-eager-cuda-graph")
 FUSED_COMPILE_PROVIDERS = ("fused-auto-compile-reduce-overhead",)
-MODEL_PROVIDERS = FUSED_PROVIDERS + TORCHVISION_PROVIDERS + CUDA_GRAPH_PROVIDERS + FUSED_COMPILE_PROVIDERS
+MODEL_PROVIDERS = (FUSED_PROVIDERS + FROZEN_PROVIDERS + TORCHVISION_PROVIDERS + CUDA_GRAPH_PROVIDERS
+                   + FUSED_COMPILE_PROVIDERS)
 EAGER = "torchvision-eager"
 
 # torch.compile's mode per compiled provider (None: the default mode).
@@ -75,14 +79,20 @@ def provider_skip_reason(provider: str, device: torch.device, mode: str = "infer
         return "mode='reduce-overhead' is torch.compile's CUDA graphs, so it needs a CUDA GPU"
     if provider.endswith("-freezing") and mode != "infer":
         return "inductor freezing applies to inference only"
+    if provider in FROZEN_PROVIDERS and mode != "infer":
+        return "resnet_fused.freeze folds the BatchNorm for inference only"
     return None
 
 
 def default_providers(device: torch.device, compile_default: bool = False, max_autotune: bool = False,
-                      cuda_graphs: bool = False, reduce_overhead: bool = False) -> list[str]:
+                      cuda_graphs: bool = False, reduce_overhead: bool = False, mode: str = "infer") -> list[str]:
     """The providers the main job compares by default on this device (skipped ones included,
-    so the table says why they did not run)."""
-    out = ["fused-cuda", "fused-triton", "fused-auto" if device.type == "cuda" else "fused-reference", EAGER]
+    so the table says why they did not run). On a CPU inference compares the reference path
+    unfrozen (torchvision's bits) and frozen (resnet_fused.freeze)."""
+    out = ["fused-cuda", "fused-triton", "fused-auto" if device.type == "cuda" else "fused-reference"]
+    if device.type != "cuda" and mode == "infer":
+        out.append("fused-reference-frozen")
+    out.append(EAGER)
     if compile_default:
         out.append("torchvision-compile")
     if max_autotune:
@@ -122,7 +132,9 @@ def build_model(provider: str, tv_model: torch.nn.Module, recompute_bn_relu: boo
     given, is applied before torch.compile (DistributedDataParallel goes inside the compiled model,
     so that compile splits the graph at DDP's gradient buckets)."""
     wrap = wrap or (lambda model: model)
-    if provider_backend(provider) is not None:
+    if provider in FROZEN_PROVIDERS:
+        model = wrap(resnet_fused.freeze(fused_copy(tv_model).eval(), inplace=True))
+    elif provider_backend(provider) is not None:
         model = wrap(resnet_fused.nn.set_recompute_bn_relu(fused_copy(tv_model), recompute_bn_relu))
     else:
         model = wrap(copy.deepcopy(tv_model))
