@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -13,6 +14,13 @@ CHANNEL_DIMS = (0, 2, 3)  # BatchNorm2d reduces over N, H, W
 def interpret() -> bool:
     """Whether Triton kernels run in its CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """The current CUDA device set to `device` for the block (CUDA events, streams, graph
+    captures and Triton launches use the current device, not their tensors'); nothing for a CPU
+    device."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -243,6 +245,79 @@ def test_time_call_runs_forward_and_backward_on_cpu(op_name):
     else:
         grads = backward()
         assert grads[0].shape == x.shape and grads[1].shape == w.shape
+
+
+class _RecordedDevice:
+    """Stands in for torch.cuda.device: records the devices entered, in order."""
+
+    entered: list = []
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        self.entered.append(self.device)
+
+    def __exit__(self, *exc):
+        self.entered.append("exit")
+
+
+def test_time_call_times_on_its_tensors_device(monkeypatch):
+    """auto's timer runs and records its CUDA events with the current device set to the call's
+    tensors' device (cuda:1 here while cuda:0 is current), not on whichever device is current.
+    On CPU: torch.cuda.device and the events are recorded stand-ins, the call's first tensor
+    reports cuda:1."""
+    on_cuda1 = torch.device("cuda", 1)
+    seen = []
+    monkeypatch.setattr(_RecordedDevice, "entered", [])
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            pass
+
+        def record(self):
+            seen.append(("event", list(_RecordedDevice.entered)))
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return 1.0
+
+    class OnCuda1:  # the call's first argument, as the timer reads it
+        device = on_cuda1
+        requires_grad = False
+
+    class Ops:
+        @staticmethod
+        def add_relu(*args):
+            seen.append(("kernel", list(_RecordedDevice.entered)))
+
+    monkeypatch.setattr(torch.cuda, "device", _RecordedDevice)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    assert backends.auto._time_call("add_relu", (OnCuda1(), OnCuda1()), Ops) == 1.0
+    assert seen and all(inside == [on_cuda1] for _, inside in seen), seen
+    assert _RecordedDevice.entered == [on_cuda1, "exit"]
+
+
+def test_main_job_runs_on_its_device(monkeypatch):
+    """The main job builds, checks and times every provider inside a device guard for the run's
+    device (--device cuda:N sets the current device for events, streams and captures)."""
+    import resnet_fused.benchmark as mb
+
+    guarded, inside = [], []
+    real_rows = mb._provider_rows
+
+    @contextlib.contextmanager
+    def recorded_guard(device):
+        guarded.append(device)
+        yield
+
+    monkeypatch.setattr(mb, "device_guard", recorded_guard)
+    monkeypatch.setattr(mb, "_provider_rows", lambda *a, **k: (inside.append(list(guarded)), real_rows(*a, **k))[1])
+    assert mb.main(["--model", "resnet18", "--batch", "2", "--image-size", "32", "--iters", "1", "--warmup", "0",
+                    "--providers", "fused-reference", "--device", "cpu", "--no-progress"]) == 0
+    assert guarded == [torch.device("cpu")] and inside == [guarded]
 
 
 @pytest.mark.needs_cuda

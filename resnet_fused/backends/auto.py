@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .._utils import device_guard
+
 if TYPE_CHECKING:
     from . import Backend
 
@@ -99,14 +101,16 @@ def _time_call(op_name: str, op_args, ops) -> float:
     forward = getattr(ops, op_name)
     autograd_will_run = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for a in op_args)
-    # The arguments are already autocast's; time the kernels themselves, without a graph.
-    with torch.no_grad(), torch.autocast(op_args[0].device.type, enabled=False):
+    device = op_args[0].device
+    # The arguments are already autocast's; time the kernels themselves, without a graph, on the
+    # tensors' device (the events record on the current device's stream).
+    with torch.no_grad(), torch.autocast(device.type, enabled=False), device_guard(device):
         outputs = forward(*op_args)
         backward = _backward_call(op_name, op_args, outputs, ops) if autograd_will_run else None
         run = (lambda: (forward(*op_args), backward())) if backward is not None else (lambda: forward(*op_args))
         run()
         times = []
-        on_gpu = op_args[0].is_cuda
+        on_gpu = device.type == "cuda"
         for _ in range(_TIMING_REPS):
             if on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -39,6 +39,7 @@ import resnet_fused
 from .cli import (Invocation, command_line, device_error, json_path_error, last_stage_size, model_error,
                   nonnegative_int, nothing_fused_error, parse_args, positive_int, program_name, provider_list,
                   runs_on_cuda, torchrun_device_error)
+from .._utils import device_guard
 from .graphs import capture
 from .models import (HF_RESNETS, LogitsOf, fused_copy, fused_model_names, library_of, model_input,
                      randomize_batchnorm, torchvision_model)
@@ -100,10 +101,13 @@ def run_main_job(argv: list[str] | None, invocation: Invocation) -> int:
         print("No CUDA GPU here: the fused CUDA and Triton backends need one, so only the reference "
               "backend (pure PyTorch) runs against torchvision. These CPU numbers say nothing about the "
               "fused kernels.", file=sys.stderr)
-    tv_model, x, reference_logits = _inputs(args, settings, lead)
-    with Torchrun(launch, settings.device, args.sync_bn) if launch is not None else contextlib.nullcontext() \
-            as torchrun:
-        rows = _provider_rows(providers, tv_model, x, args, settings, reference_logits, torchrun)
+    # On the run's device throughout: CUDA events, the side stream, graph captures and Triton
+    # launches use the current device, which --device cuda:N does not otherwise change.
+    with device_guard(settings.device):
+        tv_model, x, reference_logits = _inputs(args, settings, lead)
+        with Torchrun(launch, settings.device, args.sync_bn) if launch is not None \
+                else contextlib.nullcontext() as torchrun:
+            rows = _provider_rows(providers, tv_model, x, args, settings, reference_logits, torchrun)
     if not lead:
         return 0
     _add_spread_and_speedup(rows)
