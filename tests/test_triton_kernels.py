@@ -111,6 +111,23 @@ def test_every_launch_takes_an_index_width():
     assert all("INDEX_64" in lc.kwargs for lc in launches), names
 
 
+def test_autotune_keys_hold_what_changes_a_configs_speed():
+    """Each autotuned conv kernel's key holds every launch argument that changes which config is
+    fastest: the GEMM shape and, besides, the strides and dilation, TF32 or exact float32 and the
+    index width, and the kernel's own epilogue and prologue flags; so two layers that differ
+    only in stride (ResNet-50's 3x3 and 3x3/2) are tuned apart."""
+    from resnet_fused.backends.triton.kernels import conv
+
+    common = {"M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "ALLOW_TF32",
+              "INDEX_64"}
+    own = {"_conv_fwd_kernel": {"EPILOGUE", "RELU", "TMA", "PROLOGUE", "IN_RELU"},
+           "_conv_dgrad_kernel": {"RELU_MASK", "BN_SUMS"}, "_conv_wgrad_kernel": {"PROLOGUE", "IN_RELU"}}
+    for name, flags in own.items():
+        tuner = getattr(conv, name)
+        assert set(tuner.keys) == common | flags, name
+        assert set(tuner.keys) <= set(tuner.arg_names), name
+
+
 def test_importing_the_backend_initializes_no_cuda():
     """Importing the package and its Triton kernels (outside the interpreter, where a GPU's
     config lists are built) asks CUDA nothing: the architecture is read at launch time."""

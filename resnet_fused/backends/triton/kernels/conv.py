@@ -141,8 +141,14 @@ def _dense_nhwc(C, H, W, INDEX_64: tl.constexpr):
     return H * W * C, W * C, C
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "EPILOGUE", "TMA",
-                                              "PROLOGUE"],
+# What every conv kernel's autotune key holds besides its own flags: the GEMM's shape (M bucketed
+# to a power of two, so the cache stays bounded) and what else changes a config's speed (the
+# geometry's strides and dilation, TF32 against exact float32, 64-bit index math).
+_TUNE_KEY = ["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "STRIDE_H", "STRIDE_W", "DIL_H", "DIL_W", "ALLOW_TF32",
+             "INDEX_64"]
+
+
+@triton.autotune(configs=conv_configs(), key=_TUNE_KEY + ["EPILOGUE", "RELU", "TMA", "PROLOGUE", "IN_RELU"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_OUT_G", "C_IN_G", "x_ptr")})
 @triton.jit
 def _conv_fwd_kernel(
@@ -497,7 +503,7 @@ def conv_forward(x, weight, stride, padding, dilation, groups, *, scale=None, sh
 # (rounded to its dtype, as a per-K-step scaling of the weight tile would be).
 
 
-@triton.autotune(configs=conv_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "RELU_MASK", "BN_SUMS"],
+@triton.autotune(configs=conv_configs(), key=_TUNE_KEY + ["RELU_MASK", "BN_SUMS"],
                  prune_configs_by={"early_config_prune": prune_gemm_configs("C_IN_G", "C_OUT_G", "dz_ptr")})
 @triton.jit
 def _conv_dgrad_kernel(
@@ -719,7 +725,7 @@ def conv_dgrad(dz, weight, grad_x, scale, stride, padding, dilation, groups, *, 
 # that wgrad_finalize sums in a fixed order (deterministic, no atomics).
 
 
-@triton.autotune(configs=wgrad_configs(), key=["M_BUCKET", "C_OUT_G", "C_IN_G", "KH", "KW", "PROLOGUE"],
+@triton.autotune(configs=wgrad_configs(), key=_TUNE_KEY + ["PROLOGUE", "IN_RELU"],
                  prune_configs_by={"early_config_prune": prune_wgrad_configs})
 @triton.jit
 def _conv_wgrad_kernel(
