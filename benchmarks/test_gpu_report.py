@@ -190,9 +190,23 @@ def test_smoke_failures_are_charged_to_their_backend(tmp_path):
     verdicts = backend_verdicts(outcomes)
     assert verdicts["triton"]["counts"] == {"failed": 1, "error": 1}
     assert verdicts["cuda"]["counts"] == {"passed": 1, "skipped": 1} and verdicts["shared"]["counts"] == {"passed": 1}
-    excluded = excluded_providers(dict(backends=verdicts))
+    excluded = excluded_providers(dict(status="failed", backends=verdicts))
     assert list(excluded) == ["fused-triton"] and "2 gpu_smoke tests" in excluded["fused-triton"]
     assert junit_outcomes(tmp_path / "missing.xml") == {}
+
+
+def test_a_smoke_phase_that_did_not_finish_clears_no_backend():
+    """Fail closed: pytest killed at the phase's deadline writes no junit XML, so no backend has a
+    verdict; a phase that raised recorded nothing. Either way both fused backends are excluded
+    from the benchmarks, with the reason; a finished phase excludes only the failing backend."""
+    for smoke in (dict(status="timed_out", backends={}), None, dict(status="error")):
+        excluded = excluded_providers(smoke)
+        assert set(excluded) == {"fused-cuda", "fused-triton"}, smoke
+        assert "did not finish" in excluded["fused-cuda"]
+    timed_out = dict(status="timed_out", backends=dict(triton=dict(counts={"failed": 1}, failed=["t[triton]"])))
+    excluded = excluded_providers(timed_out)
+    assert "1 gpu_smoke tests" in excluded["fused-triton"] and "did not finish" in excluded["fused-cuda"]
+    assert excluded_providers(dict(status="passed", backends={})) == {}
 
 
 def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):

@@ -212,11 +212,25 @@ def run_pytest(name: str, marker: str, deadline: float, paths: dict, report: dic
     return dict(status=status, seconds=round(seconds, 1))
 
 
+FINISHED = ("passed", "failed", "no_tests")  # run_pytest statuses of a phase whose junit XML was written
+
+
 def excluded_providers(smoke: dict | None) -> dict[str, str]:
-    """The fused providers the benchmarks skip: those of a backend whose smoke tests failed."""
+    """The fused providers the benchmarks skip, failing closed: a fused backend is cleared only
+    by a smoke phase that finished (its junit XML read) with none of its tests failed. A phase
+    that timed out or raised (pytest killed: no junit XML, so no verdicts) clears nothing, and
+    every fused backend is excluded. smoke: report["smoke"] of a phase that ran (None: it
+    raised before recording anything)."""
+    smoke = smoke or dict(status="error")
+    status = smoke.get("status")
+    verdicts = smoke.get("backends") or {}
     excluded = {}
-    for backend, verdict in ((smoke or {}).get("backends") or {}).items():
-        if backend in ("cuda", "triton") and verdict["failed"]:
-            excluded[f"fused-{backend}"] = (f"excluded: {len(verdict['failed'])} gpu_smoke tests of the {backend} "
-                                            f"backend failed (first: {verdict['failed'][0]})")
+    for backend in ("cuda", "triton"):
+        failed = (verdicts.get(backend) or {}).get("failed") or []
+        if failed:
+            excluded[f"fused-{backend}"] = (f"excluded: {len(failed)} gpu_smoke tests of the {backend} "
+                                            f"backend failed (first: {failed[0]})")
+        elif status not in FINISHED:
+            excluded[f"fused-{backend}"] = (f"excluded: the gpu_smoke phase did not finish ({status}), so it did "
+                                            f"not clear the {backend} backend")
     return excluded
