@@ -10,12 +10,13 @@ Pairs, each timed interleaved in the same process (median of the rounds, one thr
   unit eval frozen   the same unit after resnet_fused.freeze (BatchNorm folded into the conv)
   unit train         the same, training forward + backward
   bottleneck eval    resnet_fused.nn.Bottleneck against torchvision's, eval under no_grad
+  bottleneck eval frozen  the same block after resnet_fused.freeze
   triton eval        the Triton backend's own Python for one eval unit (bf16 1x1 256->64 at
                      56x56, meta tensors, launches recorded and not run, as the compile gate
                      does), against the eager unit's eval time from the same run
   triton train fwd   the same for the training forward (conv + statistics + apply)
 
-The CPU runs the reference backend for the first four (what `auto` picks there): on a GPU
+The CPU runs the reference backend for the first five (what `auto` picks there): on a GPU
 these ratios are the host side of a unit, which must stay below the kernels' time.
 """
 
@@ -91,13 +92,24 @@ def unit_train() -> Pair:
                 "Sequential(Conv2d, BatchNorm2d, ReLU)", "nn.ConvBNReLU2d", 1.3)
 
 
-def bottleneck_eval() -> Pair:
+def _bottlenecks():
     eager = torchvision.models.resnet.Bottleneck(32, 8).eval()
     fused = resnet_fused.nn.Bottleneck(32, 8).eval()
     fused.load_state_dict(eager.state_dict())
-    x = torch.randn(1, 32, 4, 4)
+    return eager, fused, torch.randn(1, 32, 4, 4)
+
+
+def bottleneck_eval() -> Pair:
+    eager, fused, x = _bottlenecks()
     return Pair("bottleneck eval", _no_grad(lambda: eager(x)), _no_grad(lambda: fused(x)),
-                "torchvision Bottleneck", "nn.Bottleneck", 1.0)
+                "torchvision Bottleneck", "nn.Bottleneck", 1.25)
+
+
+def bottleneck_eval_frozen() -> Pair:
+    eager, fused, x = _bottlenecks()
+    frozen = resnet_fused.freeze(fused)
+    return Pair("bottleneck eval frozen", _no_grad(lambda: eager(x)), _no_grad(lambda: frozen(x)),
+                "torchvision Bottleneck", "freeze(nn.Bottleneck)", 1.0)
 
 
 def _triton_launcher(op: str):
@@ -148,7 +160,7 @@ def triton_pairs() -> list[Pair]:
 
 def all_pairs() -> list[Pair]:
     with resnet_fused.use_backend("reference"):
-        pairs = [unit_eval(), unit_eval_frozen(), unit_train(), bottleneck_eval()]
+        pairs = [unit_eval(), unit_eval_frozen(), unit_train(), bottleneck_eval(), bottleneck_eval_frozen()]
     return pairs + triton_pairs()
 
 
@@ -187,7 +199,7 @@ def format_table(result: dict) -> str:
     for r in result["rows"]:
         met = "met" if r["ratio"] <= r["goal"] else "NOT met"
         lines.append(f"{r['case']:28} {r['eager_us']:9.1f} {r['fused_us']:9.1f} {r['ratio']:6.2f} "
-                     f"{'<=' + format(r['goal'], '.1f'):>6}  {r['fused']} vs {r['eager']} ({met})")
+                     f"{'<=' + format(r['goal'], 'g'):>6}  {r['fused']} vs {r['eager']} ({met})")
     m = result["machine"]
     lines.append(f"torch {m['torch']}, {m['processor']}, {m['cpus']} CPUs, {m['threads']} thread(s)")
     return "\n".join(lines)
