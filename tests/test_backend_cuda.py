@@ -26,7 +26,7 @@ import pytest
 import torch
 from backend_under_test import sm90_launch_counter, tf32
 from op_samples import DIRECT_SHAPES, as64, compare_outputs, conv_args, direct_inputs
-from tolerances import assert_close_to_ref
+from tolerances import TF32_OPERANDS, assert_close_to_ref, tf32_emulation, tf32_operand
 
 import resnet_fused
 from resnet_fused import _library, backends
@@ -206,20 +206,17 @@ def test_coverage_on_gpu(cuda_backend_on):
 
 @pytest.mark.needs_cuda
 def test_tf32_float32_conv(cuda_backend_on):
-    """float32 with TF32 allowed (PyTorch's default for convolutions): the error is the TF32
-    rounding of the operands, judged against a float64 conv of TF32-rounded operands."""
-
-    def round_tf32(t):
-        i = t.float().contiguous().view(torch.int32)
-        return ((i + 0x1000) & ~0x1FFF).view(torch.float32).contiguous(memory_format=torch.channels_last)
+    """float32 with TF32 allowed (PyTorch's default for convolutions) on the sm80 kernel: the
+    error is the TF32 rounding of the operands, judged against a float64 conv of operands
+    rounded as that kernel rounds them."""
 
     x, w, _, conv = direct_inputs(DIRECT_SHAPES["3x3_c64_c64"], torch.float32, True, False)
     scale, shift = torch.rand(64, device="cuda") + 0.5, torch.randn(64, device="cuda")
-    with tf32(True):
-        y = getattr(torch.ops, NS).conv_bn_eval(x, w, scale, shift, None, *conv, False)
-    ref64 = torch.ops.resnet_fused.conv_bn_eval(*as64((x, w, scale, shift, None, *conv, False)))
-    emulated = torch.ops.resnet_fused.conv_bn_eval(*as64((round_tf32(x), round_tf32(w), scale, shift, None, *conv,
-                                                           False))).float()
+    args = (x, w, scale, shift, None, *conv, False)
+    with tf32(True), cuda_backend.use_sm90(False):  # 64 channels would take the sm90 kernel
+        y = getattr(torch.ops, NS).conv_bn_eval(*args)
+    ref64 = torch.ops.resnet_fused.conv_bn_eval(*as64(args))
+    emulated = tf32_emulation(torch.ops.resnet_fused.conv_bn_eval, args, TF32_OPERANDS["cuda-sm80"])
     assert_close_to_ref(y, emulated, ref64, "tf32 conv_bn_eval")
 
 
@@ -280,8 +277,20 @@ def test_sm90_kernels_match_the_sm80_kernel(cuda_backend_on, dtype, residual):
             sm80_eval = getattr(torch.ops, NS).conv_bn_eval(*eval_args)
             sm80_train = getattr(torch.ops, NS).conv_bn_train(*train_args)
         assert launches() == before + 2, "use_sm90(False) still ran the sm90 kernels"
-    compare_outputs("sm90 eval", got_eval, sm80_eval, torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args)))
-    compare_outputs("sm90 train", got_train, sm80_train, torch.ops.resnet_fused.conv_bn_train(*as64(train_args)))
+    ref_eval = torch.ops.resnet_fused.conv_bn_eval(*as64(eval_args))
+    ref_train = torch.ops.resnet_fused.conv_bn_train(*as64(train_args))
+    if dtype != torch.float32:
+        compare_outputs("sm90 eval", got_eval, sm80_eval, ref_eval)
+        compare_outputs("sm90 train", got_train, sm80_train, ref_train)
+        return
+    # TF32: wgmma truncates the operands, the sm80 kernel rounds them; each kernel is judged
+    # against the float64 op on operands turned as it turns them.
+    for kernel, eval_out, train_out in (("sm90", got_eval, got_train), ("sm80", sm80_eval, sm80_train)):
+        rounding = TF32_OPERANDS[f"cuda-{kernel}"]
+        compare_outputs(f"{kernel} eval", eval_out,
+                        tf32_emulation(torch.ops.resnet_fused.conv_bn_eval, eval_args, rounding), ref_eval)
+        compare_outputs(f"{kernel} train", train_out,
+                        tf32_emulation(torch.ops.resnet_fused.conv_bn_train, train_args, rounding), ref_train)
 
 
 # Shapes that reach each sm90 kernel's paths (c_in, c_out, kernel, stride, n, h, w):
@@ -304,7 +313,8 @@ def test_sm90_kernel_paths(cuda_backend_on, case, dtype, mode):
     """Every CUTLASS kernel (dtype x epilogue x tile width) on partial and whole M and N tiles,
     1x1 and strided convolutions, a conv bias in training: the launch counter proves the sm90
     kernel ran, and the outputs (y; z, mean, var) are judged against float64 with the sm80
-    kernel's error as the bar."""
+    kernel's error as the bar; in float32 (TF32), the error of the float64 op on truncated
+    operands, as wgmma truncates them."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the sm90 kernels run on compute capability 9.0 only")
     c_in, c_out, k, stride, n, h, w = case
@@ -334,4 +344,31 @@ def test_sm90_kernel_paths(cuda_backend_on, case, dtype, mode):
             sm80 = getattr(getattr(torch.ops, NS), op)(*args)
         assert launches() == before + 1, "use_sm90(False) still ran the sm90 kernels"
     ref64 = getattr(torch.ops.resnet_fused, op)(*as64(args))
+    if dtype == torch.float32:  # wgmma truncates TF32 operands (the sm80 kernel rounds): its own bar
+        sm80 = tf32_emulation(getattr(torch.ops.resnet_fused, op), args, TF32_OPERANDS["cuda-sm90"])
     compare_outputs(f"sm90 {op}", got, sm80, ref64)
+
+
+@pytest.mark.parametrize("rounding", ["truncate", "round"])
+def test_tf32_bar_passes_a_tf32_kernel_and_fails_a_worse_one(rounding):
+    """The TF32 bar itself, on CPU: a simulated TF32 kernel (exact float32 convolution of
+    operands turned into tf32 as the kernel turns them, so with float32 accumulation error on top
+    of the operand error) passes; a kernel with 4x that error fails. Truncation is checked as
+    truncation: its error is larger and biased, and with the rounding bar the sm90 kernels
+    failed (docs/kernels.md#tf32)."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 9, 9, generator=gen).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(32, 64, 3, 3, generator=gen) / 24
+    scale, shift = torch.rand(32, generator=gen) + 0.5, torch.randn(32, generator=gen)
+    args = (x, w, scale, shift, None, *conv_args(), False)
+    op = torch.ops.resnet_fused.conv_bn_eval
+    ref64 = op(*as64(args))
+    bar = tf32_emulation(op, args, rounding)
+    kernel = op(tf32_operand(x, rounding), tf32_operand(w, rounding), *args[2:])  # float32 arithmetic
+    assert not torch.equal(kernel, bar)  # it has its own accumulation error
+    assert_close_to_ref(kernel, bar, ref64, f"simulated {rounding} kernel")
+    worse = (ref64 + 4 * (bar.double() - ref64)).float()
+    with pytest.raises(AssertionError, match="exceeds 2x"):
+        assert_close_to_ref(worse, bar, ref64, f"4x the {rounding} error")
+    assert tf32_operand(torch.tensor([1 + 2**-11, -(1 + 2**-11)]), rounding).tolist() == (
+        [1 + 2**-10, -(1 + 2**-10)] if rounding == "round" else [1.0, -1.0])

@@ -13,6 +13,35 @@ import torch
 
 FLOOR_ULPS = 8
 
+# How a TF32 tensor-core path turns a float32 GEMM operand into tf32 (10 mantissa bits), per
+# kernel family (docs/kernels.md#tf32): the sm80 WMMA kernel rounds (__float_to_tf32:
+# cvt.rna, to nearest, ties away from zero); wgmma, which the sm90 CUTLASS kernels and
+# Triton's sm_90 kernels feed with float32 from shared memory, truncates the low 13 bits (PTX
+# ISA). A TF32 result is judged against the float64 op on operands turned the same way.
+TF32_OPERANDS = {"cuda-sm80": "round", "cuda-sm90": "truncate", "triton-sm90": "truncate"}
+_TF32_DROPPED = 0x1FFF  # the 13 low mantissa bits float32 has and tf32 has not
+
+
+def tf32_operand(t: torch.Tensor, rounding: str) -> torch.Tensor:
+    """t (float32) as a tf32 GEMM operand, in float32: 'round' (to nearest, ties away from zero)
+    or 'truncate' (toward zero). Sign-magnitude bits: both act on the magnitude."""
+    if rounding not in ("round", "truncate"):
+        raise ValueError(f"rounding must be 'round' or 'truncate', got {rounding!r}")
+    bits = t.float().view(torch.int32)  # a dtype view keeps t's strides (channels_last stays)
+    if rounding == "round":
+        bits = bits + 0x1000
+    return (bits & ~_TF32_DROPPED).view(torch.float32)
+
+
+def tf32_emulation(op, args, rounding: str, operands=(0, 1)):
+    """op (a reference op) in float64 on args whose GEMM operands (positions `operands`: x and
+    the weight) are first turned into tf32 as the kernel turns them, each output in float32: the
+    TF32 kernel's bar, standing in for eager's output in assert_close_to_ref."""
+    args64 = [(tf32_operand(a, rounding) if i in operands else a) for i, a in enumerate(args)]
+    args64 = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args64]
+    out = op(*args64)
+    return tuple(o.float() for o in out) if isinstance(out, (tuple, list)) else out.float()
+
 
 def max_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
     return (actual.double() - ref64.double()).abs().max().item() if actual.numel() else 0.0
