@@ -30,6 +30,7 @@ GPU_SMOKE = {
     ("test_ops", "test_resolved_backend"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_ops", "test_compile_fullgraph_unit"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_edge_cases", "test_nan_and_inf_propagate_as_in_eager"): lambda p: bool(p & FUSED_BACKENDS),
+    ("test_edge_cases", "test_nonfinite_statistics_on_a_64_channel_layer"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_edge_cases", "test_strided_input_matches_eager"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_models", "test_float32_model_within_eager"): lambda p: bool(p & FUSED_BACKENDS) and "resnet50" in p,
     ("test_cuda_graphs", "test_cuda_graph_inference_equals_eager"): lambda p: (bool(p & FUSED_BACKENDS)

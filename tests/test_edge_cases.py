@@ -19,7 +19,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from backend_under_test import interpreted
+from backend_under_test import interpreted, sm90_launch_counter
 from tolerances import assert_close_to_ref
 from unit_cases import UNIT_GRAD_ARGS, check_against_eager, eager_conv_bn_relu
 
@@ -200,6 +200,38 @@ def test_nan_and_inf_propagate_as_in_eager(backend, relu, where, training):
     _assert_same_nonfinite(yf, ye, "output")
     for k, a, e in zip([k for k in UNIT_GRAD_ARGS if k in ae], gf, ge):
         _assert_same_nonfinite(a, e, f"grad {k}")
+    for k in ("running_mean", "running_var"):
+        _assert_same_nonfinite(af[k], ae[k], k)
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("where", ["x_nan", "x_inf"])
+def test_nonfinite_statistics_on_a_64_channel_layer(backend, where):
+    """The test above has 4 input channels, which only the CUDA backend's sm80 kernel takes. A
+    64-channel bf16 channels_last layer is one the sm90 (CUTLASS) kernels take on an H100/H200,
+    whose per-tile statistics once clamped a NaN variance to 0: a NaN or an Inf in x gives NaN
+    batch statistics there as in eager, in the output and the running statistics."""
+    if backend.interpreted:
+        pytest.skip("the Triton interpreter runs CPU tensors only")
+    tensors, conv = _unit(c_in=64, c_out=64, hw=8, dtype=torch.bfloat16, device="cuda")
+    for name in ("bn_weight", "bn_bias", "running_mean", "running_var"):
+        tensors[name] = tensors[name].float()
+    tensors["x"] = tensors["x"].contiguous(memory_format=torch.channels_last)
+    tensors["residual"] = tensors["residual"].contiguous(memory_format=torch.channels_last)
+    _, index, value = NONFINITE[where]
+    tensors["x"][index] = value
+    on_sm90 = backend.name == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+    launches = sm90_launch_counter() if on_sm90 else None
+    before = launches() if on_sm90 else 0
+    runs = []
+    for fn in (eager_conv_bn_relu, ops.conv_bn_relu):
+        args = {k: v.clone() for k, v in tensors.items() if v is not None}
+        runs.append((fn(**args, training=True, relu=True, **conv), args))
+    if on_sm90:
+        assert launches() > before, "the layer did not run on an sm90 kernel"
+    (ye, ae), (yf, af) = runs
+    _assert_same_nonfinite(yf.float(), ye.float(), "output")
     for k in ("running_mean", "running_var"):
         _assert_same_nonfinite(af[k], ae[k], k)
 

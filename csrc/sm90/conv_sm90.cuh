@@ -237,7 +237,10 @@ struct TileChannelMoments {
           // what makes ptxas serialize wgmma (the SASS gate rejects CALL).
           const float d1 = __fdividef(s1_t, rows);
           params.ptr_mean[at] = smem->shift[c] + d1;
-          params.ptr_m2[at] = fmaxf(s2_t - s1_t * d1, 0.f);
+          // Cancellation can leave M2 a little below 0: clamp it, but keep a NaN (an Inf or NaN
+          // in the tile) as eager's variance keeps it, which fmaxf would turn into 0.
+          const float m2 = s2_t - s1_t * d1;
+          params.ptr_m2[at] = m2 < 0.f ? 0.f : m2;
         }
       }
     }
