@@ -61,10 +61,15 @@ def _arch(report) -> int:
 
 
 def test_every_gemm_uses_the_tensor_cores(report):
-    """sm_90: bf16/fp16 GEMMs on wgmma, fp32 on TF32 wgmma (the gate compiles fp32 with TF32
-    allowed, PyTorch's default for convolutions), no fallback to mma.sync. sm_80: mma.sync,
-    TF32 for fp32."""
-    gemms = [r for r in report["rows"] if r["gemm"]]
+    """sm_90: bf16/fp16 GEMMs on wgmma, fp32 on TF32 wgmma (fp32: TF32 allowed, PyTorch's
+    default for convolutions), no fallback to mma.sync. sm_80: mma.sync, TF32 for fp32. Exact
+    float32 (fp32x, TF32 off) on neither: FMA on the CUDA cores, never rounded to TF32."""
+    rows = [r for r in report["rows"] if r["gemm"]]
+    exact = [r for r in rows if r["dtype"] == "fp32x"]
+    assert {r["kernel"] for r in exact} >= CONV_KERNELS
+    rounded = [_where(r) for r in exact if r["wgmma"] or r["mma_sync"]]
+    assert not rounded, "exact float32 GEMMs on the tensor cores (TF32):\n" + "\n".join(rounded)
+    gemms = [r for r in rows if r["dtype"] != "fp32x"]
     assert {r["kernel"] for r in gemms} >= CONV_KERNELS
     if _arch(report) >= 90:
         bad = [_where(r) for r in gemms if not r["wgmma"] or r["mma_sync"]]
@@ -177,11 +182,14 @@ def test_1x1_forward_on_nhwc_loads_by_tma(report):
     plain = [r for r in rows if r["op"] != "chain"]
     chain = [r for r in rows if r["op"] == "chain"]
     assert plain and chain
+    def tensor_cores(r, instruction):  # exact float32 runs FMA (test_every_gemm_uses_the_tensor_cores)
+        return r[instruction] or r["dtype"] == "fp32x"
+
     if _arch(report) >= 90:
-        bad = [_where(r) for r in plain if not (r["tma"] and r["sass"]["UTMALDG"] and r["wgmma"])]
-        bad += [_where(r) for r in chain if not (r["cp_async"] and r["wgmma"])]
+        bad = [_where(r) for r in plain if not (r["tma"] and r["sass"]["UTMALDG"] and tensor_cores(r, "wgmma"))]
+        bad += [_where(r) for r in chain if not (r["cp_async"] and tensor_cores(r, "wgmma"))]
     else:
-        bad = [_where(r) for r in plain + chain if not (r["sass"]["LDGSTS"] and r["mma_sync"])]
+        bad = [_where(r) for r in plain + chain if not (r["sass"]["LDGSTS"] and tensor_cores(r, "mma_sync"))]
     assert not bad, "\n".join(bad)
 
 

@@ -91,18 +91,23 @@ LAYER_TYPES = [
     "1x1 2048->512 @7",
 ]
 # The CI subset: one of each kernel shape class (3x3 stride 1, 3x3 stride 2, 1x1 with the
-# residual epilogue, the flattened-K stem) in bf16 and TF32, fp16 on one layer, and the
-# int64-index variant (what a batch past 2**31 elements launches) of the 1x1 (TMA) and the
-# strided 3x3 (phased dgrad). Extra cases are (layer, dtype, index width).
+# residual epilogue, the flattened-K stem) in bf16 and TF32, fp16 on one layer, exact float32
+# (fp32x) on a 3x3 and on the 1x1 (TMA), and the int64-index variant (what a batch past 2**31
+# elements launches) of the 1x1 (TMA) and the strided 3x3 (phased dgrad). Extra cases are
+# (layer, dtype, index width).
 CI_SUBSET = {
     "layers": ["3x3 64->64 @56", "1x1 64->256 @56 +res", "3x3/2 128->128 @56", STEM.name],
     "dtypes": ["bf16", "fp32"],
     "extra": [("3x3 64->64 @56", "fp16", "int32"), ("1x1 64->256 @56 +res", "bf16", "int64"),
-              ("3x3/2 128->128 @56", "bf16", "int64")],
+              ("3x3/2 128->128 @56", "bf16", "int64"), ("3x3 64->64 @56", "fp32x", "int32"),
+              ("1x1 64->256 @56 +res", "fp32x", "int32")],
 }
 INDEX_WIDTHS = ("int32", "int64")
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp32x": torch.float32}
+# fp32 launches with TF32 allowed (PyTorch's default for convolutions); fp32x with TF32 off,
+# exact float32 on the CUDA cores (torch.backends.cudnn.allow_tf32 = False).
+TF32_ALLOWED = {"fp32x": False}
 # chain / chain_bwd: recompute_bn_relu's forward, the conv with the previous unit's BatchNorm +
 # ReLU in its operand load (bn_act_conv_bn_stats), and its backward's conv part, dgrad with the
 # ReLU mask in its epilogue and wgrad with the same prologue (bn_act_conv_backward); not for
@@ -379,10 +384,10 @@ def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False,
     cases += [(RESNET50[name], dt, lay, ix) for name, dt, ix in extra for lay in layouts
               if (RESNET50[name], dt, lay, ix) not in cases]
     prev_tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True  # fp32 convolutions run TF32 by PyTorch's default
     try:
         with cfg_mod.target(arch):
             for layer, dt, layout, index in cases:
+                torch.backends.cudnn.allow_tf32 = TF32_ALLOWED.get(dt, True)
                 for op in ops:
                     with force_int64() if index == "int64" else contextlib.nullcontext():
                         recorded = record_op(layer, op, DTYPES[dt], layout, batch)
@@ -549,7 +554,8 @@ def main(argv=None) -> int:
                    help="ci: the CI test's representative subset; types: six layer types, one per kernel shape class (default); "
                         "all: ResNet-50's 24 convolutions")
     p.add_argument("--layers", help="';'-separated layer names (overrides --subset's layers)")
-    p.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp16,fp32 (fp32 with TF32 allowed)")
+    p.add_argument("--dtypes", default=None,
+                   help="comma-separated: bf16,fp16,fp32,fp32x (fp32 with TF32 allowed, fp32x exact float32)")
     p.add_argument("--layouts", default="nhwc", help="comma-separated: nhwc,nchw (default nhwc)")
     p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated: {','.join(OPS)}")
     p.add_argument("--index", default="int32",
@@ -572,6 +578,10 @@ def main(argv=None) -> int:
         layers = _layer_list(a.layers)
     if a.dtypes:
         dtypes = a.dtypes.split(",")
+    unknown = sorted(set(dtypes) - set(DTYPES))
+    if unknown:
+        p.error(f"--dtypes: unknown dtype(s) {', '.join(unknown)}; expected a comma-separated subset of "
+                f"{','.join(DTYPES)}")
     indexes = a.index.split(",")
     unknown = sorted(set(indexes) - set(INDEX_WIDTHS))
     if unknown:

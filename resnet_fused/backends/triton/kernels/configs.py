@@ -116,7 +116,19 @@ def conv_configs() -> list[triton.Config]:
         # Pre-Hopper TF32 only (see _register_operands): 8 warps hold half the accumulator each,
         # where 4 warps spilled (the stem, the 1x1 training forwards).
         _cfg(64, 32, 8, 4),
-    ]
+    ] + [_cfg(*c) for c in EXACT_FP32_CONFIGS]
+
+
+# Exact float32 (TF32 off) only: the dots run on the CUDA cores as FMA, where each thread holds
+# its rows of A and columns of B over the whole K block in registers, so K blocks are short and
+# the accumulator is spread over 8 warps. The tensor-core configs spilled 12-16484 B there in the
+# sm_90 gate (docs/kernels.md); these are the only configs exact float32 keeps.
+EXACT_FP32_CONFIGS = ((64, 16, 8, 2), (32, 16, 4, 2), (64, 8, 8, 2))
+
+
+def _exact_fp32(elem_bytes: int, args: dict) -> bool:
+    """A float32 launch with TF32 off (exact float32: FMA dots)."""
+    return elem_bytes == 4 and not args.get("ALLOW_TF32", True)
 
 
 def wgrad_configs() -> list[triton.Config]:
@@ -128,7 +140,11 @@ def wgrad_configs() -> list[triton.Config]:
     if INTERPRETED:
         return [cfg(32, 4, 1)]
     # 8 warps for 128x128 tiles, 4 for 64-wide ones (prune_wgrad_configs); spill-free in the gate.
-    return [cfg(64, 8, 3), cfg(32, 8, 4), cfg(64, 4, 3), cfg(32, 4, 4)]
+    return [cfg(64, 8, 3), cfg(32, 8, 4), cfg(64, 4, 3), cfg(32, 4, 4)] + [cfg(*c) for c in EXACT_FP32_WGRAD_CONFIGS]
+
+
+# Exact float32 wgrad (see EXACT_FP32_CONFIGS): short K blocks.
+EXACT_FP32_WGRAD_CONFIGS = ((16, 8, 2), (8, 8, 2), (16, 4, 2), (8, 4, 2))
 
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
@@ -144,7 +160,13 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     max_k = 32 if args.get("FLAT_N") else 1 << 30
     if _register_operands(elem):
         max_k = min(max_k, 32)
+    exact = _exact_fp32(elem, args)
+    if exact and args.get("PROLOGUE"):
+        # The BatchNorm + ReLU prologue's float32 registers on top of the FMA operands: BLOCK_K
+        # 16 spilled 1968-10092 B in the sm_90 gate (the recompute chain's backward), 8 none.
+        max_k = min(max_k, 8)
     kept = [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_K"] <= max_k
+            and ((c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in EXACT_FP32_WGRAD_CONFIGS) == exact
             and c.num_stages * (block_m + block_n) * c.kwargs["BLOCK_K"] * elem <= limit]
     if not kept:
         kept = [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
@@ -189,9 +211,12 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
         prologue = bool(args.get("PROLOGUE", False))
         max_n = max(16, next_power_of_2(int(args[cols_arg])))
         max_k = max(16, next_power_of_2(int(args[k_arg])))
+        exact = _exact_fp32(elem, args)
         kept, seen = [], set()
         for cfg in configs:
             block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+            if ((block_n, block_k, cfg.num_warps, cfg.num_stages) in EXACT_FP32_CONFIGS) != exact:
+                continue  # exact float32 keeps its own configs, and only it keeps them
             if flat:
                 block_k = args["KW_PAD"] * args["C_PAD"]
             if _pipeline_smem(cfg, block_m, block_k, elem) > limit:
@@ -200,7 +225,7 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
                 continue
             if (prologue or _register_operands(elem)) and cfg.num_warps == 4 and block_k > 32:
                 continue
-            if cfg.num_warps == 8 and block_n == 64 and not _register_operands(elem):
+            if cfg.num_warps == 8 and block_n == 64 and not _register_operands(elem) and not exact:
                 continue
             key = (block_n, block_k, cfg.num_warps, cfg.num_stages)
             if key in seen:
