@@ -149,7 +149,8 @@ EXACT_FP32_WGRAD_CONFIGS = ((16, 8, 2), (8, 8, 2), (16, 4, 2), (8, 4, 2))
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
     """wgrad configs that fit shared memory, with 8 warps for 128x128 tiles and 4 below (a
-    warp group per 64 rows of the accumulator); at most MAX_CONFIGS."""
+    warp group per 64 rows of the accumulator; exact float32 and int64 indices before Hopper
+    see below), 8-warp configs first; at most MAX_CONFIGS."""
     args = {**named_args, **kwargs}
     limit = smem_bytes(target_arch())
     elem = _itemsize(args["dz_ptr"].dtype)
@@ -165,11 +166,21 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
         # The BatchNorm + ReLU prologue's float32 registers on top of the FMA operands: BLOCK_K
         # 16 spilled 1968-10092 B in the sm_90 gate (the recompute chain's backward), 8 none.
         max_k = min(max_k, 8)
-    kept = [c for c in configs if c.num_warps == warps and c.kwargs["BLOCK_K"] <= max_k
+    allowed = {warps}
+    if exact:
+        # FMA dots: each warp's share of the accumulator is the register budget, so 8 warps for
+        # every tile (4 spilled 96 B on a 64-wide tile with int64 indices and the prologue, sm_90).
+        allowed = {8}
+    elif args.get("INDEX_64") and _register_operands(elem):
+        # mma.sync's register operands with 64-bit index math: 8 warps too, tried first (the
+        # stem's TF32 wgrad spilled 32 B with 4 on sm_80; a 1x1 chain wgrad 12 B with 8 only).
+        allowed = {4, 8}
+    kept = [c for c in configs if c.num_warps in allowed and c.kwargs["BLOCK_K"] <= max_k
             and ((c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) in EXACT_FP32_WGRAD_CONFIGS) == exact
             and c.num_stages * (block_m + block_n) * c.kwargs["BLOCK_K"] * elem <= limit]
     if not kept:
         kept = [min(configs, key=lambda c: c.num_stages * c.kwargs["BLOCK_K"])]
+    kept.sort(key=lambda c: c.num_warps != 8)  # stable: only reorders where both warp counts are kept
     return kept[:MAX_CONFIGS]
 
 
@@ -212,6 +223,7 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
         max_n = max(16, next_power_of_2(int(args[cols_arg])))
         max_k = max(16, next_power_of_2(int(args[k_arg])))
         exact = _exact_fp32(elem, args)
+        index_64 = bool(args.get("INDEX_64", False))
         kept, seen = [], set()
         for cfg in configs:
             block_n, block_k = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -225,7 +237,7 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
                 continue
             if (prologue or _register_operands(elem)) and cfg.num_warps == 4 and block_k > 32:
                 continue
-            if cfg.num_warps == 8 and block_n == 64 and not _register_operands(elem) and not exact:
+            if cfg.num_warps == 8 and block_n == 64 and not _register_operands(elem) and not exact and not index_64:
                 continue
             key = (block_n, block_k, cfg.num_warps, cfg.num_stages)
             if key in seen:
@@ -234,6 +246,11 @@ def prune_gemm_configs(cols_arg: str, k_arg: str, a_ptr_arg: str):
             kept.append(cfg)
         if not kept:  # a shape no preferred config suits: the smallest tiles
             kept = [min(configs, key=lambda c: _pipeline_smem(c, block_m, c.kwargs["BLOCK_K"], elem))]
+        if index_64:
+            # 64-bit index math holds twice the address registers: 8-warp tiles first, 64 wide
+            # too. In the sm_90 gate the stem's forward and the 3x3/2 fp32 dgrad spilled 48-1200 B
+            # in every 4-warp and 128-wide config with int64 indices, the 8-warp 64-wide one none.
+            kept.sort(key=lambda c: c.num_warps != 8)
         return kept[:MAX_CONFIGS]
 
     return prune
