@@ -2,8 +2,9 @@
 
 A call walks here once: the arguments are checked and autocast (the rule `_library.py`
 defines for the ops) applied, the backend picked (`resnet_fused.backends`), the frozen
-statistics folded for a fused eval kernel, the op run, and the running statistics updated for training.
-The arithmetic happens in the torch.library ops (schemas in `_library.py`).
+statistics folded into a scale and shift for a fused eval kernel, the op run, and the running
+statistics updated for training. The arithmetic happens in the torch.library ops (schemas in
+`_library.py`), but for eval on the reference in plain eager, which is eager's own ops.
 """
 
 from __future__ import annotations
