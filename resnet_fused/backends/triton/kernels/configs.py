@@ -119,11 +119,15 @@ def conv_configs() -> list[triton.Config]:
     ] + [_cfg(*c) for c in EXACT_FP32_CONFIGS]
 
 
+# The shortest K block tl.dot compiles: Triton 3.6 rejects K = 8 (the FMA dots of exact float32
+# take it from 3.8 on).
+MIN_DOT_K = 8 if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 8) else 16
+
 # Exact float32 (TF32 off) only: the dots run on the CUDA cores as FMA, where each thread holds
 # its rows of A and columns of B over the whole K block in registers, so K blocks are short and
 # the accumulator is spread over 8 warps. The tensor-core configs spilled 12-16484 B there in the
 # sm_90 gate (docs/kernels.md); these are the only configs exact float32 keeps.
-EXACT_FP32_CONFIGS = ((64, 16, 8, 2), (32, 16, 4, 2), (64, 8, 8, 2))
+EXACT_FP32_CONFIGS = tuple(c for c in ((64, 16, 8, 2), (32, 16, 4, 2), (64, 8, 8, 2)) if c[1] >= MIN_DOT_K)
 
 
 def _exact_fp32(elem_bytes: int, args: dict) -> bool:
@@ -144,7 +148,7 @@ def wgrad_configs() -> list[triton.Config]:
 
 
 # Exact float32 wgrad (see EXACT_FP32_CONFIGS): short K blocks.
-EXACT_FP32_WGRAD_CONFIGS = ((16, 8, 2), (8, 8, 2), (16, 4, 2), (8, 4, 2))
+EXACT_FP32_WGRAD_CONFIGS = tuple(c for c in ((16, 8, 2), (8, 8, 2), (16, 4, 2), (8, 4, 2)) if c[0] >= MIN_DOT_K)
 
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
@@ -164,8 +168,9 @@ def prune_wgrad_configs(configs, named_args, **kwargs):
     exact = _exact_fp32(elem, args)
     if exact and args.get("PROLOGUE"):
         # The BatchNorm + ReLU prologue's float32 registers on top of the FMA operands: BLOCK_K
-        # 16 spilled 1968-10092 B in the sm_90 gate (the recompute chain's backward), 8 none.
-        max_k = min(max_k, 8)
+        # 16 spilled 1968-10092 B in the sm_90 gate (the recompute chain's backward), 8 none
+        # (Triton 3.8; 3.6 compiles no K block below 16).
+        max_k = min(max_k, MIN_DOT_K)
     allowed = {warps}
     if exact:
         # FMA dots: each warp's share of the accumulator is the register budget, so 8 warps for
