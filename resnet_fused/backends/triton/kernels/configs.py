@@ -147,8 +147,8 @@ def wgrad_configs() -> list[triton.Config]:
     return [cfg(64, 8, 3), cfg(32, 8, 4), cfg(64, 4, 3), cfg(32, 4, 4)] + [cfg(*c) for c in EXACT_FP32_WGRAD_CONFIGS]
 
 
-# Exact float32 wgrad (see EXACT_FP32_CONFIGS): short K blocks.
-EXACT_FP32_WGRAD_CONFIGS = tuple(c for c in ((16, 8, 2), (8, 8, 2), (16, 4, 2), (8, 4, 2)) if c[0] >= MIN_DOT_K)
+# Exact float32 wgrad (see EXACT_FP32_CONFIGS): short K blocks, 8 warps (prune_wgrad_configs).
+EXACT_FP32_WGRAD_CONFIGS = tuple(c for c in ((16, 8, 2), (8, 8, 2)) if c[0] >= MIN_DOT_K)
 
 
 def prune_wgrad_configs(configs, named_args, **kwargs):
