@@ -18,13 +18,16 @@ from pathlib import Path
 import pytest
 
 from gpu_kit import ROOT, SCRIPT
-from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE
+from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE, WARM_COMPILE_S
 from gpu_kit.phases import (backend_of_test, backend_verdicts, excluded_providers, junit_outcomes, probe_backends,
                            pytest_summary)
-from gpu_kit.warm import BUILD_JOBS, aot_command, aot_jobs
+from gpu_kit.plan import model_plan
+from gpu_kit.warm import BUILD_JOBS, CORE_OPS, aot_command, aot_jobs
 from gpu_kit.plot import render_plot
 from gpu_kit.report import SCHEMA, output_paths, report_stem, write_report
 from gpu_kit.worker import INJECT_FAULT_ENV
+
+pytestmark = pytest.mark.slow
 
 CRASHING_MODEL_CASE = "resnet18-train-b2-64px-fp32-fused-reference"
 LOST_CONTEXT_OP_CASE = "eval-b2-fp32-64x64-k3s1-h8-relu-conv-alone"
@@ -239,5 +242,25 @@ def test_warm_up_compiles_on_the_free_cores_for_the_gpu_at_hand(tmp_path):
     assert cmd[1:3] == ["-m", "resnet_fused.backends.triton.aot"]
     assert cmd[cmd.index("--target") + 1] == "sm_90" and cmd[cmd.index("--subset") + 1] == "all"
     assert cmd[cmd.index("--batch") + 1] == "256" and cmd[cmd.index("--cache-dir") + 1] == str(tmp_path / "cache")
+    assert cmd[cmd.index("--ops") + 1] == ",".join(CORE_OPS) and cmd[cmd.index("--sass") + 1] == "none"
     blackwell = aot_command(dict(capability="10.0"), 8, tmp_path, tmp_path / "g.json")
     assert blackwell[blackwell.index("--target") + 1] == "sm_100"
+
+
+def test_warm_compiles_fit_the_build_and_warm_step(tmp_path):
+    """By the compile gate's own enumeration (`--count`: nothing compiled), the warm phase's
+    Triton compiles for an H100/H200 (sm_90; 16 cores, the build and the torch.compile workers
+    beside it) take at most the build+warm step at WARM_COMPILE_S each. Every conv of the
+    headline's inference and training step is among them (ops-core's cases are the same layers
+    and ops)."""
+    compile_workers = sum(c["provider"] == "torchvision-compile" for c in model_plan("models-core", True, False))
+    cores = aot_jobs(16, building=True, compile_workers=compile_workers)
+    cmd = aot_command(dict(capability="9.0"), cores, tmp_path / "cache", tmp_path / "gate.json") + ["--count"]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    count = json.loads(proc.stdout)
+    assert {"_conv_fwd_kernel", "_conv_dgrad_kernel", "_conv_wgrad_kernel"} <= set(count["per_kernel"])
+    seconds = count["unique_compiles"] * WARM_COMPILE_S / cores
+    assert seconds <= TIMELINE["build+warm"], (
+        f"{count['unique_compiles']} compiles on {cores} cores: {seconds:.0f} s, over the step's {TIMELINE['build+warm']} s")

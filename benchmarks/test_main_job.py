@@ -83,6 +83,7 @@ def test_main_job_on_cpu(tmp_path, mode):
         assert "max|dlogit|*" not in header and footnote not in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU behaviour of the main job")
 def test_console_script_records_its_name_and_shows_progress(tmp_path):
     script = shutil.which("resnet-fused-benchmark", path=str(Path(sys.executable).parent)) \

@@ -20,6 +20,9 @@ RESNET_UNIT_CONFIGS = {"stem7x7s2", "1x1s2", "3x3", "3x3s2_bias"}  # the ResNet-
 # benchmarked): per (module, test function), which parametrizations (the parts of the test id)
 # belong to it. Every op on every fused backend in fp16/bf16/fp32 over the ResNet-50 layer
 # types, units through autograd, the op-level structural checks, and the GPU checks below.
+# Not resnet50 in exact float32 (test_float32_model_within_eager): its first run compiles
+# about 226 Triton kernels (aot's enumeration at its 4x33x33 input, TF32 off) at seconds
+# each, serially in one test, past the per-test limit; it runs in the kit's later GPU tests.
 GPU_SMOKE = {
     ("test_ops", "test_conv_ops_vs_reference"): lambda p: bool(p & FUSED_BACKENDS) and "nhwc" in p,
     ("test_ops", "test_add_relu_op"): lambda p: bool(p & FUSED_BACKENDS),
@@ -32,7 +35,6 @@ GPU_SMOKE = {
     ("test_edge_cases", "test_nan_and_inf_propagate_as_in_eager"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_edge_cases", "test_nonfinite_statistics_on_a_64_channel_layer"): lambda p: bool(p & FUSED_BACKENDS),
     ("test_edge_cases", "test_strided_input_matches_eager"): lambda p: bool(p & FUSED_BACKENDS),
-    ("test_models", "test_float32_model_within_eager"): lambda p: bool(p & FUSED_BACKENDS) and "resnet50" in p,
     ("test_cuda_graphs", "test_cuda_graph_inference_equals_eager"): lambda p: (bool(p & FUSED_BACKENDS)
                                                                                and {"resnet18", "bf16"} <= p),
     # The CUTLASS sm90 kernels against the sm80 kernel and float64; the recompute chain per backend.

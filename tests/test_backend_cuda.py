@@ -119,6 +119,7 @@ def _sm90_shape_reason():
     return reason
 
 
+@pytest.mark.slow
 def test_sm90_switch_reads_the_environment_once():
     """RESNET_FUSED_CUDA_SM90 is read once (no getenv per call): a later change of the
     environment does not switch the kernels, backends.cuda.use_sm90 does, and restores the

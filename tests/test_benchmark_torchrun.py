@@ -60,6 +60,7 @@ def _check_rows(result, sync_bn: bool):
     assert "speedup_vs_eager" in rows["fused-reference"] and "spread" in rows["fused-reference"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU (gloo) behaviour of the main job under torchrun")
 @pytest.mark.parametrize("sync_bn", [False, True], ids=["ddp", "sync_bn"])
 def test_main_job_under_torchrun_two_processes(tmp_path, sync_bn):

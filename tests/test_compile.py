@@ -33,6 +33,7 @@ F64 = torch.float64
 TRITON_KERNELS = {"forward": "_conv_fwd_kernel", "backward": ("_bn_bwd_dz_kernel", "_conv_dgrad_kernel")}
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_resnet18_eval_and_train():
     """fullgraph=True (a graph break raises) with Inductor on CPU: eval logits and two SGD
     steps (logits, every gradient, parameters, running statistics) as eager."""

@@ -13,6 +13,8 @@ import pytest
 
 from resnet_fused.backends import cuda_sass
 
+pytestmark = pytest.mark.slow
+
 H100_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
 VARIANTS = {f"{dtype} {kind}, 128x{tile_n}" for dtype in ("fp16", "bf16", "tf32")
             for kind in ("eval", "eval + residual", "train (z + tile moments)") for tile_n in (128, 64)}

@@ -19,6 +19,8 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 import resnet_fused
 
+pytestmark = pytest.mark.slow  # ResNet-50 detectors in float64: 5-12 s a test
+
 SMALL_IMAGES = dict(min_size=96, max_size=128)  # the detectors' own resize, kept small for the CPU
 
 

@@ -37,6 +37,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import resnet_fused
 
+pytestmark = pytest.mark.slow
+
 F64 = torch.float64
 
 def _free_port():

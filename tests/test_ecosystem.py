@@ -92,6 +92,7 @@ def test_torch_jit_script_matches_torchvision(train, tmp_path):
     assert float(out) == pytest.approx(tv.eval()(torch.randn(2, 3, 32, 32)).abs().sum().item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_torch_jit_script_of_every_builder():
     """As torchvision's model tests do: each builder scripts (compile only here; the unit
     above checks a scripted model's outputs)."""
@@ -226,6 +227,7 @@ def test_onnx_export_gives_standard_ops_that_onnxruntime_runs(dynamo, tmp_path):
 # torch.export
 
 
+@pytest.mark.slow
 def test_torch_export_keeps_the_fused_ops_and_decomposes_to_core_aten(tmp_path):
     fused, tv = twins()
     x = torch.randn(2, 3, 32, 32)

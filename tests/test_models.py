@@ -50,6 +50,7 @@ EXACT_BATCH, EXACT_HW = 2, 33
 EXACT_RTOL = 1e-11
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_builder_exact_in_float64(name):
     """float64, reference backend: eval logits, then two SGD steps (momentum 0.9, lr 1e-3):
@@ -201,6 +202,7 @@ def _float32_twins(name):
     return tv, resnet_fused.from_torchvision(tv)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet18", "resnet14_bottleneck",
                                   pytest.param("resnet50", marks=pytest.mark.needs_cuda)])
 def test_float32_model_within_eager(backend, name):
@@ -211,8 +213,8 @@ def test_float32_model_within_eager(backend, name):
     training step's logits, all parameter gradients and the running statistics (on an input
     without ReLU flips: _flip_free_step). BasicBlocks (resnet18) and Bottlenecks
     (resnet14_bottleneck), every unit type of the builders but the grouped 3x3 (unit level:
-    test_ops.py; composition: test_builder_exact_in_float64); resnet50 itself on a GPU (the
-    GPU kit's smoke check)."""
+    test_ops.py; composition: test_builder_exact_in_float64); resnet50 itself on a GPU (in
+    the GPU kit's tests phase, not its smoke check: see GPU_SMOKE in conftest.py)."""
     device = backend.device()
     tv32, fused = _float32_twins(name)
     tv32, fused = tv32.to(device), fused.to(device)

@@ -154,6 +154,7 @@ def test_reference_matches_eager(case):
     _run_case(case, "reference")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
 @settings(max_examples=80, **_SETTINGS)
 @given(case=conv_bn_cases([torch.float32, torch.float32, torch.float32, torch.float64]))

@@ -77,6 +77,7 @@ def _bottleneck(dtype, device):
     return block
 
 
+@pytest.mark.slow
 def test_block_float32_per_tensor(backend):
     """A Bottleneck in float32 on each backend (16 x 8 x 8 = 1024 values per channel): the output,
     the input gradient, every parameter gradient and the running statistics within 2x eager's
@@ -152,6 +153,7 @@ def test_eval_and_frozen_norms_take_the_plain_units():
     assert torch.equal(frozen.train()(x), frozen_chained.train()(x))
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph():
     """torch.compile(fullgraph=True) traces the chain (its autograd.Functions over the custom
     ops): a float64 training step of resnet18 as torchvision's, to 1e-11."""

@@ -29,6 +29,8 @@ import pytest
 import torch
 from cli_errors import cli_error_line
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "examples" / "train.py"
 # 24 images at 8 per step: 3 steps per epoch. With --save-every 2 the checkpoints are steps 2 (mid-epoch),

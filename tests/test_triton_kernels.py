@@ -195,6 +195,7 @@ def test_finalize_stats_merges_groups_of_tiles(group_tiles):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("group_tiles", [None, 32], ids=["one-group", "groups32"])
 def test_sum_partials_in_groups(group_tiles):
     _, bn = _kernels()

@@ -19,7 +19,7 @@ already in the cache (cache_hits).
 Per compile the report has: kernel, layer, op, dtype, layout, config, index width, the grid and
 its program count, shared memory bytes, registers, spill bytes (ptxas -v), whether the PTX
 uses wgmma / TMA (cp.async.bulk.tensor) / cp.async, and the number of scf.for loops in the
-TTGIR (a conv kernel's K loops).
+TTGIR (a conv kernel's K loops); with --sass, the counts of a few SASS instructions (SASS_OPS).
 
 Needs a Triton with the NVIDIA backend (its ptxas and cuobjdump); no GPU, no CUDA init.
 Refuses to run under TRITON_INTERPRET=1 (interpreted kernels cannot be compiled).
@@ -264,20 +264,30 @@ def _bin_dir() -> str:
 SASS_OPS = ("HGMMA", "HMMA", "UTMALDG", "LDGSTS", "LDL", "STL")
 
 
-def _resources(cubin: bytes) -> dict:
-    """Registers and stack from cuobjdump; SASS instruction counts that show what ran."""
+# Which jobs get their SASS disassembled (--sass): disassembly is about 40% of a compile's
+# time, and the gate's tests read the counts only where the 1x1 forward's loads are checked.
+SASS_CHOICES = ("all", "1x1-forward", "none")
+
+
+def _wants_sass(policy: str, kernel_name: str, layer: Layer) -> bool:
+    return policy == "all" or (policy == "1x1-forward" and kernel_name == "_conv_fwd_kernel" and layer.k == 1)
+
+
+def _resources(cubin: bytes, sass: bool) -> dict:
+    """Registers and stack from cuobjdump; with sass, SASS instruction counts that show what ran."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
         usage = subprocess.run([os.path.join(_bin_dir(), "cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True).stdout
-        sass = subprocess.run([os.path.join(_bin_dir(), "cuobjdump"), "-sass", f.name],
-                              capture_output=True, text=True).stdout
+        listing = subprocess.run([os.path.join(_bin_dir(), "cuobjdump"), "-sass", f.name],
+                                 capture_output=True, text=True).stdout if sass else None
     out = {}
     m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if m:
         out.update(registers=int(m[1]), stack_bytes=int(m[2]), local_bytes=int(m[4]))
-    out["sass"] = {op: len(re.findall(rf"\b{op}\b", sass)) for op in SASS_OPS}
+    if listing is not None:
+        out["sass"] = {op: len(re.findall(rf"\b{op}\b", listing)) for op in SASS_OPS}
     return out
 
 
@@ -324,7 +334,7 @@ def compile_one(job: dict) -> dict:
         "compile_s": round(seconds, 2),
         "hash": compiled.hash,  # the Triton cache key
     }
-    out.update(_resources(compiled.asm["cubin"]))
+    out.update(_resources(compiled.asm["cubin"], job.get("sass", True)))
     return out
 
 
@@ -368,11 +378,12 @@ def jit_hash(job: dict) -> str:
 # The enumeration.
 
 
-def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False, extra=(), indexes=("int32",)):
+def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False, extra=(), indexes=("int32",),
+                   sass="all"):
     """rows (one per kernel launch and config) and the unique compile jobs they need.
     indexes: the index widths every case is recorded with (int64: under launch.force_int64,
     the variant a tensor of 2**31 elements or more launches); extra: (layer name, dtype,
-    index width) cases beside the full product."""
+    index width) cases beside the full product; sass: which jobs' SASS is counted (SASS_CHOICES)."""
     from triton.backends.compiler import GPUTarget
 
     from .kernels import configs as cfg_mod
@@ -400,7 +411,8 @@ def enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs=False,
                             if key not in jobs:
                                 jobs[key] = {"module": fn.fn.__module__, "kernel": _attr_name(rec.kernel),
                                              "arch": arch, "args": [_as_jit_arg(a) for a in rec.args],
-                                             "kwargs": _as_jit_kwargs(kwargs)}
+                                             "kwargs": _as_jit_kwargs(kwargs), "sass": False}
+                            jobs[key]["sass"] |= _wants_sass(sass, fn.__name__, layer)
                             meta = {**rec.kwargs, **kwargs}
                             grid = grid_size(rec.grid, meta)
                             rows.append({
@@ -429,11 +441,11 @@ def _attr_name(kernel) -> str:
 
 
 def run(layers, dtypes, layouts, ops, batch=256, arch=90, jobs_n=None, cache_dir=None, all_configs=False,
-        extra=(), progress=None, indexes=("int32",)):
+        extra=(), progress=None, indexes=("int32",), sass="all"):
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("the compile gate needs compiled kernels: unset TRITON_INTERPRET")
     start = time.perf_counter()
-    rows, jobs = enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs, extra, indexes)
+    rows, jobs = enumerate_jobs(layers, dtypes, layouts, ops, batch, arch, all_configs, extra, indexes, sass)
     results = _compile_all(list(jobs.items()), jobs_n or os.cpu_count() or 1, cache_dir, progress)
     for row in rows:
         row.update(results[row["key"]])
@@ -568,6 +580,11 @@ def main(argv=None) -> int:
     p.add_argument("--all-configs", action="store_true",
                    help="every autotune config, not only those pruning keeps (the exact-float32 configs with "
                         "BLOCK_K 8 do not compile for 16-bit dtypes, which never keep them)")
+    p.add_argument("--sass", choices=SASS_CHOICES, default="all",
+                   help="which compiles get their SASS disassembled and counted (about 40%% of a compile's time): "
+                        "all (default), 1x1-forward (what the CI test checks), none")
+    p.add_argument("--count", action="store_true",
+                   help="compile nothing: print the unique compiles the selection needs, per kernel, as JSON")
     a = p.parse_args(argv)
     arch = int(a.target.removeprefix("sm_").rstrip("a"))
     extra = ()
@@ -584,13 +601,26 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--dtypes: unknown dtype(s) {', '.join(unknown)}; expected a comma-separated subset of "
                 f"{','.join(DTYPES)}")
+    ops = a.ops.split(",")
+    unknown = sorted(set(ops) - set(OPS))
+    if unknown:
+        p.error(f"--ops: unknown op(s) {', '.join(unknown)}; expected a comma-separated subset of {','.join(OPS)}")
     indexes = a.index.split(",")
     unknown = sorted(set(indexes) - set(INDEX_WIDTHS))
     if unknown:
         p.error(f"--index: unknown width(s) {', '.join(unknown)}; expected a comma-separated subset of "
                 f"{','.join(INDEX_WIDTHS)}")
-    report = run(layers, dtypes, a.layouts.split(","), a.ops.split(","), a.batch, arch, a.jobs, a.cache_dir,
-                 a.all_configs, extra, progress=_progress, indexes=indexes)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the launchers would plan for the interpreter
+        p.error("the compile gate plans compiled kernels: unset TRITON_INTERPRET")
+    if a.count:
+        _, jobs = enumerate_jobs(layers, dtypes, a.layouts.split(","), ops, a.batch, arch, a.all_configs, extra, indexes)
+        per_kernel = defaultdict(int)
+        for job in jobs.values():
+            per_kernel[job["kernel"]] += 1
+        print(json.dumps({"target": f"sm_{arch}", "unique_compiles": len(jobs), "per_kernel": dict(per_kernel)}))
+        return 0
+    report = run(layers, dtypes, a.layouts.split(","), ops, a.batch, arch, a.jobs, a.cache_dir,
+                 a.all_configs, extra, progress=_progress, indexes=indexes, sass=a.sass)
     print(format_summary(report))
     if a.json:
         with open(a.json, "w") as f:
