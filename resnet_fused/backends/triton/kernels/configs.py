@@ -126,8 +126,8 @@ MIN_DOT_K = 8 if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3,
 # Exact float32 (TF32 off) only: the dots run on the CUDA cores as FMA, where each thread holds
 # its rows of A and columns of B over the whole K block in registers, so K blocks are short and
 # the accumulator is spread over 8 warps. The tensor-core configs spilled 12-16484 B there in the
-# sm_90 gate (docs/kernels.md); these are the only configs exact float32 keeps. The first three
-# Triton compiles: where it rejects K = 8 (3.6), the 32-wide 8-warp tile takes that config's
+# sm_90 gate (docs/kernels.md); these are the only configs exact float32 keeps: the first three
+# candidates this Triton compiles. Where it rejects K = 8 (3.6), the 32-wide 8-warp tile takes that config's
 # place (without it the recompute chain's 3x3 forward spilled 8 B in every config on sm_80).
 EXACT_FP32_CONFIGS = tuple(c for c in ((64, 16, 8, 2), (32, 16, 4, 2), (64, 8, 8, 2), (32, 16, 8, 2))
                            if c[1] >= MIN_DOT_K)[:3]
