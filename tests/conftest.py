@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,10 @@ import torch
 # (backend_under_test imports it, so it is imported below this line).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# auto's verdicts (python -m resnet_fused.verify) come from an empty cache of the test session's
+# own, never the machine's: what auto runs in a test must not depend on what was verified here.
+os.environ["RESNET_FUSED_CACHE_DIR"] = tempfile.mkdtemp(prefix="resnet_fused_test_cache_")
 
 from backend_under_test import OP_SUITE_BACKENDS, BackendUnderTest, tf32  # noqa: E402
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tolerances import assert_close_to_ref
+from resnet_fused.tolerances import assert_close_to_ref
 
 
 def conv_args(stride=1, padding=1, dilation=1, groups=1):

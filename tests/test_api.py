@@ -107,26 +107,27 @@ def test_reference_is_used_on_cpu_by_default():
 
 @pytest.fixture
 def two_auto_backends(monkeypatch):
-    """auto sees 'cuda' (running torch.ops.resnet_fused) and 'triton' (torch.ops.resnet_fused_triton)
-    on CPU tensors; returns the fake timer's table {backend: ms} and its call log."""
+    """auto sees 'cuda' and 'triton' (both verified here; they run torch.ops.resnet_fused and
+    torch.ops.resnet_fused_triton) and the reference on CPU tensors; returns the fake timer's
+    table {backend: ms} and its call log."""
     reason = backends.unavailable_reason("triton")
     if reason is not None:
         pytest.skip(f"the fake 'triton' runs the Triton ops, unavailable here: {reason}")
-    table = {"cuda": 2.0, "triton": 1.0}
+    table = {"cuda": 2.0, "triton": 1.0, "reference": 3.0}
     calls = []
-    namespaces = {"resnet_fused": "cuda", backends.BACKENDS["triton"][0].NAMESPACE: "triton"}
 
-    def fake_time(op_name, op_args, ops):
-        calls.append((op_name, namespaces[ops.name]))
-        return table[namespaces[ops.name]]
+    def fake_time(op_name, op_args, backend):
+        calls.append((op_name, backend.NAME))
+        return table[backend.NAME]
 
     for name, ns in (("cuda", "resnet_fused"), ("triton", backends.BACKENDS["triton"][0].NAMESPACE)):
         monkeypatch.setitem(backends.BACKENDS, name, (SimpleNamespace(
-            NAME=name, NAMESPACE=ns, AUTO=True, DIRECT=None, DIRECT_WITH_GRAD=None,
+            NAME=name, NAMESPACE=ns, DIRECT=None, DIRECT_WITH_GRAD=None,
             unsupported_reason=lambda *a: None), None))
     monkeypatch.setattr(backends, "unavailable_reason", lambda name: None)
     monkeypatch.setattr(backends, "_auto_candidates", lambda x: ("cuda", "triton"))
-    monkeypatch.setattr(backends.auto, "_time_call", fake_time)
+    monkeypatch.setattr(backends, "_verified_on", lambda device: frozenset({"cuda", "triton"}))
+    monkeypatch.setattr(backends.auto, "_time_backend", fake_time)
     monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
     backends.clear_auto_choices()
     resnet_fused.set_backend("auto")
@@ -147,9 +148,10 @@ def test_auto_times_each_shape_once_and_runs_the_faster(two_auto_backends):
         y = unit(x)
         unit(x)
     assert dict(used) == {"triton": 2}
-    assert calls == [("conv_bn_eval", "cuda"), ("conv_bn_eval", "triton")], "timed once per backend, then cached"
+    assert calls == [("conv_bn_eval", "cuda"), ("conv_bn_eval", "triton"), ("conv_bn_eval", "reference")], \
+        "timed once per candidate (the reference among them), then cached"
     (key, choice), = backends.auto_choices().items()
-    assert choice == {"backend": "triton", "ms": {"cuda": 2.0, "triton": 1.0}}
+    assert choice == {"backend": "triton", "ms": {"cuda": 2.0, "triton": 1.0, "reference": 3.0}}
     torch.testing.assert_close(y, torch.relu(unit.bn(unit.conv(x))))
     # a new shape, a new dtype, a new memory layout: timed again; the faster one may differ
     table.update(cuda=0.5)
@@ -157,8 +159,13 @@ def test_auto_times_each_shape_once_and_runs_the_faster(two_auto_backends):
         unit(torch.randn(3, 4, 8, 8))
         unit.double()(torch.randn(2, 4, 8, 8, dtype=torch.float64))
         unit.float()(x.to(memory_format=torch.channels_last))
-    assert len(calls) == 8 and len(backends.auto_choices()) == 4
+    assert len(calls) == 12 and len(backends.auto_choices()) == 4
     assert dict(used) == {"cuda": 3}
+    # PyTorch's own kernels faster still: auto runs the reference
+    table.update(reference=0.1)
+    with torch.no_grad(), record_backends() as used:
+        unit(torch.randn(5, 4, 8, 8))
+    assert dict(used) == {"reference": 1}
 
 
 def test_auto_times_training_ops_and_backward_follows_forward(two_auto_backends):
@@ -170,7 +177,7 @@ def test_auto_times_training_ops_and_backward_follows_forward(two_auto_backends)
     with record_backends() as used:
         y = unit(x)
     y.sum().backward()
-    assert calls == [("conv_bn_train", "cuda"), ("conv_bn_train", "triton")]
+    assert calls == [("conv_bn_train", "cuda"), ("conv_bn_train", "triton"), ("conv_bn_train", "reference")]
     assert dict(used) == {"triton": 1}
     (key, _), = backends.auto_choices().items()
     assert key[0] == "conv_bn_train" and key[1] is True  # grad mode is part of the key
@@ -322,14 +329,14 @@ def test_main_job_runs_on_its_device(monkeypatch):
 
 @pytest.mark.needs_cuda
 def test_auto_per_shape_choice_on_gpu(monkeypatch):
-    """With cuda and triton both enabled for auto, a training unit's forward and backward on the
-    GPU: each shape is timed on both (real CUDA-event timer), the faster runs, and the result
-    is the eager one's within tolerance (run_unit_case's checks)."""
+    """With cuda and triton both verified, a training unit's forward and backward on the GPU: each
+    shape is timed on both and the reference (real CUDA-event timer), the fastest runs, and the
+    result is the eager one's within tolerance (run_unit_case's checks)."""
     reasons = resnet_fused.available_backends()
     for name in ("cuda", "triton"):
         if reasons[name] is not None:
             pytest.skip(f"{name}: {reasons[name]}")
-        monkeypatch.setattr(backends.BACKENDS[name][0], "AUTO", True)
+    monkeypatch.setattr(backends, "_verified_on", lambda device: frozenset({"cuda", "triton"}))
     monkeypatch.delenv(backends.TIMING_ENV_VAR, raising=False)
     backends.clear_auto_choices()
     try:
@@ -339,7 +346,7 @@ def test_auto_per_shape_choice_on_gpu(monkeypatch):
         choices = backends.auto_choices()
         assert choices, "nothing was timed"
         for key, choice in choices.items():
-            assert set(choice["ms"]) == {"cuda", "triton"}, key
+            assert set(choice["ms"]) == {"cuda", "triton", "reference"}, key
             assert choice["backend"] == min(choice["ms"], key=choice["ms"].get), key
     finally:
         backends.clear_auto_choices()

@@ -21,7 +21,7 @@ from backend_under_test import interpreted
 from model_twins import float_state, model_twins
 from random_bn import randomize_frozen_bn
 from recorders import OpRecorder, assert_model_ran_on
-from tolerances import FLOOR_ULPS, aggregate_rel_l2, assert_within_2x
+from resnet_fused.tolerances import FLOOR_ULPS, aggregate_rel_l2, assert_within_2x
 from training_loops import float_loss
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torchvision
 from random_bn import randomize_frozen_bn, randomize_model_bn
-from tolerances import rel_err
+from resnet_fused.tolerances import rel_err
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import resnet_fused

@@ -26,7 +26,7 @@ import pytest
 import torch
 from backend_under_test import sm90_launch_counter, tf32
 from op_samples import DIRECT_SHAPES, as64, compare_outputs, conv_args, direct_inputs
-from tolerances import TF32_OPERANDS, assert_close_to_ref, tf32_emulation, tf32_operand
+from resnet_fused.tolerances import TF32_OPERANDS, assert_close_to_ref, tf32_emulation, tf32_operand
 
 import resnet_fused
 from resnet_fused import _library, backends

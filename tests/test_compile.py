@@ -21,7 +21,7 @@ import pytest
 import torch
 from model_twins import float_state, fused_model, images, model_twins
 from recorders import NAMESPACES, OpRecorder, assert_model_ran_on
-from tolerances import FLOOR_ULPS, assert_close_to_ref, assert_within_2x, check_step, rel_err
+from resnet_fused.tolerances import FLOOR_ULPS, assert_close_to_ref, assert_within_2x, check_step, rel_err
 from training_loops import float_loss, perturbed_copy, sgd_steps
 
 import resnet_fused

@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 import torchvision
 from model_twins import float_state, model_twins
 from random_bn import randomize_bn
-from tolerances import assert_close_to_ref, check_step, rel_err
+from resnet_fused.tolerances import assert_close_to_ref, check_step, rel_err
 from training_loops import perturbed_copy, sgd_steps
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from backend_under_test import interpreted, sm90_launch_counter
-from tolerances import assert_close_to_ref
+from resnet_fused.tolerances import assert_close_to_ref
 from unit_cases import UNIT_GRAD_ARGS, check_against_eager, eager_conv_bn_relu
 
 import resnet_fused

@@ -30,7 +30,7 @@ from torch import nn
 import resnet_fused
 from random_bn import randomize_model_bn
 from recorders import OpRecorder
-from tolerances import assert_close_to_ref, rel_err
+from resnet_fused.tolerances import assert_close_to_ref, rel_err
 from resnet_fused import backends
 from resnet_fused.fuse import FuseSummary, fuse, fuse_summary
 

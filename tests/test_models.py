@@ -28,7 +28,7 @@ import torchvision
 from model_twins import MODEL_NAMES, model_twins, scale_residual_branches
 from random_bn import randomize_model_bn
 from recorders import OpRecorder, assert_model_ran_on
-from tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
+from resnet_fused.tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
 from training_loops import sgd_steps
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode

@@ -19,7 +19,7 @@ import pickle
 import pytest
 import torch
 from model_twins import model_twins
-from tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
+from resnet_fused.tolerances import FLOOR_ULPS, aggregate_rel_l2, rel_err
 from training_loops import sgd_steps
 
 import resnet_fused

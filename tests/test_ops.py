@@ -9,7 +9,7 @@ backend's ops skip inputs its kernels do not cover (`unsupported_reason`); throu
 public API those take the reference path, which test_unit_matches_eager (float64) and
 test_resolved_backend check.
 
-Tolerance (tests/tolerances.py): error vs a float64 reference at most 2x eager's own error in
+Tolerance (resnet_fused/tolerances.py): error vs a float64 reference at most 2x eager's own error in
 the same dtype, plus a floor of a few ulps.
 """
 
@@ -34,7 +34,7 @@ from op_samples import (
 )
 from random_bn import randomize_bn
 from recorders import ExpandingRecorder, OpRecorder, assert_ran_on, expected_backend
-from tolerances import assert_close_to_ref
+from resnet_fused.tolerances import assert_close_to_ref
 from unit_cases import CONFIGS, WIDE_CONFIGS, make_unit, run_unit_case
 
 import resnet_fused

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torchvision
 from model_twins import model_twins
-from tolerances import assert_close_to_ref, rel_err
+from resnet_fused.tolerances import assert_close_to_ref, rel_err
 from training_loops import sgd_steps
 from torchvision.ops.misc import FrozenBatchNorm2d
 

@@ -18,7 +18,7 @@ from resnet_fused.nn import conv_bn_act
 
 from random_bn import randomize_bn
 from recorders import expected_backend
-from tolerances import assert_close_to_ref
+from resnet_fused.tolerances import assert_close_to_ref
 
 
 # --------------------------------------------------------------------------------------

@@ -10,9 +10,11 @@ Every backend registers the same ops (schemas, fake kernels, autograd and autoca
 and satisfies the `Backend` protocol below. Selection: `set_backend`, `get_backend`,
 `use_backend`, defaulting to $RESNET_FUSED_BACKEND, else `auto`.
 
-`auto` considers, for CUDA tensors, the fused backends that are available, enabled for auto
-(their AUTO flag) and cover the call. With one such backend it runs that one; with several,
-the faster for the call's shape (auto.py); with none, the reference. An explicitly requested
+`auto` considers, for CUDA tensors, the fused backends that are available, passed
+`python -m resnet_fused.verify` on that device (its verdict, read from the cache: verify/cache.py)
+and cover the call; per shape it runs the fastest of them and the reference (auto.py: the
+verifier's timings, else a first-call timing); with none, the reference. With no verdict for
+the device it runs the reference and warns once. An explicitly requested
 backend must be available (`set_backend` raises with the reason otherwise); inputs its
 kernels do not cover (`unsupported_reason`, docs/design.md's support matrix) take the reference
 path. Nothing here touches the GPU at import time.
@@ -38,6 +40,7 @@ __all__ = [
     "Backend", "BACKEND_NAMES", "ENV_VAR", "TIMING_ENV_VAR", "available_backends", "get_backend", "set_backend",
     "use_backend", "unavailable_reason", "unsupported_reason", "select_ops", "plain_eager", "direct_calls",
     "resolved_backend", "record_selections", "auto_choices", "clear_auto_choices", "decompositions",
+    "verified_backends", "clear_verdicts",
 ]
 
 
@@ -46,7 +49,6 @@ class Backend(Protocol):
 
     NAME: str  # the name set_backend takes
     NAMESPACE: str  # torch.ops namespace of its ops
-    AUTO: bool  # whether `auto` may pick it (True once its kernels have passed the op suite on a GPU)
     # Its ops as plain eager calls them without the dispatcher (_library.direct_ops), with grad
     # mode off and on; None where the ops are C++ (cuda).
     DIRECT: object | None
@@ -154,27 +156,104 @@ def _auto_candidates(x) -> tuple[str, ...]:
     return ("cuda", "triton") if x.is_cuda else ()
 
 
-_recorders: list[collections.Counter] = []
+# Per CUDA device index: the fused backends its verdict passed (verify/cache.py), read once.
+_verified: dict[int | None, frozenset[str]] = {}
+_NOT_VERIFIED_WARNING = (
+    "resnet_fused: no verdict for {gpu} in the cache, so `auto` runs PyTorch's own kernels here. Run `{command}` "
+    "once on this machine (a few minutes) to check the fused kernels on this GPU and enable the faster of them "
+    "per layer; `set_backend('triton')` or `('cuda')` selects one without a verdict.")
+
+
+def _load_verdict(device: torch.device) -> frozenset[str]:
+    from ..verify import cache  # not at import time: nothing here touches the GPU then
+
+    key = cache.device_key(device)
+    record = cache.read(key)
+    if record is None:
+        import warnings
+
+        warnings.warn(_NOT_VERIFIED_WARNING.format(gpu=key["device"], command=cache.VERIFY_COMMAND),
+                      RuntimeWarning, stacklevel=5)
+    else:
+        auto.seed_choices(record.get("timings") or {})
+    passed = _verified[device.index] = cache.passed_backends(record)
+    return passed
+
+
+def _verified_on(device: torch.device) -> frozenset[str]:
+    """The fused backends whose verdict passed on `device` (a CUDA tensor's: its index is set)."""
+    verified = _verified.get(device.index)
+    return verified if verified is not None else _load_verdict(device)
+
+
+def clear_verdicts() -> None:
+    """Forget the verdicts read from the cache (read again on the next CUDA call): after running
+    the verifier in this process, or changing $RESNET_FUSED_CACHE_DIR."""
+    _verified.clear()
+    auto.seed_choices({})
+
+
+def verified_backends(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """Each fused backend mapped to None when `auto` may run it on `device` (default: the current
+    CUDA device), else why not: unavailable, or no passing verdict from `python -m resnet_fused.verify`
+    on that GPU. (available_backends() answers for an explicit set_backend, which needs no verdict.)"""
+    if device is None:
+        if not torch.cuda.is_available():
+            return {name: "no CUDA device: auto runs the reference on CPU tensors" for name in FUSED_MODULES}
+        device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {name: f"auto runs the reference on {device.type} tensors" for name in FUSED_MODULES}
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    from ..verify import cache
+
+    with warnings_suppressed():
+        passed = _verified_on(device)
+    gpu = torch.cuda.get_device_name(device)
+    reasons = {}
+    for name in FUSED_MODULES:
+        reason = unavailable_reason(name)
+        if reason is None and name not in passed:
+            reason = f"not verified on {gpu}: run {cache.VERIFY_COMMAND}"
+        reasons[name] = reason
+    return reasons
+
+
+@contextlib.contextmanager
+def warnings_suppressed() -> Iterator[None]:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+_recorders: list = []  # callables (op_name, op_args, backend) that record selections
 
 
 def _select(op_name: str, op_args) -> Backend:
     name = _current or get_backend()
     if name == "auto":
-        candidates = _auto_candidates(op_args[0])
+        x = op_args[0]
+        candidates = _auto_candidates(x)
         if not candidates:  # a CPU call: the reference, in a few reads (per unit per call)
             return reference
+        verified = _verified_on(x.device)
+        candidates = [c for c in candidates if c in verified]
     else:
         candidates = (name,)
     covering = []
     for candidate in candidates:
         module = BACKENDS[candidate][0]
-        if unavailable_reason(candidate) is not None or (name == "auto" and not module.AUTO):
-            continue
-        if module.unsupported_reason(op_name, *op_args) is None:
+        if unavailable_reason(candidate) is None and module.unsupported_reason(op_name, *op_args) is None:
             covering.append(module)
     if not covering:
         return reference
-    return covering[0] if len(covering) == 1 else auto.choose(op_name, op_args, covering)
+    if name != "auto":
+        return covering[0]
+    # auto: the fastest for this shape of the verified fused backends and PyTorch's own kernels.
+    return auto.choose(op_name, op_args, [*covering, reference])
 
 
 _profiler = torch.autograd.profiler
@@ -213,8 +292,8 @@ def select_backend(op_name: str, *op_args) -> Backend:
     counted by record_selections: the one place a call's backend is chosen."""
     backend = _select(op_name, op_args)
     if _recorders and not torch.compiler.is_compiling():
-        for counts in _recorders:
-            counts[backend.NAME] += 1
+        for record in _recorders:
+            record(op_name, op_args, backend)
     return backend
 
 
@@ -262,9 +341,18 @@ def record_selections() -> Iterator[collections.Counter]:
     """Counts, per backend name, the fused-op calls selected inside the block (eager calls;
     compiled code does not select at run time): which backend really ran."""
     counts: collections.Counter = collections.Counter()
-    _recorders.append(counts)
-    try:
+    with record_calls(lambda op_name, op_args, backend: counts.update((backend.NAME,))):
         yield counts
+
+
+@contextlib.contextmanager
+def record_calls(record) -> Iterator[None]:
+    """Calls record(op_name, op_args, backend) for every fused-op call selected inside the block
+    (eager calls), op_args as the backend receives them (checked, autocast): the verifier reads
+    a model's layer calls this way."""
+    _recorders.append(record)
+    try:
+        yield
     finally:
-        _recorders.remove(counts)
+        _recorders.remove(record)
 

@@ -1,8 +1,11 @@
-"""auto's per-shape choice between several fused backends that cover a call.
+"""auto's per-shape choice between the verified fused backends that cover a call and the
+reference (PyTorch's own kernels).
 
-The first time a shape is seen, each covering backend is timed on the call's own arguments
-(CUDA events, median of a few runs, forward plus backward for a training op) and the faster
-runs; the choice is remembered per shape in memory (`auto_choices()`). No timing, and the
+The first time a shape is seen, its choice comes from the verifier's timings for this device
+(`python -m resnet_fused.verify` times the model's layer shapes; seed_choices), else each
+candidate is timed on the call's own arguments (CUDA events, median of a few runs, forward plus
+backward for a training op) and the fastest runs; the choice is remembered per shape in memory
+(`auto_choices()`). No timing, and the
 first of the preference order unless the shape was already timed, when timing is impossible
 or unwanted: while torch.compile traces, during CUDA graph capture and with
 RESNET_FUSED_AUTO_TIMING=0. Under torch.use_deterministic_algorithms always the first (the
@@ -25,6 +28,15 @@ if TYPE_CHECKING:
 TIMING_ENV_VAR = "RESNET_FUSED_AUTO_TIMING"
 _TIMING_REPS = 5
 _auto_choices: dict[tuple, dict] = {}  # shape key -> {"backend": name, "ms": {name: median ms}}
+_seeded: dict[str, dict] = {}  # repr(shape key) -> the verifier's {"backend", "ms"} for it
+
+
+def seed_choices(timings: dict) -> None:
+    """The verifier's per-shape timings ({repr(shape key): {"backend": name, "ms": {...}}}),
+    used for a shape before timing it here."""
+    _seeded.clear()
+    _seeded.update({k: v for k, v in timings.items() if isinstance(v, dict) and isinstance(v.get("backend"), str)
+                    and isinstance(v.get("ms"), dict)})
 
 
 def _shape_key(op_name: str, op_args) -> tuple:
@@ -65,11 +77,20 @@ def _choice(op_name: str, op_args, covering: list[str], by_name: dict[str, Backe
         return known["backend"] if known is not None and known["backend"] in covering else covering[0]
     key = _shape_key(op_name, op_args)
     known = _auto_choices.get(key)
+    if known is None and _seeded:  # the verifier timed this shape: its figures, where they cover every candidate
+        seeded = _seeded.get(repr(key))
+        if seeded is not None and all(isinstance(seeded["ms"].get(c), (int, float)) for c in covering):
+            ms = {c: float(seeded["ms"][c]) for c in covering}
+            known = _auto_choices[key] = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)
     if known is None or known["backend"] not in covering:
-        ms = {c: _time_call(op_name, op_args, getattr(torch.ops, by_name[c].NAMESPACE)) for c in covering}
+        ms = {c: _time_backend(op_name, op_args, by_name[c]) for c in covering}
         known = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)  # ties: preference order
         _auto_choices[key] = known
     return known["backend"]
+
+
+def _time_backend(op_name: str, op_args, backend: Backend) -> float:
+    return _time_call(op_name, op_args, getattr(torch.ops, backend.NAMESPACE))
 
 
 def _backward_call(op_name: str, op_args, outputs, ops):

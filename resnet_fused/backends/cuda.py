@@ -35,8 +35,6 @@ from .. import _library
 NAME = "cuda"
 NAMESPACE = "resnet_fused_cuda"
 DIRECT = DIRECT_WITH_GRAD = None  # C++ ops: torch.ops is the way in (backends.select_ops)
-# Whether `auto` may pick this backend: True only once the op suite has passed on a GPU.
-AUTO = False
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MIN_CAPABILITY = (8, 0)

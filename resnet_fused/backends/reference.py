@@ -24,7 +24,7 @@ _STAT_DTYPES = (torch.float32, torch.float64)  # where x's dtype is stat_dtype's
 
 NAME = "reference"
 NAMESPACE = "resnet_fused"
-AUTO = True  # `auto`'s fallback for whatever no fused backend covers
+
 
 def _channel(v: Tensor) -> Tensor:
     return v.view(1, -1, 1, 1)

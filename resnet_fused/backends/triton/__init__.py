@@ -44,9 +44,6 @@ from ..._utils import conv_output_size, empty_like_format, in_format, interpret,
 
 NAME = "triton"
 NAMESPACE = "resnet_fused_triton"
-# Whether `auto` may pick this backend: True only once the op suite has passed on a GPU;
-# `use_backend("triton")` selects it explicitly.
-AUTO = False
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -5,9 +5,14 @@ reference, and its error may be at most 2x the error eager PyTorch makes in the 
 dtype, plus a floor of a few ulps of the output's magnitude (eager is sometimes exact
 where another summation order is not). Relative errors and their aggregate over a list of
 tensors serve model-level comparisons; check_step judges float64 training steps.
+
+One rule, one place: the test suite and `python -m resnet_fused.verify` (the on-device check
+`auto` trusts) both judge with `judge`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -51,27 +56,63 @@ def l2_err(actual: torch.Tensor, ref64: torch.Tensor) -> float:
     return torch.linalg.vector_norm(actual.double() - ref64.double()).item() if actual.numel() else 0.0
 
 
-def assert_close_to_ref(
-    actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "", scale: float | None = None,
-    metric: str = "max",
-) -> None:
-    """|actual - ref64| <= 2 |eager - ref64| + floor, elementwise maxima. The floor is a few
-    ulps of `scale`, by default the reference's magnitude; pass the magnitude of the summed
+@dataclasses.dataclass(frozen=True)
+class Judgement:
+    """One tensor judged by the rule: its error against float64, eager's, the floor, and the verdict."""
+
+    name: str
+    err: float
+    err_eager: float
+    floor: float
+
+    @property
+    def bar(self) -> float:
+        return 2 * self.err_eager + self.floor
+
+    @property
+    def passed(self) -> bool:
+        return self.err <= self.bar  # False for a NaN error
+
+    @property
+    def ratio(self) -> float:
+        """err / bar: at most 1 passes (the verifier reports the worst)."""
+        return self.err / self.bar if self.bar > 0 else (0.0 if self.err == 0 else float("inf"))
+
+    def message(self, metric: str = "max") -> str:
+        return (f"{self.name}: {metric} error {self.err:.3e} vs float64 exceeds 2x eager's {self.err_eager:.3e}"
+                f" + floor {self.floor:.1e}")
+
+
+def judge(actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "",
+          scale: float | None = None, metric: str = "max") -> Judgement:
+    """The rule: |actual - ref64| <= 2 |eager - ref64| + floor, elementwise maxima. The floor is
+    a few ulps of `scale`, by default the reference's magnitude; pass the magnitude of the summed
     terms for a quantity that is a cancellation (a conv bias's gradient under BatchNorm).
     metric="l2" compares Euclidean norms of the errors instead: the max over millions of
-    elements of a deep network's gradients is one noisy sample, the norm is stable."""
-    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
-    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != eager's {eager.dtype}"
+    elements of a deep network's gradients is one noisy sample, the norm is stable. Shapes and
+    dtypes must agree (ValueError otherwise)."""
+    if actual.shape != ref64.shape:
+        raise ValueError(f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}")
+    if actual.dtype != eager.dtype:
+        raise ValueError(f"{name}: dtype {actual.dtype} != eager's {eager.dtype}")
     if actual.numel() == 0:
-        return
+        return Judgement(name, 0.0, 0.0, 0.0)
     err_fn = {"max": max_err, "l2": l2_err}[metric]
     if scale is None:
         scale = ref64.abs().max().item() if metric == "max" else torch.linalg.vector_norm(ref64.double()).item()
     floor = FLOOR_ULPS * torch.finfo(actual.dtype).eps * max(scale, 1e-3)
-    err, err_eager = err_fn(actual, ref64), err_fn(eager, ref64)
-    assert err <= 2 * err_eager + floor, (
-        f"{name}: {metric} error {err:.3e} vs float64 exceeds 2x eager's {err_eager:.3e} + floor {floor:.1e}"
-    )
+    return Judgement(name, err_fn(actual, ref64), err_fn(eager, ref64), floor)
+
+
+def assert_close_to_ref(
+    actual: torch.Tensor, eager: torch.Tensor, ref64: torch.Tensor, name: str = "", scale: float | None = None,
+    metric: str = "max",
+) -> None:
+    """Assert `judge`'s rule (a test's form of it)."""
+    assert actual.shape == ref64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(ref64.shape)}"
+    assert actual.dtype == eager.dtype, f"{name}: dtype {actual.dtype} != eager's {eager.dtype}"
+    verdict = judge(actual, eager, ref64, name, scale, metric)
+    assert verdict.passed, verdict.message(metric)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
