@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """GPU evidence in one command, fit for one short window on a fresh machine: build the
-extension while the Triton kernels compile, check every backend (gpu_smoke tests), measure
+extension while the Triton kernels compile, check every backend (the verifier, then the gpu_smoke tests), measure
 the headline, and write a report with its provenance.
 
     python benchmarks/gpu_report.py [--out DIR] [--quick] [--budget SECONDS] [--build auto|always|never]
-                                    [--phases build,warm,smoke,models,ops,tests]
+                                    [--phases build,warm,verify,smoke,models,ops,tests]
     python benchmarks/gpu_report.py --cpu-smoke [--out DIR]   # the whole pipeline on tiny CPU cases
     python benchmarks/gpu_report.py --render REPORT.json      # rewrite the .md/.png from a report's JSON
 
@@ -13,7 +13,9 @@ The window (gpu_kit/budget.py TIMELINE; --quick halves each step):
                         beside the Triton compile gate (resnet_fused.backends.triton.aot) compiling
                         every kernel the headline launches on the free CPU cores, and workers
                         compiling torch.compile's baseline, into the on-disk caches
-  smoke          180 s  pytest -m gpu_smoke over pytest-xdist workers; a fused backend with a
+  verify          70 s  python -m resnet_fused.verify on resnet50's layers in bf16: the verdict
+                        auto reads; only a passed one clears a fused backend for the benchmarks
+  smoke          110 s  pytest -m gpu_smoke over pytest-xdist workers; a fused backend with a
                         failed smoke test is excluded from the benchmarks, with its failures
   models-core    150 s  resnet50, bf16, batch 256, 224 px: inference and a training step, each
                         with its peak memory: eager (channels_last), fused-triton, fused-cuda,
@@ -36,7 +38,8 @@ Writes, into --out (default benchmarks/results/; for --cpu-smoke a new temporary
                             ResNet-50 layer, fused vs the convolution alone (cuDNN) vs the eager unit
   <gpu>-<yyyy-mm-dd>.png    speedup per ResNet-50 layer and images/s per provider (matplotlib;
                             without it the report says so and the rest is written anyway)
-  <gpu>-<yyyy-mm-dd>-{build,warm,smoke,tests,benchmarks}.log
+  <gpu>-<yyyy-mm-dd>-verify.json  the verifier's verdicts and per-layer timings
+  <gpu>-<yyyy-mm-dd>-{build,warm,verify,smoke,tests,benchmarks}.log
 With --phases other than all of them, the phases join the name (<gpu>-<date>-models.json), so
 a partial run never overwrites the day's full one.
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from gpu_kit import ROOT, SCRIPT
 from gpu_kit.budget import DEFAULT_BUDGET_S, TIMELINE, WARM_COMPILE_S
@@ -41,7 +42,7 @@ def smoke(tmp_path_factory):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-smoke", "--out", str(out)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    [path] = out.glob("cpu-smoke-*.json")
+    [path] = [p for p in out.glob("cpu-smoke-*.json") if not p.name.endswith("-verify.json")]
     return json.loads(path.read_text()), path
 
 
@@ -52,7 +53,7 @@ def _rows(report, kind):
 def test_every_phase_ran_and_the_report_is_complete(smoke):
     report, path = smoke
     assert report["complete"] and report["schema"] == SCHEMA
-    assert [p["name"] for p in report["phases"]] == ["build", "warm", "smoke", "models-core", "ops-core",
+    assert [p["name"] for p in report["phases"]] == ["build", "warm", "verify", "smoke", "models-core", "ops-core",
                                                      "models-extra", "ops-extra", "tests"]
     phases = {p["name"]: p for p in report["phases"]}
     assert phases["build"]["status"] == "skipped"
@@ -65,7 +66,12 @@ def test_every_phase_ran_and_the_report_is_complete(smoke):
                                                "-p no:cacheprovider --junitxml=JUNIT.xml")
     for name in ("smoke", "tests"):
         assert report[name]["counts"], f"{name}: the pytest summary line was not parsed"
-    assert report["excluded"] == {}
+    # The verifier on the interpreter: triton passed (its verdict and JSON in the report); the cuda
+    # backend (no GPU) got no verdict, so it is excluded, failing closed.
+    verify = report["verify"]
+    assert verify["status"] == "passed" and verify["backends"]["triton"]["verdict"] == "passed", verify
+    assert "-m resnet_fused.verify" in verify["command"] and verify["json"] in report["files"]
+    assert list(report["excluded"]) == ["fused-cuda"] and "no verdict" in report["excluded"]["fused-cuda"]
     assert all("triton_kernels_compiled" in p for p in report["phases"] if p["status"] != "skipped")
     prov = report["provenance"]
     for key in ("date_utc", "command", "git_commit", "torch", "torchvision", "triton", "cuda", "cudnn", "python",
@@ -147,11 +153,13 @@ def test_render_rewrites_the_markdown_from_the_json(smoke, tmp_path):
 
 def test_report_names():
     gpu, date = dict(name="NVIDIA H200"), "2030-01-02T03:04:05+00:00"
-    assert report_stem(gpu, date, {"build", "warm", "smoke", "models", "ops", "tests"}) == "nvidia-h200-2030-01-02"
+    assert report_stem(gpu, date, {"build", "warm", "verify", "smoke", "models", "ops", "tests"}) == "nvidia-h200-2030-01-02"
     assert report_stem(None, date, {"ops", "models"}) == "cpu-smoke-2030-01-02-models-ops"
     paths = output_paths(Path("out"), "stem")
-    assert [paths[k].name for k in ("build_log", "warm_log", "smoke_log", "tests_log", "benchmarks_log")] == [
-        "stem-build.log", "stem-warm.log", "stem-smoke.log", "stem-tests.log", "stem-benchmarks.log"]
+    assert [paths[k].name for k in ("build_log", "warm_log", "verify_log", "smoke_log", "tests_log",
+                                    "benchmarks_log")] == [
+        "stem-build.log", "stem-warm.log", "stem-verify.log", "stem-smoke.log", "stem-tests.log",
+        "stem-benchmarks.log"]
 
 
 def test_pytest_summary():
@@ -162,16 +170,21 @@ def test_pytest_summary():
     assert failed == ["FAILED tests/test_a.py::test_x - AssertionError", "ERROR tests/test_b.py::test_y"]
 
 
-def test_probe_backends_reads_each_backends_auto_flag():
+def test_probe_backends_reads_whether_auto_may_run_each_backend():
     probe = probe_backends()
     assert set(probe["backends"]) >= {"reference", "triton", "cuda"}, probe
-    assert all(isinstance(probe["auto_enabled"][n], bool) for n in ("cuda", "triton")), probe
+    assert set(probe["auto_verified"]) == {"cuda", "triton"}, probe
+    if not torch.cuda.is_available():
+        assert all("no CUDA device" in reason for reason in probe["auto_verified"].values()), probe
 
 
 def test_the_planned_window_fits_one_device_call():
     """The planned window (docs/benchmarks.md): the steps' caps and the report's reserve add up to under 9 minutes."""
     assert DEFAULT_BUDGET_S == sum(TIMELINE.values()) + 15 and DEFAULT_BUDGET_S < 540
     assert TIMELINE["smoke"] <= 180 and TIMELINE["models-core"] + TIMELINE["ops-core"] <= 240
+
+
+VERIFIED = dict(status="passed", backends=dict(cuda=dict(verdict="passed"), triton=dict(verdict="passed")))
 
 
 def test_smoke_failures_are_charged_to_their_backend(tmp_path):
@@ -193,7 +206,7 @@ def test_smoke_failures_are_charged_to_their_backend(tmp_path):
     verdicts = backend_verdicts(outcomes)
     assert verdicts["triton"]["counts"] == {"failed": 1, "error": 1}
     assert verdicts["cuda"]["counts"] == {"passed": 1, "skipped": 1} and verdicts["shared"]["counts"] == {"passed": 1}
-    excluded = excluded_providers(dict(status="failed", backends=verdicts))
+    excluded = excluded_providers(VERIFIED, dict(status="failed", backends=verdicts))
     assert list(excluded) == ["fused-triton"] and "2 gpu_smoke tests" in excluded["fused-triton"]
     assert junit_outcomes(tmp_path / "missing.xml") == {}
 
@@ -203,13 +216,28 @@ def test_a_smoke_phase_that_did_not_finish_clears_no_backend():
     verdict; a phase that raised recorded nothing. Either way both fused backends are excluded
     from the benchmarks, with the reason; a finished phase excludes only the failing backend."""
     for smoke in (dict(status="timed_out", backends={}), None, dict(status="error")):
-        excluded = excluded_providers(smoke)
+        excluded = excluded_providers(VERIFIED, smoke)
         assert set(excluded) == {"fused-cuda", "fused-triton"}, smoke
         assert "did not finish" in excluded["fused-cuda"]
     timed_out = dict(status="timed_out", backends=dict(triton=dict(counts={"failed": 1}, failed=["t[triton]"])))
-    excluded = excluded_providers(timed_out)
+    excluded = excluded_providers(VERIFIED, timed_out)
     assert "1 gpu_smoke tests" in excluded["fused-triton"] and "did not finish" in excluded["fused-cuda"]
-    assert excluded_providers(dict(status="passed", backends={})) == {}
+    assert excluded_providers(VERIFIED, dict(status="passed", backends={})) == {}
+
+
+def test_only_the_verifiers_passed_verdict_clears_a_backend():
+    """The verdict `auto` reads decides first: a backend that failed, crashed or timed out in
+    python -m resnet_fused.verify, or has no verdict (the phase did not run, timed out or
+    raised), is excluded even when its smoke tests passed."""
+    smoke = dict(status="passed", backends={})
+    verify = dict(status="failed", backends=dict(
+        cuda=dict(verdict="crashed", reasons=["the worker process ended with killed by SIGSEGV"]),
+        triton=dict(verdict="passed", reasons=[])))
+    excluded = excluded_providers(verify, smoke)
+    assert list(excluded) == ["fused-cuda"] and "crashed" in excluded["fused-cuda"] and "SIGSEGV" in excluded["fused-cuda"]
+    for verify in (None, dict(status="timed_out", backends={}), dict(status="error")):
+        excluded = excluded_providers(verify, smoke)
+        assert set(excluded) == {"fused-cuda", "fused-triton"} and "no verdict" in excluded["fused-triton"], verify
 
 
 def test_cutlass_headers_from_a_carried_wheel(tmp_path, monkeypatch):

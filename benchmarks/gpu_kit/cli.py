@@ -15,15 +15,16 @@ from pathlib import Path
 from . import BENCHMARKS, worker
 from .budget import DEFAULT_BUDGET_S, TIMELINE, Budget
 from .isolation import run_worker_phase
-from .phases import excluded_providers, finish_build, run_pytest, start_build
+from .phases import excluded_providers, finish_build, run_pytest, run_verify, start_build
 from .plan import PHASES, SCHEDULE, phase_cases
 from .provenance import provenance
 from .report import LOGS, SCHEMA, output_paths, report_stem, write_report
 from .warm import BUILD_JOBS, cache_entries, run_warm, triton_cache_dir
 
 DESCRIPTION = """\
-GPU evidence in one command: build the extension while the Triton kernels compile, run the
-gpu_smoke tests, run the model and per-layer benchmarks (a backend whose smoke failed
+GPU evidence in one command: build the extension while the Triton kernels compile, verify
+the fused backends (python -m resnet_fused.verify) and run the gpu_smoke tests, run the model
+and per-layer benchmarks (a backend without a passed verdict, or whose smoke failed,
 excluded), then the rest of the GPU tests, and write a report with its provenance."""
 
 
@@ -101,7 +102,7 @@ def run(args, argv: list[str]) -> int:
                     models_target_seconds=(1.0 if args.quick else 2.0) if on_gpu else 0.05)
     cache_dir = triton_cache_dir()
     report = dict(schema=SCHEMA, stem=stem, complete=False, provenance=prov, settings=settings, phases=[],
-                  build=None, warm=None, smoke=None, tests=None, models=[], ops=[], excluded={},
+                  build=None, warm=None, verify=None, smoke=None, tests=None, models=[], ops=[], excluded={},
                   triton_cache=dict(dir=str(cache_dir), entries_at_start=cache_entries(cache_dir)))
     print(f"[gpu_report] {mode} run, budget {budget_s:.0f} s, writing {out_dir / stem}.{{json,md,png}}",
           file=sys.stderr)
@@ -151,10 +152,14 @@ def run(args, argv: list[str]) -> int:
         except Exception as exc:
             record = dict(status="error", note=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
         record_phase("build", record, t0, entries)
+    if "verify" in phases:
+        phase("verify", run_verify, deadline("verify"), paths, report, on_gpu)
     if "smoke" in phases:
         marker = "gpu_smoke" if on_gpu else "gpu_smoke and needs_cuda"  # CPU: the pipeline, not the tests
         phase("smoke", run_pytest, "smoke", marker, deadline("smoke"), paths, report, on_gpu)
-        report["excluded"] = excluded_providers(report["smoke"])  # fails closed: see excluded_providers
+    if phases & {"verify", "smoke"}:
+        # fails closed (see excluded_providers): a phase not run clears nothing
+        report["excluded"] = excluded_providers(report.get("verify"), report.get("smoke"))
     device = "cuda" if on_gpu else "cpu"
     for name, kind in SCHEDULE:
         if kind not in phases:
@@ -172,6 +177,8 @@ def run(args, argv: list[str]) -> int:
     report["elapsed_s"] = time.time() - budget.start
     logs = [paths[log].name for log in LOGS if paths[log].exists()]
     report["files"] = [f"{stem}.json", f"{stem}.md", *logs]
+    if (report.get("verify") or {}).get("json"):
+        report["files"].append(report["verify"]["json"])
     write_report(report, out_dir, plot=True)
     if report.get("plot"):
         report["files"].append(report["plot"])

@@ -173,6 +173,7 @@ def _build_and_tests(report: dict) -> list[str]:
                   f"{_f(g.get('cache_hits'), 'd')} of them already cached. torch.compile's baseline: {c['warmed']} "
                   f"compiled, {c['error']} errors, {c['not_reached']} not reached. Log: `{w['log']}`."]
         lines += [f"- `{_cell(e, 300)}`" for e in w["errors"]]
+    lines += _verify(report.get("verify"))
     for name, title in (("smoke", "GPU smoke tests (gpu_smoke)"), ("tests", "The rest of the GPU test suite")):
         t = report.get(name)
         if not t:
@@ -193,6 +194,30 @@ def _build_and_tests(report: dict) -> list[str]:
             lines.append(f"- `{f[:200]}`")
     for provider, why in (report.get("excluded") or {}).items():
         lines += ["", f"**{provider} is not benchmarked**: {why}."]
+    return lines
+
+
+def _verify(v: dict | None) -> list[str]:
+    """The verifier's verdicts (what `auto` trusts) and its per-layer timings and choices."""
+    if not v:
+        return []
+    lines = ["", "## Verification (python -m resnet_fused.verify)", "",
+             f"`{v['command']}`: **{v['status']}** in {v['seconds']} s (limit {v.get('time_limit_s')} s). "
+             f"Log: `{v['log']}`" + (f"; JSON: `{v['json']}`." if v.get("json") else f". {v.get('note', '')}")]
+    if v.get("backends"):
+        lines += ["", "| backend | verdict | worst error / allowed | seconds | first reason |", "|---|---|---|---|---|"]
+        for name, b in sorted(v["backends"].items()):
+            reasons = b.get("reasons") or []
+            lines.append(f"| {name} | {b['verdict']} | {_f(b.get('worst_ratio'), '.3f')} | {_f(b.get('seconds'), '.0f')}"
+                         f" | {_cell(reasons[0], 200) if reasons else ''} |")
+    timings = v.get("timings") or {}
+    if timings:
+        providers = sorted({p for row in timings.values() for p in row["ms"]})
+        lines += ["", "| layer shape | " + " | ".join(f"{p} ms" for p in providers) + " | auto runs |",
+                  "|---" * (len(providers) + 2) + "|"]
+        for row in sorted(timings.values(), key=lambda r: r["label"]):
+            lines.append(f"| {row['label']} | " + " | ".join(_f(row["ms"].get(p), ".3f") for p in providers)
+                         + f" | {row['backend']} |")
     return lines
 
 

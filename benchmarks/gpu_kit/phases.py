@@ -16,17 +16,11 @@ from pathlib import Path
 from . import ROOT
 from .processes import gpu_env, run_logged, start_logged, tail, wait_logged, worker_env
 
-# Run in a fresh process (after a build): resnet_fused's backends, and each compiled backend's
-# AUTO flag.
+# Run in a fresh process (after a build): resnet_fused's backends, and whether `auto` may run
+# each fused one here (a passed verdict of python -m resnet_fused.verify for this GPU).
 _PROBE_CODE = """\
-import importlib, json, resnet_fused
-auto = {}
-for n in ('cuda', 'triton'):
-    try:
-        auto[n] = importlib.import_module(f'resnet_fused.backends.{n}').AUTO
-    except Exception as e:
-        auto[n] = f'import failed: {e}'
-print(json.dumps(dict(backends=resnet_fused.available_backends(), auto_enabled=auto)))
+import json, resnet_fused
+print(json.dumps(dict(backends=resnet_fused.available_backends(), auto_verified=resnet_fused.verified_backends())))
 """
 
 
@@ -212,22 +206,71 @@ def run_pytest(name: str, marker: str, deadline: float, paths: dict, report: dic
     return dict(status=status, seconds=round(seconds, 1))
 
 
+def verify_command(json_path: Path, seconds_per_backend: float, on_gpu: bool) -> list[str]:
+    """The verifier's command: on a GPU resnet50's layers in bf16 (the headline's), both modes,
+    timed per layer; on CPU (a smoke run of the pipeline) the interpreter on resnet18's inference
+    layers at 16 px."""
+    cmd = [sys.executable, "-m", "resnet_fused.verify", "--json", str(json_path), "--no-progress",
+           "--timeout", f"{max(10.0, seconds_per_backend):.0f}"]
+    if on_gpu:
+        return cmd + ["--model", "resnet50", "--precision", "bf16"]
+    return cmd + ["--device", "cpu", "--model", "resnet18", "--mode", "infer", "--batch", "2", "--image-size", "16"]
+
+
+def run_verify(deadline: float, paths: dict, report: dict, on_gpu: bool) -> dict:
+    """The check `auto` trusts: python -m resnet_fused.verify, which writes this GPU's verdict to
+    the verdict cache (the benchmarks' fused-auto reads it) and its JSON beside the report
+    (<stem>-verify.json); fills report["verify"] with each backend's verdict and the per-layer
+    timings and choices."""
+    json_path = paths["dir"] / f"{paths['stem']}-verify.json"
+    json_path.unlink(missing_ok=True)
+    time_limit = deadline - time.time()
+    # Each backend's share, less the parent's start and end; on CPU the one backend (triton) takes
+    # all of it: the interpreter's model check is slow on a loaded 2-core machine.
+    per_backend = (time_limit - 20) / 2 if on_gpu else time_limit - 8
+    cmd = verify_command(json_path, per_backend, on_gpu)
+    rc, seconds = run_logged(cmd, paths["verify_log"], time_limit, gpu_env() if on_gpu else None)
+    status = {None: "timed_out", 0: "passed", 1: "failed", 2: "error"}.get(rc, "error")
+    record = dict(command=shlex.join(cmd), returncode=rc, seconds=round(seconds, 1), status=status,
+                  log=paths["verify_log"].name, time_limit_s=round(time_limit))
+    try:
+        found = json.loads(json_path.read_text())
+        record["backends"] = {name: {k: v for k, v in verdict.items() if k in (
+            "verdict", "reasons", "worst_ratio", "seconds", "output_tail")} for name, verdict in found["backends"].items()}
+        record["timings"] = found.get("timings") or {}
+        record["json"] = json_path.name
+    except (OSError, ValueError, KeyError) as exc:
+        record["backends"] = {}
+        record["note"] = f"no verifier JSON ({type(exc).__name__}: {exc})"
+        record["log_tail"] = tail(paths["verify_log"], 3000)
+    report["verify"] = record
+    return dict(status=status, seconds=round(seconds, 1))
+
+
 FINISHED = ("passed", "failed", "no_tests")  # run_pytest statuses of a phase whose junit XML was written
 
 
-def excluded_providers(smoke: dict | None) -> dict[str, str]:
-    """The fused providers the benchmarks skip, failing closed: a fused backend is cleared only
-    by a smoke phase that finished (its junit XML read) with none of its tests failed. A phase
-    that timed out or raised (pytest killed: no junit XML, so no verdicts) clears nothing, and
-    every fused backend is excluded. smoke: report["smoke"] of a phase that ran (None: it
-    raised before recording anything)."""
+def excluded_providers(verify: dict | None, smoke: dict | None) -> dict[str, str]:
+    """The fused providers the benchmarks skip, failing closed. A fused backend is cleared only
+    by the verifier's verdict "passed" for it on this GPU (report["verify"]: the same verdict
+    `auto` reads) and then by a smoke phase that finished (its junit XML read) with none of its
+    tests failed (the deeper check). A verify or smoke phase that timed out or raised clears
+    nothing. verify, smoke: the report's records (None: the phase raised before recording or
+    did not run)."""
+    verdicts = (verify or {}).get("backends") or {}
     smoke = smoke or dict(status="error")
     status = smoke.get("status")
-    verdicts = smoke.get("backends") or {}
+    smoke_verdicts = smoke.get("backends") or {}
     excluded = {}
     for backend in ("cuda", "triton"):
-        failed = (verdicts.get(backend) or {}).get("failed") or []
-        if failed:
+        verdict = verdicts.get(backend) or {}
+        failed = (smoke_verdicts.get(backend) or {}).get("failed") or []
+        if verdict.get("verdict") != "passed":
+            why = verdict.get("verdict") or f"no verdict (the verify phase: {(verify or {}).get('status', 'not run')})"
+            reasons = verdict.get("reasons") or []
+            excluded[f"fused-{backend}"] = (f"excluded: python -m resnet_fused.verify: {why}"
+                                            + (f" ({reasons[0][:300]})" if reasons else ""))
+        elif failed:
             excluded[f"fused-{backend}"] = (f"excluded: {len(failed)} gpu_smoke tests of the {backend} "
                                             f"backend failed (first: {failed[0]})")
         elif status not in FINISHED:

@@ -8,10 +8,11 @@ EAGER = "torchvision-eager"
 FUSED_MODEL_PROVIDERS = ("fused-cuda", "fused-triton", "fused-auto")
 
 # What --phases selects from, in the order they run. build and warm run side by side (the
-# nvcc build on a few cores, the Triton compiles on the rest); smoke is the gpu_smoke test
-# selection, whose failures exclude a backend from the benchmarks; tests is the rest of the
-# GPU suite, last, with whatever time is left.
-PHASES = ("build", "warm", "smoke", "models", "ops", "tests")
+# nvcc build on a few cores, the Triton compiles on the rest); verify is python -m
+# resnet_fused.verify, whose verdict (the one `auto` reads) clears a fused backend for the
+# benchmarks; smoke is the gpu_smoke test selection, the deeper check, whose failures also
+# exclude a backend; tests is the rest of the GPU suite, last, with whatever time is left.
+PHASES = ("build", "warm", "verify", "smoke", "models", "ops", "tests")
 # The benchmark phases, (name, kind), in order; budget.TIMELINE caps the core ones. The headline
 # cases first; --quick skips the "-extra" ones, which mostly wait for later windows
 # (--phases models,ops).

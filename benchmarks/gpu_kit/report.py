@@ -15,8 +15,8 @@ from .markdown import render_markdown
 from .plan import PHASES
 from .plot import render_plot
 
-SCHEMA = 2  # 2: the warm and smoke phases, per-backend smoke verdicts, Triton cache counts
-LOGS = ("build_log", "warm_log", "smoke_log", "tests_log", "benchmarks_log")  # output_paths' logs, in phase order
+SCHEMA = 3  # 2: the warm and smoke phases, per-backend smoke verdicts, Triton cache counts; 3: the verify phase
+LOGS = ("build_log", "warm_log", "verify_log", "smoke_log", "tests_log", "benchmarks_log")  # output_paths' logs, in phase order
 
 
 def slug(text: str) -> str:
