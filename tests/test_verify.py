@@ -200,6 +200,34 @@ def test_auto_without_a_verdict_runs_the_reference_and_warns_once(cache_dir, tri
         assert backends.resolved_backend(*call) == "reference"
 
 
+@pytest.mark.parametrize("verdict", ["passed", "failed", "none"])
+def test_auto_reads_the_verdict_under_torch_compile(cache_dir, triton_on_cpu, monkeypatch, verdict):
+    """The verdict's first reading may happen while torch.compile traces (fullgraph: no graph
+    break for the file): the compiled unit runs the verified backend, else the reference. (The
+    'triton' here runs the reference's ops: the interpreter's kernels do not run under
+    torch.compile's fake tensors.)"""
+    from types import SimpleNamespace
+
+    import resnet_fused
+
+    monkeypatch.setitem(backends.BACKENDS, "triton", (SimpleNamespace(
+        NAME="triton", NAMESPACE="resnet_fused", DIRECT=None, DIRECT_WITH_GRAD=None,
+        unavailable_reason=lambda: None, unsupported_reason=lambda *a: None), None))
+    monkeypatch.setattr(auto, "_time_backend", lambda op, args, backend: {"triton": 1.0, "reference": 2.0}[backend.NAME])
+    if verdict != "none":
+        cache.write(cache.device_key(CPU), _record(verdict == "passed"))
+    unit = resnet_fused.nn.ConvBNReLU2d(4, 6, 3, padding=1).eval()
+    x = torch.randn(2, 4, 6, 6)
+    torch._dynamo.reset()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no verdict: auto's warning
+        y = torch.compile(unit, fullgraph=True, backend="aot_eager")(x)
+        ran = backends.resolved_backend("conv_bn_eval", x, unit.conv.weight, unit.bn.running_var,
+                                        unit.bn.running_var, None, [1, 1], [1, 1], [1, 1], 1, True)
+    assert ran == ("triton" if verdict == "passed" else "reference")
+    torch.testing.assert_close(y, torch.relu(unit.bn(unit.conv(x))))
+
+
 def test_explicit_backend_needs_no_verdict(cache_dir, triton_on_cpu):
     call = _eval_call()
     with backends.use_backend("triton"), warnings.catch_warnings():

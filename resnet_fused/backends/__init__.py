@@ -156,8 +156,8 @@ def _auto_candidates(x) -> tuple[str, ...]:
     return ("cuda", "triton") if x.is_cuda else ()
 
 
-# Per CUDA device index: the fused backends its verdict passed (verify/cache.py), read once.
-_verified: dict[int | None, frozenset[str]] = {}
+# Per device: the fused backends its verdict passed (verify/cache.py), read once.
+_verified: dict[torch.device, frozenset[str]] = {}
 _NOT_VERIFIED_WARNING = (
     "resnet_fused: no verdict for {gpu} in the cache, so `auto` runs PyTorch's own kernels here. Run `{command}` "
     "once on this machine (a few minutes) to check the fused kernels on this GPU and enable the faster of them "
@@ -176,14 +176,21 @@ def _load_verdict(device: torch.device) -> frozenset[str]:
                       RuntimeWarning, stacklevel=5)
     else:
         auto.seed_choices(record.get("timings") or {})
-    passed = _verified[device.index] = cache.passed_backends(record)
+    passed = _verified[device] = cache.passed_backends(record)
     return passed
 
 
 def _verified_on(device: torch.device) -> frozenset[str]:
     """The fused backends whose verdict passed on `device` (a CUDA tensor's: its index is set)."""
-    verified = _verified.get(device.index)
+    verified = _verified.get(device)
     return verified if verified is not None else _load_verdict(device)
+
+
+@torch.compiler.assume_constant_result
+def _is_verified(name: str, device: torch.device) -> bool:
+    """Whether `auto` may run fused backend `name` on `device`: a constant to torch.compile,
+    which must not trace the cache file's reading."""
+    return name in _verified_on(device)
 
 
 def clear_verdicts() -> None:
@@ -239,8 +246,8 @@ def _select(op_name: str, op_args) -> Backend:
         candidates = _auto_candidates(x)
         if not candidates:  # a CPU call: the reference, in a few reads (per unit per call)
             return reference
-        verified = _verified_on(x.device)
-        candidates = [c for c in candidates if c in verified]
+        device = x.device
+        candidates = [c for c in candidates if _is_verified(c, device)]
     else:
         candidates = (name,)
     covering = []

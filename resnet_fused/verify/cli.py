@@ -260,6 +260,10 @@ def table(record: dict) -> str:
         worst = result.get("worst_ratio")
         worst_text = f"{worst:.3f}" if isinstance(worst, (int, float)) else "-"
         note = "; ".join(result.get("reasons") or [])[:200]
+        fallbacks = [layer for layer in result.get("layers") or [] if layer.get("fallback")]
+        if fallbacks:  # not a failure: auto runs those layers on the reference, as an explicit backend does
+            note = (note + "; " if note else "") + (f"{len(fallbacks)} checked layer(s) not covered, the reference "
+                                                    f"runs them (first: {fallbacks[0]['label']}: {fallbacks[0]['fallback']})")
         lines.append(f"{name:8} {result['verdict']:11} {worst_text:>19}  {result.get('seconds', '-'):>7}  {note}")
         if result["verdict"] in ("crashed", "timed out") and result.get("output_tail"):
             lines += ["    | " + line for line in result["output_tail"].splitlines()[-10:]]
