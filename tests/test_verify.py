@@ -124,7 +124,7 @@ def test_interpreter_verify_passes_and_a_fresh_process_reads_the_verdict(cache_d
     ("dropped_eps", "train", 300, "failed", "conv_bn_train"),
     ("channel_offset", "infer", 300, "failed", "conv_bn_eval"),
     ("abort", "infer", 300, "crashed", "SIGABRT"),
-    ("hang", "infer", 20, "timed out", "did not finish within 20 s"),
+    ("hang", "infer", 12, "timed out", "did not finish within 12 s"),
 ])
 def test_a_faulty_backend_is_refused_and_auto_never_runs_it(cache_dir, tmp_path, monkeypatch, triton_on_cpu, capsys,
                                                           fault, mode, timeout, verdict, reason):
@@ -274,7 +274,7 @@ def test_a_damaged_verdict_file_is_ignored_with_one_warning(cache_dir, triton_on
 
 
 def test_concurrent_writers_leave_one_whole_file(cache_dir):
-    """Four processes writing the same key's verdict 25 times each while this one reads it: every
+    """Two processes writing the same key's verdict 25 times each while this one reads it: every
     read sees a whole file, and the last is one writer's record; no temporary file is left."""
     key = cache.device_key(CPU)
     writer = textwrap.dedent(f"""\
@@ -287,17 +287,15 @@ def test_concurrent_writers_leave_one_whole_file(cache_dir):
     """)
     env = dict(os.environ, **{cache.CACHE_DIR_ENV_VAR: str(cache_dir)})
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(n)], env=env, stderr=subprocess.PIPE, text=True)
-             for n in range(4)]
-    reads = 0
+             for n in range(2)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a partial file would warn
         while any(p.poll() is None for p in procs):
-            if cache.read(key) is not None:
-                reads += 1
+            cache.read(key)
     for p in procs:
         assert p.wait() == 0, p.stderr.read()
     final = cache.read(key)
-    assert final["backends"]["triton"]["i"] == 24 and final["backends"]["triton"]["writer"] in range(4)
+    assert final["backends"]["triton"]["i"] == 24 and final["backends"]["triton"]["writer"] in range(2)
     assert [f.name for f in cache_dir.iterdir()] == [cache.verdict_path(key).name]
 
 

@@ -196,13 +196,16 @@ def _judge(name, actual, eagers, exact, scale=None) -> Judgement:
     return max(judgements, key=lambda j: j.bar)
 
 
-def _stat_judgement(name, actual, exact64, rtol, atol) -> Judgement:
-    """A float32 statistic against float64 statistics of the same stored z (torch.testing's
-    rtol/atol test as a Judgement: err over the elementwise bound)."""
+def _add_stat(result: CheckResult, name, actual, exact64, rtol, atol) -> None:
+    """A float32 statistic against float64 statistics of the same stored z (the op tests'
+    rtol/atol bound), added to `result` as a Judgement whose ratio is the worst element's
+    error over its bound."""
     diff = (actual.double() - exact64).abs()
     bound = atol + rtol * exact64.abs()
     ratio = (diff / bound).max().item() if diff.numel() else 0.0
-    return Judgement(name, ratio, 0.5, 0.0)  # bar 1.0: passes iff every element is within its bound
+    judgement = Judgement(name, ratio, 0.5, 0.0)  # bar 1.0: passes iff every element is within its bound
+    result.add(judgement, f"{name}: error up to {ratio:.2f}x its bound (rtol {rtol:g}, atol {atol:.1e}) against "
+                          "float64 statistics of the stored z")
 
 
 def _eagers(op, args, tf32: bool, operands) -> list:
@@ -216,9 +219,17 @@ def _compare(result, what, ours, eagers, exact, reduction_scale=None):
     ours = ours if isinstance(ours, (tuple, list)) else (ours,)
     eagers = [e if isinstance(e, (tuple, list)) else (e,) for e in eagers]
     exact = exact if isinstance(exact, (tuple, list)) else (exact,)
-    for i, (a, r) in enumerate(zip(ours, exact)):
+    if len(ours) != len(exact):
+        result.failures.append(f"{what}: {len(ours)} outputs, expected {len(exact)}")
+        return
+    for i, (a, e, r) in enumerate(zip(ours, eagers[0], exact)):
         if a.numel() == 0 and r.numel() == 0:  # a gradient not asked for
             continue
+        if a.shape != r.shape or a.dtype != e.dtype:
+            result.failures.append(f"{what}[{i}]: {tuple(a.shape)} {a.dtype}, expected {tuple(r.shape)} {e.dtype}")
+            continue
+        if any(n > 1 and s != t for n, s, t in zip(a.shape, a.stride(), e.stride())):  # size-1 dims: any stride
+            result.failures.append(f"{what}[{i}]: strides {a.stride()}, eager's {e.stride()} (layout not kept)")
         scale = reduction_scale if a.dim() == 1 and reduction_scale is not None else None
         result.add(_judge(f"{what}[{i}]", a, [e[i] for e in eagers], r.double(), scale))
 
@@ -267,17 +278,16 @@ def check_layer(call: LayerCall, backend: str, device, seed: int) -> CheckResult
         # The float32 statistics against float64 statistics of the z this kernel stored.
         z64 = z.double()
         mean64, var64 = z64.mean(dim=(0, 2, 3)), z64.var(dim=(0, 2, 3), unbiased=False)
-        result.add(_stat_judgement("batch mean", mean, mean64, 1e-5, 1e-5 * max(z64.abs().max().item(), 1e-30)))
-        result.add(_stat_judgement("batch var", var, var64, 1e-4, 1e-6))
+        _add_stat(result, "batch mean", mean, mean64, 1e-5, 1e-5 * max(z64.abs().max().item(), 1e-30))
+        _add_stat(result, "batch var", var, var64, 1e-4, 1e-6)
         count = z.shape[0] * z.shape[2] * z.shape[3]
         if count > 1:
             running = [torch.rand(mean.shape, generator=gen).to(device, mean.dtype) for _ in range(2)]
             running64 = [r.double() for r in running]
             update_running_stats(*running, mean, var, count, 0.1)
             update_running_stats(*running64, mean64, var64, count, 0.1)
-            result.add(_stat_judgement("running_mean", running[0], running64[0], 1e-5,
-                                       1e-5 * max(z64.abs().max().item(), 1e-30)))
-            result.add(_stat_judgement("running_var", running[1], running64[1], 1e-4, 1e-6))
+            _add_stat(result, "running_mean", running[0], running64[0], 1e-5, 1e-5 * max(z64.abs().max().item(), 1e-30))
+            _add_stat(result, "running_var", running[1], running64[1], 1e-4, 1e-6)
         grad_y = like(y)
         mask = [True, True, at["bias"] is not None, True, True, at["residual"] is not None]
         bargs = (grad_y, x, w, z, y if relu else None, mean, var, at["bn_weight"], *conv, at["eps"], relu, mask)
