@@ -66,12 +66,18 @@ def test_every_phase_ran_and_the_report_is_complete(smoke):
                                                "-p no:cacheprovider --junitxml=JUNIT.xml")
     for name in ("smoke", "tests"):
         assert report[name]["counts"], f"{name}: the pytest summary line was not parsed"
-    # The verifier on the interpreter: triton passed (its verdict and JSON in the report); the cuda
+    # The verifier on the interpreter: triton passed (its verdict and JSON in the report), or is
+    # unavailable here (torch 2.11 rejects interpreted kernels), and then excluded; the cuda
     # backend (no GPU) got no verdict, so it is excluded, failing closed.
     verify = report["verify"]
-    assert verify["status"] == "passed" and verify["backends"]["triton"]["verdict"] == "passed", verify
+    triton = verify["backends"]["triton"]
+    triton_verdict = triton["verdict"]
+    if triton_verdict == "unavailable":  # only for that known reason
+        assert "TRITON_INTERPRET=1" in triton["reasons"][0], triton
+    assert verify["status"] == "passed" and triton_verdict in ("passed", "unavailable"), verify
     assert "-m resnet_fused.verify" in verify["command"] and verify["json"] in report["files"]
-    assert list(report["excluded"]) == ["fused-cuda"] and "no verdict" in report["excluded"]["fused-cuda"]
+    assert "no verdict" in report["excluded"]["fused-cuda"]
+    assert set(report["excluded"]) == {"fused-cuda"} | ({"fused-triton"} if triton_verdict != "passed" else set())
     assert all("triton_kernels_compiled" in p for p in report["phases"] if p["status"] != "skipped")
     prov = report["provenance"]
     for key in ("date_utc", "command", "git_commit", "torch", "torchvision", "triton", "cuda", "cudnn", "python",
