@@ -13,9 +13,9 @@ The window (gpu_kit/budget.py TIMELINE; --quick halves each step):
                         beside the Triton compile gate (resnet_fused.backends.triton.aot) compiling
                         every kernel the headline launches on the free CPU cores, and workers
                         compiling torch.compile's baseline, into the on-disk caches
-  verify          70 s  python -m resnet_fused.verify on resnet50's layers in bf16: the verdict
+  verify          90 s  python -m resnet_fused.verify on resnet50's layers in bf16: the verdict
                         auto reads; only a passed one clears a fused backend for the benchmarks
-  smoke          110 s  pytest -m gpu_smoke over pytest-xdist workers; a fused backend with a
+  smoke           90 s  pytest -m gpu_smoke over pytest-xdist workers; a fused backend with a
                         failed smoke test is excluded from the benchmarks, with its failures
   models-core    150 s  resnet50, bf16, batch 256, 224 px: inference and a training step, each
                         with its peak memory: eager (channels_last), fused-triton, fused-cuda,

@@ -14,8 +14,8 @@ import time
 # Estimates for a fresh H100/H200 with 16 CPU cores; the report records what each took.
 TIMELINE = {
     "build+warm": 100,   # nvcc on 4 cores for this GPU's architecture, beside the Triton compile gate on 8
-    "verify": 70,        # python -m resnet_fused.verify: resnet50's layers in bf16, each backend checked then timed
-    "smoke": 110,        # the gpu_smoke tests, over pytest-xdist workers
+    "verify": 90,        # python -m resnet_fused.verify: resnet50's layers in bf16, each backend checked then timed
+    "smoke": 90,         # the gpu_smoke tests, over pytest-xdist workers
     "models-core": 150,  # resnet50 bf16 batch 256: inference and a training step per provider
     "ops-core": 90,      # the ResNet-50 layers at batch 256: fused vs conv alone vs the eager unit
 }

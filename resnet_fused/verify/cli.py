@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import math
 import os
@@ -184,9 +183,10 @@ def run_backend(backend: str, spec: dict, timeout: float, progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="resnet_fused_verify_") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(dict(spec, backend=backend)))
+        # In this process's group (no new session): whoever kills this command's group (a
+        # time limit, Ctrl-C) kills the worker too, never leaving it on the GPU.
         proc = subprocess.Popen([sys.executable, "-m", "resnet_fused.verify.worker", str(spec_path), str(result_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env,
-                                start_new_session=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace", env=env)
         tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
 
         def read():
@@ -205,8 +205,7 @@ def run_backend(backend: str, spec: dict, timeout: float, progress) -> dict:
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
             proc.wait()
         reader.join(timeout=5)
         seconds = round(time.monotonic() - start, 1)
@@ -301,26 +300,33 @@ def main(argv: list[str] | None = None) -> int:
                                         disable=None)  # None: off when stderr is not a terminal
         bar.update(done - bar.n)
 
-    results = {}
+    results: dict[str, dict] = {}
+
+    def publish() -> dict:
+        """The record of the backends checked so far, written to the cache and --json after each
+        backend: a run cut short (a time limit) keeps the verdicts it reached."""
+        record = dict(checked=dict(models=args.model, precisions=spec["precisions"], modes=args.mode,
+                                   batch=args.batch, image_size=args.image_size, seed=args.seed),
+                      backends={name: {k: v for k, v in r.items() if k != "timings"} for name, r in results.items()},
+                      timings=merge_timings(results))
+        if not args.no_cache:
+            previous = cache.read(key) or {}
+            stored = dict(record, backends={**(previous.get("backends") or {}), **record["backends"]},
+                          timings={**(previous.get("timings") or {}), **record["timings"]})
+            record["cache_file"] = str(cache.write(key, _finite(stored)))
+        if args.json is not None:
+            args.json.write_text(json.dumps(_finite(dict(record, key=key)), indent=1))
+        return record
+
+    record = None
     for backend in args.backends:
         results[backend] = run_backend(backend, spec, args.timeout, progress)
         if backend in bars:
             bars.pop(backend).close()
-    record = dict(checked=dict(models=args.model, precisions=spec["precisions"], modes=args.mode, batch=args.batch,
-                               image_size=args.image_size, seed=args.seed),
-                  backends={name: {k: v for k, v in r.items() if k != "timings"} for name, r in results.items()},
-                  timings=merge_timings(results))
-    if not args.no_cache:
-        previous = cache.read(key) or {}
-        stored = dict(record, backends={**(previous.get("backends") or {}), **record["backends"]},
-                      timings={**(previous.get("timings") or {}), **record["timings"]})
-        path = cache.write(key, _finite(stored))
-        record["cache_file"] = str(path)
+        record = publish()
     print(table(record))
     if "cache_file" in record:
         print(f"verdict written to {record['cache_file']}")
-    if args.json is not None:
-        args.json.write_text(json.dumps(_finite(dict(record, key=key)), indent=1))
     bad = [n for n, r in results.items() if r["verdict"] in ("failed", "crashed", "timed out")
            or (r["verdict"] == "unavailable" and args.backends_named)]
     return 1 if bad else 0
