@@ -681,37 +681,39 @@ def _fp(*values: str) -> frozenset[str]:
     return frozenset(values)
 
 
-# Fingerprints of the upstream methods each entry overrides, as measured on timm 1.0.29 and
-# transformers 4.57.6 (the test extras' pins); another version's whose method reads the same
-# has the same fingerprint. A new version whose method differs: read it, adapt the override if
-# needed, and add its fingerprint.
+# Fingerprints (_fingerprint_source) of the upstream methods each entry overrides, as measured
+# on timm 1.0.29 and transformers 4.57.6 (the test extras' pins); another version's whose method
+# does the same has the same fingerprint, whatever its parameter and local names, annotations,
+# docstrings and formatting. transformers 5.18.0's four methods (parameters renamed to
+# hidden_states, annotated) have these fingerprints (read from its source). A new version whose
+# method differs: read it, adapt the override if needed, and add its fingerprint.
 _KNOWN_LIST = [
     _Known("torch.nn.modules.container.Sequential", lambda w, m: _describe_sequence(w, list(m)),
            {"forward": _sequential_forward}),
     _Known("timm.models.resnet.ResNet", _describe_timm_resnet,
            {"forward_features": _timm_resnet_forward_features,
             "forward_intermediates": _timm_resnet_forward_intermediates},
-           {"forward_features": _fp("77e3f6f80cda2557"), "forward_intermediates": _fp("45f912ae906c76cc")}),
+           {"forward_features": _fp("81f38e45cb02736a"), "forward_intermediates": _fp("5252b7d0c85a0541")}),
     _Known("timm.models.resnet.BasicBlock", _describe_timm_block, {"forward": _timm_block_forward},
-           {"forward": _fp("49fbbcc69a43b554")}),
+           {"forward": _fp("dc76cf4f5889775f")}),
     _Known("timm.models.resnet.Bottleneck", _describe_timm_block, {"forward": _timm_block_forward},
-           {"forward": _fp("76daa125023f1841")}),
+           {"forward": _fp("552e7d80654dd9e3")}),
     _Known("timm.models.regnet.Bottleneck", _describe_regnet_bottleneck, {"forward": _regnet_bottleneck_forward},
-           {"forward": _fp("11b7baff20259933")}),
+           {"forward": _fp("fb46ff89ef990321")}),
     _Known(_CONV_NORM_ACT, _describe_timm_conv_norm_act, {"forward": _timm_conv_norm_act_forward},
-           {"forward": _fp("db6ac5abd927fa71")}),
+           {"forward": _fp("9313a0fd74150910")}),
     _Known(_HF + "ResNetConvLayer", _describe_hf_conv_layer, {"forward": _hf_conv_layer_forward},
-           {"forward": _fp("e1bcf075a1bc3737")}),
+           {"forward": _fp("b178884b29ee8714")}),
     _Known(_HF + "ResNetShortCut", _describe_hf_shortcut, {"forward": _hf_shortcut_forward},
-           {"forward": _fp("8a35a561e3016fa0")}),
+           {"forward": _fp("31b07553861841ee")}),
     _Known(_HF + "ResNetBasicLayer", _describe_hf_residual_layer, {"forward": _hf_residual_layer_forward},
-           {"forward": _fp("cf73c25d27aed901")}),
+           {"forward": _fp("dee7763e6533b07c")}),
     _Known(_HF + "ResNetBottleNeckLayer", _describe_hf_residual_layer, {"forward": _hf_residual_layer_forward},
-           {"forward": _fp("cf73c25d27aed901")}),
+           {"forward": _fp("dee7763e6533b07c")}),
 ]
 _KNOWN = {k.key: k for k in _KNOWN_LIST}
 # Not converted, but fused inside a unit when its forward is the known one (_split_norm).
-_NORMS = {_BATCH_NORM_ACT: {"forward": _fp("aab01662c2e6c5ba")}}
+_NORMS = {_BATCH_NORM_ACT: {"forward": _fp("0c7da5392d749611")}}
 
 # torchvision's classes convert to from_torchvision's (models._TO_FUSED), which describe as:
 _TV_DESCRIBE = {
@@ -734,15 +736,133 @@ def _upstream_class(cls: type) -> type:
 
 
 def _fingerprint(function: Callable) -> str:
-    """A digest of a function's source as Python reads it: the AST without docstrings,
-    unparsed (comments and formatting do not count)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(function)))
+    """A digest of what a function does (_fingerprint_source of its source)."""
+    return _fingerprint_source(inspect.getsource(function))
+
+
+class _Canonical(ast.NodeTransformer):
+    """A function's AST without what cannot change its behaviour: annotations and the names of
+    its parameters and locals (docstrings and other no-ops: _drop_no_ops). Globals, attributes and keyword arguments keep
+    their names: calling another function, reading another attribute or passing another
+    keyword is a change.
+
+    Locals are numbered in order of first appearance (a consistent renaming). In a function
+    without control flow (straight_line) every binding is numbered instead, and each read
+    names the binding it reads (the latest before it, in that code): then
+    `h = conv(x); h = bn(h)` and `y = conv(x); z = bn(y)` read the same, as they run the same."""
+
+    def __init__(self, bound: set[str], straight_line: bool):
+        self.bound, self.ssa = bound, straight_line
+        self.names: dict[str, str] = {}
+        self.count = 0
+
+    def _bind(self, name: str) -> str:
+        if name not in self.bound:
+            return name
+        if self.ssa or name not in self.names:
+            self.names[name] = f"_v{self.count}"
+            self.count += 1
+        return self.names[name]
+
+    def _read(self, name: str) -> str:
+        if name not in self.bound:
+            return name
+        return self.names[name] if name in self.names else self._bind(name)
+
+    def visit_FunctionDef(self, node):
+        node.returns = None
+        node.name = "_f"
+        node.decorator_list = [self.visit(d) for d in node.decorator_list]
+        node.args = self.visit(node.args)
+        node.body = [self.visit(statement) for statement in node.body]
+        return node
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_arguments(self, node):
+        # defaults are evaluated where the function is defined, before its parameters exist
+        node.defaults = [self.visit(d) for d in node.defaults]
+        node.kw_defaults = [self.visit(d) if d is not None else None for d in node.kw_defaults]
+        for arg in [*node.posonlyargs, *node.args, node.vararg, *node.kwonlyargs, node.kwarg]:
+            if arg is not None:
+                arg.annotation = None
+                arg.arg = self._bind(arg.arg)
+        return node
+
+    def visit_arg(self, node):  # a lambda's (not in straight-line code)
+        node.annotation = None
+        node.arg = self._bind(node.arg)
+        return node
+
+    def visit_Assign(self, node):
+        node.value = self.visit(node.value)  # read before the targets are bound
+        node.targets = [self.visit(t) for t in node.targets]
+        return node
+
+    def visit_Name(self, node):
+        node.id = self._bind(node.id) if isinstance(node.ctx, (ast.Store, ast.Del)) else self._read(node.id)
+        return node
+
+    def visit_ExceptHandler(self, node):
+        if node.name:
+            node.name = self._bind(node.name)
+        return self.generic_visit(node)
+
+    def visit_AnnAssign(self, node):
+        if node.value is None:  # a bare annotation: nothing runs
+            return ast.Pass()
+        return self.visit(ast.copy_location(ast.Assign(targets=[node.target], value=node.value), node))
+
+
+# What makes a function's code not straight-line for _Canonical: branches, loops, handlers,
+# nested scopes, and bindings that read first (augmented assignment) or may not happen.
+_NOT_STRAIGHT = (ast.If, ast.IfExp, ast.For, ast.AsyncFor, ast.While, ast.Try, ast.With, ast.AsyncWith, ast.Match,
+                 ast.Lambda, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.NamedExpr, ast.AugAssign,
+                 ast.Delete, ast.Global, ast.Nonlocal, ast.BoolOp, ast.Assert, ast.Await, ast.Yield, ast.YieldFrom)
+if hasattr(ast, "TryStar"):
+    _NOT_STRAIGHT += (ast.TryStar,)
+
+
+def _drop_no_ops(tree: ast.AST) -> None:
+    """Statements that do nothing out of every block: `pass`, and constant expressions
+    (docstrings, stray strings); an emptied block gets one `pass`."""
     for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            node.body = body[1:] or [ast.Pass()]
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if isinstance(statements, list) and statements and isinstance(statements[0], ast.stmt):
+                kept = [st for st in statements if not (isinstance(st, ast.Pass) or (
+                    isinstance(st, ast.Expr) and isinstance(st.value, ast.Constant)))]
+                setattr(node, field, kept or [ast.Pass()])
+
+
+def _straight_line(function: ast.FunctionDef) -> bool:
+    return not any(isinstance(node, (*_NOT_STRAIGHT, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                   for statement in function.body for node in ast.walk(statement))
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Names a function binds: its (and nested functions' and lambdas') parameters and every
+    name it assigns, deletes or catches."""
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return bound
+
+
+def _fingerprint_source(source: str) -> str:
+    """A digest of a function's source as Python runs it: the AST in _Canonical form, unparsed
+    (comments, formatting, docstrings, annotations and local names do not count)."""
+    tree = ast.parse(textwrap.dedent(source))
+    function = tree.body[0]
+    if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise SyntaxError("not a function's source")
+    _drop_no_ops(tree)
+    tree = ast.fix_missing_locations(_Canonical(_bound_names(tree), _straight_line(function)).visit(tree))
     return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
 
 

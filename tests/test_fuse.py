@@ -14,12 +14,15 @@ importable.
 
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import copy
 import importlib
+import inspect
 import io
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -662,3 +665,106 @@ def test_batch_norm_act_is_taken_as_itself(monkeypatch):
         stock.train(training), fused.train(training)
         assert rel_err(fused(x), stock(x)) <= TOLERANCE
     assert len(taken) == 2 and all(n is norm and kind is nn.BatchNorm2d for n, kind in taken)
+
+
+# ---------------------------------------------------------------------------------------
+# Fingerprints: what a method does, not how its names read.
+
+
+def _known_methods():
+    """(key, method name, the installed upstream function) for every fingerprinted method."""
+    found = []
+    entries = [(k.key, k.fingerprints) for k in FUSE_MODULE._KNOWN_LIST] + list(FUSE_MODULE._NORMS.items())
+    for key, fingerprints in entries:
+        module_name, _, class_name = key.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except ImportError:
+            continue
+        found += [(key, method, getattr(cls, method)) for method in fingerprints]
+    return found
+
+
+class _Rename(ast.NodeTransformer):
+    """Every parameter and local renamed, annotated, with a docstring: what must not count."""
+
+    def __init__(self, bound):
+        self.bound = bound
+
+    def visit_FunctionDef(self, node):
+        self.generic_visit(node)
+        node.returns = ast.Constant("Any")
+        node.body.insert(0, ast.Expr(ast.Constant("A docstring added by a new release.")))
+        return node
+
+    def visit_arg(self, node):
+        node.arg = "renamed_" + node.arg if node.arg in self.bound else node.arg
+        node.annotation = ast.Name("Tensor", ast.Load())
+        return node
+
+    def visit_Name(self, node):
+        node.id = "renamed_" + node.id if node.id in self.bound else node.id
+        return node
+
+
+def _edited(source: str, edit) -> str:
+    tree = ast.parse(textwrap.dedent(source))
+    edit(tree.body[0])
+    return ast.unparse(ast.fix_missing_locations(tree))
+
+
+def _drop_first_call(function):
+    """Remove the first statement that calls something (or its call, if nested deeper)."""
+    for parent in ast.walk(function):
+        for field in ("body", "orelse"):
+            statements = getattr(parent, field, None)
+            if not isinstance(statements, list):
+                continue
+            for i, statement in enumerate(statements):
+                if isinstance(statement, (ast.Expr, ast.Assign, ast.Return)) and any(
+                        isinstance(n, ast.Call) for n in ast.walk(statement)):
+                    del statements[i]
+                    if not statements:
+                        statements.append(ast.Pass())
+                    return
+    raise AssertionError("no statement with a call")
+
+
+@pytest.mark.parametrize("key, method, function", _known_methods() or [pytest.param(None, None, None, marks=pytest.mark.skip(
+    reason="neither timm nor transformers is installed"))])
+def test_fingerprint_ignores_names_and_annotations_not_calls(key, method, function):
+    """Each known upstream method: its fingerprint is an accepted one; a copy with every parameter
+    and local renamed, annotations and a docstring added keeps it; a copy with one call added or
+    one removed loses it."""
+    accepted = dict([(k.key, k.fingerprints) for k in FUSE_MODULE._KNOWN_LIST] + list(FUSE_MODULE._NORMS.items()))
+    source = inspect.getsource(function)
+    fingerprint = FUSE_MODULE._fingerprint_source
+    assert fingerprint(source) in accepted[key][method], f"{key}.{method}: the installed version is not a known one"
+    bound = FUSE_MODULE._bound_names(ast.parse(textwrap.dedent(source)))
+    renamed = _edited(source, lambda f: _Rename(bound).visit(f))
+    assert "renamed_" in renamed and fingerprint(renamed) == fingerprint(source), renamed
+    added = _edited(source, lambda f: f.body.insert(0, ast.Expr(ast.Call(ast.Name("print", ast.Load()), [], []))))
+    assert fingerprint(added) != fingerprint(source)
+    removed = _edited(source, _drop_first_call)
+    assert fingerprint(removed) != fingerprint(source), removed
+
+
+def test_fingerprint_equates_only_code_that_runs_the_same():
+    """Straight-line code that reuses a name reads as code that does not; code with branches is
+    compared by a consistent renaming only, so two functions that return different values do not
+    collide."""
+    fingerprint = FUSE_MODULE._fingerprint_source
+    reuse = "def forward(self, input):\n    h = self.conv(input)\n    h = self.bn(h)\n    return h\n"
+    fresh = "def forward(self, x: Tensor) -> Tensor:\n    y = self.conv(x)\n    z = self.bn(y)\n    return z\n"
+    swapped = "def forward(self, x):\n    y = self.bn(x)\n    z = self.conv(y)\n    return z\n"
+    assert fingerprint(reuse) == fingerprint(fresh) != fingerprint(swapped)
+    branch_a = "def f(c):\n    a = g()\n    b = k()\n    if c:\n        a = h()\n    return a\n"
+    branch_b = "def f(c):\n    a = g()\n    b = k()\n    if c:\n        b = h()\n    return b\n"
+    assert fingerprint(branch_a) != fingerprint(branch_b)
+    renamed_a = "def f(flag):\n    out = g()\n    tmp = k()\n    if flag:\n        out = h()\n    return out\n"
+    assert fingerprint(branch_a) == fingerprint(renamed_a)
+    with_global = "def forward(self, x):\n    y = self.conv(x)\n    z = torch.relu(y)\n    return z\n"
+    other_global = "def forward(self, x):\n    y = self.conv(x)\n    z = torch.sigmoid(y)\n    return z\n"
+    keyword = "def forward(self, x):\n    y = self.conv(x, inplace=True)\n    return y\n"
+    no_keyword = "def forward(self, x):\n    y = self.conv(x, other=True)\n    return y\n"
+    assert fingerprint(with_global) != fingerprint(other_global) and fingerprint(keyword) != fingerprint(no_keyword)
