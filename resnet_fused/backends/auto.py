@@ -40,12 +40,13 @@ def seed_choices(timings: dict) -> None:
 
 
 def _shape_key(op_name: str, op_args) -> tuple:
-    """What the kernels' speed depends on: op, shapes, strides, dtypes, devices, the
-    non-tensor arguments (conv geometry, relu) and which optional tensors are present."""
+    """What the kernels' speed depends on: op, grad mode, shapes, strides, dtypes, devices, the
+    non-tensor arguments (conv geometry, relu) and which optional tensors are present. Flat
+    (each argument's position is fixed by the op's schema): built on every call auto decides."""
     key = [op_name, torch.is_grad_enabled()]
     for a in op_args:
         if isinstance(a, torch.Tensor):
-            key.append((tuple(a.shape), a.stride(), a.dtype, str(a.device), a.requires_grad))
+            key += (a.shape, a.stride(), a.dtype, a.device, a.requires_grad)
         elif isinstance(a, list):
             key.append(tuple(a))
         else:
@@ -54,8 +55,7 @@ def _shape_key(op_name: str, op_args) -> tuple:
 
 
 def _may_time() -> bool:
-    if torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
-        return False
+    """Whether a new shape may be timed now (compiling and deterministic mode: _choice)."""
     if os.environ.get(TIMING_ENV_VAR, "1") == "0":
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
@@ -68,25 +68,25 @@ def choose(op_name: str, op_args, covering: list[Backend]) -> Backend:
 
 
 def _choice(op_name: str, op_args, covering: list[str], by_name: dict[str, Backend]) -> str:
-    if not _may_time():
-        # Under torch.compile not even a dictionary lookup on shapes (they may be symbolic);
-        # in deterministic mode the pick must not depend on timings taken earlier.
-        if torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
-            return covering[0]
-        known = _auto_choices.get(_shape_key(op_name, op_args))
-        return known["backend"] if known is not None and known["backend"] in covering else covering[0]
+    # Under torch.compile not even a dictionary lookup on shapes (they may be symbolic); in
+    # deterministic mode the pick must not depend on timings taken earlier.
+    if torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
+        return covering[0]
     key = _shape_key(op_name, op_args)
     known = _auto_choices.get(key)
-    if known is None and _seeded:  # the verifier timed this shape: its figures, where they cover every candidate
+    if known is not None and known["backend"] in covering:  # the common case: one lookup
+        return known["backend"]
+    if _seeded:  # the verifier timed this shape: its figures, where they cover every candidate
         seeded = _seeded.get(repr(key))
         if seeded is not None and all(isinstance(seeded["ms"].get(c), (int, float)) for c in covering):
             ms = {c: float(seeded["ms"][c]) for c in covering}
-            known = _auto_choices[key] = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)
-    if known is None or known["backend"] not in covering:
-        ms = {c: _time_backend(op_name, op_args, by_name[c]) for c in covering}
-        known = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)  # ties: preference order
-        _auto_choices[key] = known
-    return known["backend"]
+            _auto_choices[key] = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)
+            return _auto_choices[key]["backend"]
+    if not _may_time():  # RESNET_FUSED_AUTO_TIMING=0, CUDA graph capture: the first candidate
+        return covering[0]
+    ms = {c: _time_backend(op_name, op_args, by_name[c]) for c in covering}
+    _auto_choices[key] = dict(backend=min(covering, key=lambda c: ms[c]), ms=ms)  # ties: preference order
+    return _auto_choices[key]["backend"]
 
 
 def _time_backend(op_name: str, op_args, backend: Backend) -> float:
