@@ -345,4 +345,4 @@ def test_the_module_runs_as_a_command():
     proc = subprocess.run([sys.executable, "-m", "resnet_fused.verify", "--batch", "0"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].endswith("argument --batch: expected an integer >= 1, got '0'")
+    assert proc.stderr.strip().splitlines()[-1].endswith("argument --batch: expected a positive integer, got '0'")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..benchmark.cli import _int_at_least, model_error, nonnegative_int, positive_int
 from . import cache
 from .worker import PROGRESS_PREFIX
 
@@ -50,18 +51,6 @@ def _csv(choices: tuple[str, ...] | None, what: str):
             if unknown:
                 raise argparse.ArgumentTypeError(f"unknown {what} {unknown[0]!r}; choose from {', '.join(choices)}")
         return list(dict.fromkeys(items))
-    return parse
-
-
-def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
-        return value
     return parse
 
 
@@ -93,13 +82,13 @@ def parser() -> argparse.ArgumentParser:
                    help="bf16, fp16 (autocast), fp32 (with TF32 on and off); default: all three on a GPU, fp32 on CPU")
     p.add_argument("--mode", type=_csv(MODE_NAMES, "mode"), default=list(MODE_NAMES),
                    help="infer, train (default: both)")
-    p.add_argument("--batch", type=_int_at_least(1), default=None, help="batch size (default: 32 on a GPU, 2 on CPU)")
-    p.add_argument("--image-size", type=_int_at_least(8), default=None,
+    p.add_argument("--batch", type=positive_int, default=None, help="batch size (default: 32 on a GPU, 2 on CPU)")
+    p.add_argument("--image-size", type=_int_at_least(8, "an integer of 8 or more"), default=None,
                    help="input height and width (default: 224 on a GPU, 16 on CPU)")
     p.add_argument("--timeout", type=_seconds, default=None,
                    help="seconds each backend's checks may take before it is judged 'timed out' (default: 600 on "
                         "a GPU, 300 on CPU)")
-    p.add_argument("--seed", type=_int_at_least(0), default=None, help="random inputs' seed (default: a fresh one)")
+    p.add_argument("--seed", type=nonnegative_int, default=None, help="random inputs' seed (default: a fresh one)")
     p.add_argument("--json", type=Path, default=None, help="also write the verdicts and timings to this file")
     p.add_argument("--no-cache", action="store_true", help="do not write the verdict to the cache")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -108,8 +97,6 @@ def parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Every check that needs no work, each an argparse error naming the argument; fills defaults."""
-    from ..benchmark.cli import model_error
-
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
