@@ -188,7 +188,18 @@ def test_auto_never_picks_a_backend_whose_verdict_failed(cache_dir, triton_on_cp
     monkeypatch.setattr(auto, "_time_backend", lambda *a: pytest.fail("auto timed a refused backend"))
     with torch.no_grad():
         assert backends.resolved_backend(*call) == "reference"
-    assert "not verified" in backends.verified_backends("cuda:0")["triton"] if torch.cuda.is_available() else True
+
+
+def test_verified_backends_says_why_auto_skips_a_backend(monkeypatch):
+    """On a GPU (stood in for): None for a passed backend, the command for one not verified, the
+    unavailability reason for one that cannot run; off a GPU, that auto runs the reference."""
+    monkeypatch.setattr(backends, "_verified_on", lambda device: frozenset({"triton"}))
+    monkeypatch.setattr(backends, "unavailable_reason", lambda name: "no extension" if name == "cuda" else None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert backends.verified_backends("cuda:0") == {"cuda": "no extension", "triton": None}
+    monkeypatch.setattr(backends, "_verified_on", lambda device: frozenset())
+    assert backends.verified_backends("cuda:0")["triton"] == "not verified on Some GPU: run python -m resnet_fused.verify"
+    assert all("reference on cpu tensors" in r for r in backends.verified_backends("cpu").values())
 
 
 def test_auto_without_a_verdict_runs_the_reference_and_warns_once(cache_dir, triton_on_cpu):

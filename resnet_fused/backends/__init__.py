@@ -27,6 +27,7 @@ import contextlib
 import functools
 import importlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -170,8 +171,6 @@ def _load_verdict(device: torch.device) -> frozenset[str]:
     key = cache.device_key(device)
     record = cache.read(key)
     if record is None:
-        import warnings
-
         warnings.warn(_NOT_VERIFIED_WARNING.format(gpu=key["device"], command=cache.VERIFY_COMMAND),
                       RuntimeWarning, stacklevel=5)
     else:
@@ -215,7 +214,8 @@ def verified_backends(device: torch.device | str | None = None) -> dict[str, str
         device = torch.device("cuda", torch.cuda.current_device())
     from ..verify import cache
 
-    with warnings_suppressed():
+    with warnings.catch_warnings():  # asked for: the reasons below say it, not a warning
+        warnings.simplefilter("ignore")
         passed = _verified_on(device)
     gpu = torch.cuda.get_device_name(device)
     reasons = {}
@@ -225,15 +225,6 @@ def verified_backends(device: torch.device | str | None = None) -> dict[str, str
             reason = f"not verified on {gpu}: run {cache.VERIFY_COMMAND}"
         reasons[name] = reason
     return reasons
-
-
-@contextlib.contextmanager
-def warnings_suppressed() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
 
 
 _recorders: list = []  # callables (op_name, op_args, backend) that record selections
