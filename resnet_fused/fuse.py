@@ -779,7 +779,7 @@ class _Canonical(ast.NodeTransformer):
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
-    def visit_arguments(self, node):
+    def visit_arguments(self, node):  # a function's or a lambda's parameters
         # defaults are evaluated where the function is defined, before its parameters exist
         node.defaults = [self.visit(d) for d in node.defaults]
         node.kw_defaults = [self.visit(d) if d is not None else None for d in node.kw_defaults]
@@ -787,11 +787,6 @@ class _Canonical(ast.NodeTransformer):
             if arg is not None:
                 arg.annotation = None
                 arg.arg = self._bind(arg.arg)
-        return node
-
-    def visit_arg(self, node):  # a lambda's (not in straight-line code)
-        node.annotation = None
-        node.arg = self._bind(node.arg)
         return node
 
     def visit_Assign(self, node):
