@@ -288,13 +288,13 @@ def test_concurrent_writers_leave_one_whole_file(cache_dir):
     """Two processes writing the same key's verdict 25 times each while this one reads it: every
     read sees a whole file, and the last is one writer's record; no temporary file is left."""
     key = cache.device_key(CPU)
-    writer = textwrap.dedent(f"""\
+    writer = textwrap.dedent("""\
         import sys, torch
         from resnet_fused.verify import cache
         key = cache.device_key(torch.device("cpu"))
         for i in range(25):
             cache.write(key, dict(backends=dict(triton=dict(verdict="passed", writer=int(sys.argv[1]), i=i)),
-                                  timings={{}}))
+                                  timings={}))
     """)
     env = dict(os.environ, **{cache.CACHE_DIR_ENV_VAR: str(cache_dir)})
     procs = [subprocess.Popen([sys.executable, "-c", writer, str(n)], env=env, stderr=subprocess.PIPE, text=True)

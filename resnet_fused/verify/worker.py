@@ -39,7 +39,7 @@ def run(spec: dict) -> dict:
             for mode in spec["modes"]:
                 calls += checks.record_layer_calls(fused, x, precision, mode)
     types = checks.layer_types(calls)
-    timed = _distinct(calls) if spec["timing"] else []
+    timed = list(dict.fromkeys(calls)) if spec["timing"] else []  # models share layer calls
     total = len(types) + len(models) * len(spec["precisions"]) + len(timed)
     done = 0
 
@@ -78,15 +78,6 @@ def run(spec: dict) -> dict:
             result["timings"][key] = dict(label=call.label, ms=ms)
             progress()
     return result
-
-
-def _distinct(calls):
-    seen, out = set(), []
-    for call in calls:
-        if call not in seen:
-            seen.add(call)
-            out.append(call)
-    return out
 
 
 def main(argv: list[str]) -> int:
